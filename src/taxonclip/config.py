@@ -1,0 +1,278 @@
+"""Typed configuration: the one place where loose parameters (CLI flags, MLproject parameters,
+sweep suggestions) become dataclasses. Everything below the entry points takes these types."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from collections.abc import Mapping
+from typing import Any, get_args, get_type_hints
+
+from taxonclip.errors import ConfigError
+
+SYNTHETIC = "synthetic"
+LEVELS = ("species", "genus", "taxa")
+EMBEDDINGS = ("visual", "text", "avg", "concat")
+MISSING_POLICIES = ("error", "skip")
+LABELS = ("species", "genus")
+
+
+def cache_dir() -> Path:
+    """Folder for generated data and cached embeddings: `$TAXONCLIP_CACHE` or ~/.cache/taxonclip."""
+    return Path(os.environ.get("TAXONCLIP_CACHE", Path.home() / ".cache" / "taxonclip"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the images are, how to read the manifest, and how to split it."""
+
+    data: str = SYNTHETIC
+    image_column: str | None = None
+    name_column: str | None = None
+    taxa: str | None = None
+    caption_column: str | None = None
+    missing: str = "error"
+    test_size: float = 0.2
+    seed: int = 0
+    class_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_choice("missing", self.missing, MISSING_POLICIES)
+        _check_range("test_size", self.test_size, 0.0, 1.0, low_open=True, high_open=True)
+        _check_range("class_fraction", self.class_fraction, 0.0, 1.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which backbone: a registry name (`taxonclip models`) or `runs:/`/`models:/` URI, and its weights:
+    `pretrained` (the source's own weights), `none` (random init) or a file path."""
+
+    name: str = "tiny"
+    weights: str = "pretrained"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """CombinedMarginLoss and PartialFC: s·(cos(m1·θ+m2) − m3), filter τ, sampled centres."""
+
+    s: float = 32.0
+    m1: float = 1.0
+    m2: float = 0.3
+    m3: float = 0.0
+    filter: float = 0.0
+    sample_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_range("sample_rate", self.sample_rate, 0.0, 1.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Nearest-neighbour evaluation of one model on one dataset."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embedding: str = "visual"
+    batch_size: int = 256
+    workers: int = 2
+    chunk_size: int = 4096
+    cache_embeddings: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_choice("embedding", self.embedding, EMBEDDINGS)
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("chunk_size", self.chunk_size)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning with the margin loss over PartialFC class centres, then evaluation."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    label: str = "species"
+    epochs: int = 32
+    batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-5
+    lr_pfc_weight: float = 10.0
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    workers: int = 2
+    eval_every: int = 1
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    register_as: str | None = None
+    embedding: str = "visual"
+    device: str = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("label", self.label, LABELS)
+        for name in ("epochs", "batch_size", "grad_accum", "eval_every", "keep_checkpoints"):
+            _check_positive(name, getattr(self, name))
+
+    def eval_config(self) -> EvalConfig:
+        """The evaluation run after each `eval_every` epochs: same data, split and batch size."""
+        return EvalConfig(data=self.data, model=self.model, embedding=self.embedding,
+                          batch_size=self.batch_size, workers=self.workers, cache_embeddings=False,
+                          device=self.device)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """An Optuna study over training parameters, read from a `sweeps/*.yaml` file."""
+
+    sweep: str = "sweeps/margin_lr.yaml"
+    n_trials: int = 20
+    timeout: float | None = None
+    storage: str | None = None
+    study_name: str | None = None
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Which runs to rank, by what, and whether to move the registry aliases."""
+
+    experiments: str | None = None
+    filter: str | None = None
+    metric: str = "All/species/top1_cos"
+    tie_break: str = "All/species/mean_cos"
+    top: int = 10
+    promote: bool = False
+    out: str = "reports/compare"
+
+
+def flat_fields(config: Any, prefix: str = "") -> dict[str, Any]:
+    """The config as a flat dict `{"data.seed": 0, ...}` (nested dataclasses joined by dots)."""
+    flat: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            flat.update(flat_fields(value, f"{prefix}{f.name}."))
+        else:
+            flat[f"{prefix}{f.name}"] = value
+    return flat
+
+
+def coerce(cls: type, name: str, raw: Any) -> Any:
+    """Turn the string `raw` into the declared type of field `name` of dataclass `cls`
+    ("none" or "" gives None where the field is optional)."""
+    hints = get_type_hints(cls)
+    if name not in hints:
+        raise ConfigError(f"unknown parameter {name!r} for {cls.__name__}")
+    args = get_args(hints[name])
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hints[name]) if args else hints[name]
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"parameter {name!r} needs a value")
+    if not isinstance(raw, str) or base not in (bool, int, float):
+        return raw
+    try:
+        if base is bool:
+            return _parse_bool(raw)
+        if base is int:
+            return int(float(raw)) if float(raw).is_integer() else int(raw)
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"parameter {name!r}: {raw!r} is not a {base.__name__}") from None
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"parameter {name!r} is {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"parameter {name!r} must be at least 1, got {value}")
+
+
+def _check_range(name: str, value: float, low: float, high: float,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ConfigError(f"parameter {name!r} must be in {lo}{low}, {high}{hi}, got {value}")
+
+
+# Entry-point parameter name -> dotted field path. The names are those of the MLproject entry
+# points and the `taxonclip` commands; the paths say where each lands in the typed config.
+DATA_PARAMS = {
+    "data": "data.data", "seed": "data.seed", "test_size": "data.test_size",
+    "class_fraction": "data.class_fraction", "missing": "data.missing",
+    "image_column": "data.image_column", "name_column": "data.name_column",
+    "taxa": "data.taxa", "caption_column": "data.caption_column",
+}
+EVAL_PARAMS = {
+    "model": "model.name", "weights": "model.weights", **DATA_PARAMS,
+    "embedding": "embedding", "batch_size": "batch_size", "workers": "workers",
+    "chunk_size": "chunk_size", "device": "device",
+}
+TRAIN_PARAMS = {
+    "model": "model.name", "weights": "model.weights", **DATA_PARAMS,
+    "label": "label", "epochs": "epochs", "batch_size": "batch_size", "grad_accum": "grad_accum",
+    "lr": "lr", "lr_pfc_weight": "lr_pfc_weight", "weight_decay": "weight_decay",
+    "grad_clip": "grad_clip", "margin_s": "loss.s", "margin_m1": "loss.m1", "margin_m2": "loss.m2",
+    "margin_m3": "loss.m3", "margin_filter": "loss.filter", "sample_rate": "loss.sample_rate",
+    "workers": "workers", "eval_every": "eval_every", "keep_checkpoints": "keep_checkpoints",
+    "resume": "resume", "register_as": "register_as", "embedding": "embedding",
+    "device": "device", "compile": "compile",
+}
+
+
+SWEEP_PARAMS = {name: name for name in ("sweep", "n_trials", "timeout", "storage", "study_name")}
+COMPARE_PARAMS = {name: name for name in ("experiments", "filter", "metric", "tie_break", "top",
+                                          "promote", "out")}
+
+
+def from_params(cls: type, params: Mapping[str, Any], mapping: Mapping[str, str]) -> Any:
+    """Build dataclass `cls` from entry-point parameters (strings or values) named as in `mapping`.
+
+    Unknown names raise ConfigError naming them; absent names keep the dataclass defaults.
+    """
+    unknown = sorted(set(params) - set(mapping))
+    if unknown:
+        raise ConfigError(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(mapping)}")
+    nested: dict[str, Any] = {}
+    for name, value in params.items():
+        *parents, leaf = mapping[name].split(".")
+        target = nested
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return _build(cls, nested)
+
+
+def _build(cls: type, values: Mapping[str, Any]) -> Any:
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            kwargs[name] = _build(hints[name], value)
+        else:
+            kwargs[name] = coerce(cls, name, value)
+    return cls(**kwargs)
+
+
+def to_params(config: Any, mapping: Mapping[str, str]) -> dict[str, Any]:
+    """The entry-point parameters of a config: the inverse of `from_params`."""
+    flat = flat_fields(config)
+    return {name: flat[path] for name, path in mapping.items()}

@@ -1,0 +1,371 @@
+"""Read image manifests into one validated table: one row per image with its absolute path, its
+cleaned scientific name and the species, genus and taxa levels derived from it.
+
+Three layouts are accepted:
+
+- a VLM4Bio folder: `<root>/<Group>/metadata/*.csv` with images in `<root>/<Group>/images/`; the
+  taxa of a row is its group folder's name (or the `taxa=` argument). When a group holds several
+  CSV files they are read together and an image listed in more than one of them counts once
+  (first file by name wins).
+- a single `.csv` or `.parquet` manifest. Image paths are relative to the manifest's folder, or
+  else to its `images/` subfolder (whichever holds more of the listed files). The taxa comes
+  from the `taxa=` argument, else a `taxa` column, else the manifest folder's name. A manifest
+  inside a `<Group>/metadata/` folder is read as one VLM4Bio group.
+- a folder holding one `metadata.csv`, `manifest.csv`, `metadata.parquet` or `manifest.parquet`.
+
+`image_id` is the image's path relative to the dataset root (the VLM4Bio folder or the manifest's
+folder): unique and stable, it keys the saved split and embedding caches. Columns other than the
+image, name and taxa ones are kept, except those named like a column of `COLUMNS`, which the
+table derives itself.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from taxonclip.config import MISSING_POLICIES, SYNTHETIC, DataConfig
+from taxonclip.data.synthetic import default_dataset
+from taxonclip.errors import ConfigError, DataError
+
+COLUMNS = ("image_id", "image_path", "scientific_name", "species", "genus", "taxa")
+
+IMAGE_COLUMNS = ("fileNameAsDelivered", "image_path", "file_name", "file_path", "image", "path")
+NAME_COLUMNS = ("scientificName", "scientific_name")
+TAXA_COLUMNS = ("taxa", "taxon")
+MANIFEST_FILES = ("metadata.csv", "manifest.csv", "metadata.parquet", "manifest.parquet")
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+IMAGE_FOLDER = "images"
+VLM4BIO_METADATA = "metadata"
+
+SHOWN = 5  # paths listed in a message before "and N more"
+CHECK_THREADS = 8  # opening image headers is I/O bound, so threads help on network disks
+
+_RANK_ABOVE_GENUS = re.compile(r"(idae|inae|ini|oidea|formes)$")
+_EPITHET = re.compile(r"^[a-z][a-z-]*$")
+_NOT_AN_EPITHET = frozenset({"sp", "spp", "cf", "aff", "indet"})
+
+
+@dataclass(frozen=True)
+class ManifestReport:
+    """What reading a manifest kept, dropped and found wrong. `rows` and the class counts
+    describe the kept table; `missing` lists every missing or unreadable image path."""
+
+    source: str
+    rows: int
+    dropped_blank: int
+    no_epithet: int
+    missing: tuple[str, ...]
+    policy: str
+    n_species: int = 0
+    n_genera: int = 0
+    n_taxa: int = 0
+
+    def summary(self) -> str:
+        """A few lines for people: counts of rows and classes, dropped rows and missing images."""
+        lines = [
+            f"manifest: {self.source}",
+            f"rows: {self.rows}",
+            f"species: {self.n_species}, genera: {self.n_genera}, taxa: {self.n_taxa}",
+            f"dropped (blank name): {self.dropped_blank}",
+            f"kept without a species epithet: {self.no_epithet}",
+            f"missing or unreadable images: {len(self.missing)} (policy {self.policy})",
+        ]
+        lines += [f"  {path}" for path in self.missing[:SHOWN]]
+        if len(self.missing) > SHOWN:
+            lines.append(f"  and {len(self.missing) - SHOWN} more")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The validated table (columns `COLUMNS` then any extra ones, index 0..n-1), the report of
+    how it was read, and the dataset root that `image_id` is relative to."""
+
+    table: pd.DataFrame
+    report: ManifestReport
+    root: Path
+
+    @property
+    def n_species(self) -> int:
+        """How many distinct species the table holds."""
+        return int(self.table["species"].nunique())
+
+    @property
+    def n_genera(self) -> int:
+        """How many distinct genera the table holds."""
+        return int(self.table["genus"].nunique())
+
+    @property
+    def n_taxa(self) -> int:
+        """How many distinct taxa the table holds."""
+        return int(self.table["taxa"].nunique())
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One manifest file, the folders its image paths may be relative to, its VLM4Bio group (the
+    taxa of all its rows) if it is in one, and its folder's name (the taxa when nothing else is)."""
+
+    file: Path
+    image_dirs: tuple[Path, ...]
+    group: str | None
+    folder_name: str
+
+
+def load_manifest(config: DataConfig) -> Manifest:
+    """Read the manifest named by `config.data` (`synthetic` means the generated default set)."""
+    data = default_dataset() if config.data == SYNTHETIC else config.data
+    return read_manifest(data, image_column=config.image_column, name_column=config.name_column,
+                         taxa=config.taxa, missing=config.missing,
+                         caption_column=config.caption_column)
+
+
+def read_manifest(path: str | Path, image_column: str | None = None, name_column: str | None = None,
+                  taxa: str | None = None, missing: str = "error",
+                  caption_column: str | None = None) -> Manifest:
+    """Read and validate a VLM4Bio folder, a CSV or parquet manifest, or a folder holding one.
+
+    Column names default to the VLM4Bio ones (`fileNameAsDelivered`, `scientificName`) and also
+    accept `image_path`/`file_name`-style and `scientific_name` names; `taxa` sets one taxa for
+    every row. Rows with a blank name are dropped and counted. Missing or unreadable images raise
+    `DataError` under `missing="error"` and are dropped and listed under `missing="skip"`. A
+    `caption_column` is renamed `caption`; without one, a `caption` column is kept as it is.
+    """
+    if missing not in MISSING_POLICIES:
+        raise ConfigError(f"parameter 'missing' is {missing!r}; "
+                          f"choose one of {', '.join(MISSING_POLICIES)}")
+    root, sources = _find_sources(Path(path).expanduser())
+    frames, dropped_blank = [], 0
+    for source in sources:
+        frame, blank = _read_source(source, image_column, name_column, caption_column, taxa)
+        frames.append(frame)
+        dropped_blank += blank
+    table = pd.concat(frames, ignore_index=True)
+    table["image_id"] = [_image_id(p, root) for p in table["image_path"]]
+    table = _drop_repeated_images(table, root)
+    problems = _unreadable_images(table["image_path"])
+    if problems and missing == "error":
+        raise DataError(_missing_message(problems, len(table), root))
+    table = table[~table["image_path"].isin(list(problems))].reset_index(drop=True)
+    if table.empty:
+        raise DataError(f"no usable rows in {root}: every row has a blank name or a missing image")
+    table = table[list(COLUMNS) + [c for c in table.columns if c not in COLUMNS]]
+    report = ManifestReport(
+        source=str(root if len(sources) > 1 else sources[0].file), rows=len(table),
+        dropped_blank=dropped_blank, no_epithet=int(table["species"].isna().sum()),
+        missing=tuple(problems), policy=missing, n_species=int(table["species"].nunique()),
+        n_genera=int(table["genus"].nunique()), n_taxa=int(table["taxa"].nunique()))
+    return Manifest(table=table, report=report, root=root)
+
+
+def clean_name(raw: object) -> str | None:
+    """A scientific name without padding and with inner runs of spaces collapsed; None if blank."""
+    if not isinstance(raw, str) and pd.isna(raw):
+        return None
+    name = " ".join(str(raw).split())
+    return name or None
+
+
+def species_of(name: str) -> str | None:
+    """The name itself when it has a species epithet (a lowercase second word), else None."""
+    return name if _has_epithet(name.split(" ")) else None
+
+
+def genus_of(name: str) -> str | None:
+    """The first word, or None when the name is only a family, subfamily, tribe or order."""
+    words = name.split(" ")
+    if not _has_epithet(words) and _RANK_ABOVE_GENUS.search(words[0].lower()):
+        return None
+    return words[0]
+
+
+def _has_epithet(words: list[str]) -> bool:
+    # "Danaus sp." or "Danaus cf. plexippus" name a genus only
+    return len(words) > 1 and bool(_EPITHET.match(words[1])) and words[1] not in _NOT_AN_EPITHET
+
+
+def _find_sources(path: Path) -> tuple[Path, list[_Source]]:
+    """The dataset root and its manifest files."""
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist")
+    path = Path(os.path.abspath(path))
+    if path.is_file():
+        return _single_file(path)
+    found = [path / name for name in MANIFEST_FILES if (path / name).is_file()]
+    if len(found) > 1:
+        raise DataError(f"{path} holds several manifests ({', '.join(f.name for f in found)}); "
+                        "pass the path of the one to use")
+    if found:
+        return _single_file(found[0])
+    groups = sorted(d for d in path.iterdir() if d.is_dir() and _group_files(d))
+    if not groups:
+        raise DataError(f"no manifest in {path}: expected one of {', '.join(MANIFEST_FILES)}, or "
+                        f"VLM4Bio group folders <Group>/{VLM4BIO_METADATA}/*.csv")
+    sources = [_Source(f, (g / IMAGE_FOLDER, g), g.name, g.name)
+               for g in groups for f in _group_files(g)]
+    return path, sources
+
+
+def _single_file(file: Path) -> tuple[Path, list[_Source]]:
+    if file.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise DataError(f"{file} is not a manifest: expected a .csv or .parquet file")
+    folder = file.parent
+    if folder.name == VLM4BIO_METADATA:
+        group = folder.parent
+        return group.parent, [_Source(file, (group / IMAGE_FOLDER, group), group.name, group.name)]
+    return folder, [_Source(file, (folder, folder / IMAGE_FOLDER), None, folder.name)]
+
+
+def _group_files(group: Path) -> list[Path]:
+    return sorted((group / VLM4BIO_METADATA).glob("*.csv"))
+
+
+def _read_source(source: _Source, image_column: str | None, name_column: str | None,
+                 caption_column: str | None, taxa: str | None) -> tuple[pd.DataFrame, int]:
+    """One manifest file as a table with the columns of `COLUMNS` (but `image_id`) and its
+    extra columns, and the number of rows dropped for a blank name."""
+    raw = _read_table(source.file)
+    image_col = _pick_column(raw, image_column, IMAGE_COLUMNS, "image", source.file)
+    name_col = _pick_column(raw, name_column, NAME_COLUMNS, "name", source.file)
+    caption_col = (_pick_column(raw, caption_column, (), "caption", source.file)
+                   if caption_column else None)
+    fixed_taxa = taxa or source.group
+    taxa_col = None if fixed_taxa else _find_column(raw, TAXA_COLUMNS)
+    names = raw[name_col].map(clean_name)
+    kept = raw[names.notna()]
+    files = [_image_file(value, source.file, row, image_col)
+             for row, value in kept[image_col].items()]
+    base = _image_base(files, source.image_dirs)
+    frame = _extra_columns(kept, (image_col, name_col, taxa_col), caption_col).assign(
+        image_path=[os.path.abspath(base / f) for f in files],
+        scientific_name=names[names.notna()].to_numpy(),
+        species=[species_of(n) for n in names.dropna()],
+        genus=[genus_of(n) for n in names.dropna()],
+        taxa=_taxa_values(kept, taxa_col, fixed_taxa or source.folder_name, source.file))
+    return frame.reset_index(drop=True), int(names.isna().sum())
+
+
+def _extra_columns(kept: pd.DataFrame, used: tuple[str | None, ...],
+                   caption_col: str | None) -> pd.DataFrame:
+    """The columns carried along unchanged: all but those read into `COLUMNS` or replaced by
+    them, with the caption column renamed `caption`."""
+    frame = kept.drop(columns=[c for c in kept.columns if c in used or c in COLUMNS])
+    if caption_col is not None:
+        frame = frame.drop(columns=[caption_col], errors="ignore").assign(caption=kept[caption_col])
+    return frame
+
+
+def _read_table(file: Path) -> pd.DataFrame:
+    try:
+        if file.suffix.lower() == ".parquet":
+            table = pd.read_parquet(file)
+        else:
+            table = pd.read_csv(file, dtype=str)
+    except Exception as err:  # pandas and pyarrow raise many unrelated types for a broken file
+        raise DataError(f"cannot read manifest {file}: {err}") from None
+    # row numbers in messages are positions, so a stored index becomes an ordinary column
+    return table.reset_index(drop=isinstance(table.index, pd.RangeIndex))
+
+
+def _pick_column(frame: pd.DataFrame, requested: str | None, candidates: tuple[str, ...],
+                 role: str, file: Path) -> str:
+    """The column asked for, else the first default candidate present (ignoring case and _)."""
+    existing = ", ".join(map(str, frame.columns))
+    if requested is not None:
+        if requested in frame.columns:
+            return requested
+        raise DataError(f"{file}: no column {requested!r} (set as the {role} column); "
+                        f"the columns are: {existing}")
+    found = _find_column(frame, candidates)
+    if found is None:
+        raise DataError(f"{file}: no {role} column: expected one of {', '.join(candidates)} "
+                        f"(or set {role}_column); the columns are: {existing}")
+    return found
+
+
+def _find_column(frame: pd.DataFrame, candidates: tuple[str, ...]) -> str | None:
+    by_key = {_column_key(c): c for c in frame.columns}
+    return next((by_key[_column_key(c)] for c in candidates if _column_key(c) in by_key), None)
+
+
+def _column_key(column: object) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(column).lower())
+
+
+def _image_file(value: object, file: Path, row: int, column: str) -> str:
+    text = clean_name(value)
+    if text is None:
+        raise DataError(f"{file}, row {_row_number(row)}: column {column!r} is blank")
+    return text
+
+
+def _image_base(files: list[str], candidates: tuple[Path, ...]) -> Path:
+    """The candidate folder that holds the most of the first listed files (first wins a tie)."""
+    sample = files[:100]
+    return max(candidates, key=lambda folder: sum((folder / f).is_file() for f in sample))
+
+
+def _taxa_values(kept: pd.DataFrame, taxa_col: str | None, default: str, file: Path) -> list[str]:
+    if taxa_col is None:
+        return [default] * len(kept)
+    values = kept[taxa_col].map(clean_name)
+    if values.isna().any():
+        row = int(values.index[values.isna()][0])
+        raise DataError(f"{file}, row {_row_number(row)}: column {taxa_col!r} is blank "
+                        "(fill it, or set one taxa for every row)")
+    return values.tolist()
+
+
+def _row_number(index: int) -> int:
+    """Rows are counted from 1, the header excluded."""
+    return index + 1
+
+
+def _image_id(image_path: str, root: Path) -> str:
+    path = Path(image_path)
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+
+
+def _drop_repeated_images(table: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """Keep the first row of an image listed more than once; refuse one listed under two names."""
+    repeated = table[table.duplicated("image_id", keep=False)]
+    conflicting = repeated.groupby("image_id")["scientific_name"].nunique()
+    conflicting = conflicting[conflicting > 1]
+    if not conflicting.empty:
+        shown = ", ".join(conflicting.index[:SHOWN])
+        raise DataError(f"{root}: {len(conflicting)} images are listed under different names: "
+                        f"{shown}")
+    return table.drop_duplicates("image_id").reset_index(drop=True)
+
+
+def _unreadable_images(paths: pd.Series) -> dict[str, str]:
+    """Path -> reason for every image that is absent or whose header PIL cannot read."""
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:
+        reasons = pool.map(_header_problem, paths)
+    return {p: r for p, r in zip(paths, reasons) if r is not None}
+
+
+def _header_problem(path: str) -> str | None:
+    try:
+        with Image.open(path):
+            return None
+    except FileNotFoundError:
+        return "no such file"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return str(err) or type(err).__name__
+
+
+def _missing_message(problems: dict[str, str], rows: int, root: Path) -> str:
+    lines = [f"{len(problems)} of {rows} images listed in {root} are missing or unreadable:"]
+    lines += [f"  {path}: {reason}" for path, reason in list(problems.items())[:SHOWN]]
+    if len(problems) > SHOWN:
+        lines.append(f"  and {len(problems) - SHOWN} more")
+    lines.append("Fix the paths, or set missing=skip to drop these rows.")
+    return "\n".join(lines)

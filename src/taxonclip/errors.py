@@ -1,0 +1,21 @@
+"""Errors that reach the user as one clear message, without a traceback."""
+
+
+class TaxonclipError(Exception):
+    """Base for every error caused by input the user can fix (a file, a column, a parameter)."""
+
+
+class DataError(TaxonclipError):
+    """A manifest, image or dataset folder that cannot be used as given."""
+
+
+class ModelError(TaxonclipError):
+    """A model name, weights file or checkpoint that cannot be loaded."""
+
+
+class ConfigError(TaxonclipError):
+    """A parameter or sweep file that is malformed or out of range."""
+
+
+class TrackingError(TaxonclipError):
+    """The MLflow tracking server or a run cannot be reached or read."""
