@@ -1,0 +1,228 @@
+"""The torch.distributed helpers in one process, and PartialFC sharded over 2 gloo processes
+against the single-process full softmax."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from taxonclip import distributed
+from taxonclip.errors import ConfigError
+from taxonclip.losses import CombinedMarginLoss, PartialFC, class_shard
+
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+S, M2 = 16.0, 0.3
+NUM_CLASSES, INPUT_SIZE, EMBEDDING_SIZE = 9, 6, 4
+ROWS_OF_RANK = (slice(0, 4), slice(4, 7))  # a global batch of 7, split unevenly
+LABELS = [0, 8, 4, 5, 8, 2, 6]
+SAMPLED_LABELS = [1, 7, 1, 7, 1, 7, 7]
+SPAWN_TIMEOUT_S = 60
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_single_process_without_torchrun(no_torchrun):
+    info = distributed.init_from_env("cpu")
+    assert info == distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert info.is_main
+    assert not distributed.is_distributed()
+
+
+def test_auto_device_is_cuda_when_available(no_torchrun):
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert distributed.init_from_env().device.type == want
+
+
+@pytest.mark.parametrize("device", ["gpu", "tpu:0", "cuda:x"])
+def test_unknown_device_is_a_config_error(no_torchrun, device):
+    with pytest.raises(ConfigError, match="'device'"):
+        distributed.init_from_env(device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_config_error(no_torchrun):
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        distributed.init_from_env("cuda")
+
+
+def test_malformed_torchrun_variable_is_a_config_error(no_torchrun, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE"):
+        distributed.init_from_env("cpu")
+
+
+def test_helpers_are_the_identity_without_a_group():
+    x = torch.randn(3, 2)
+    assert distributed.all_gather_with_grad(x) is x
+    assert distributed.all_gather_no_grad(x) is x
+    assert distributed.all_reduce(x, "max") is x
+    assert distributed.broadcast_object({"run_id": "abc"}) == {"run_id": "abc"}
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
+    distributed.barrier()
+    distributed.shutdown()
+
+
+def test_on_main_runs_as_decorator_and_at_call_site():
+    calls = []
+
+    @distributed.on_main
+    def record(value: int) -> int:
+        calls.append(value)
+        return value * 2
+
+    assert record(4) == 8
+    assert distributed.on_main(calls.append)(5) is None
+    assert calls == [4, 5]
+
+
+def test_all_reduce_rejects_an_unknown_op():
+    with pytest.raises(ValueError, match="mean"):
+        distributed.all_reduce(torch.zeros(1), "mean")
+
+
+def shared_case() -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """The backbone, inputs and full centre matrix every process builds identically."""
+    generator = torch.Generator().manual_seed(11)
+    backbone = nn.Linear(INPUT_SIZE, EMBEDDING_SIZE)
+    with torch.no_grad():
+        backbone.weight.copy_(torch.randn(EMBEDDING_SIZE, INPUT_SIZE, generator=generator))
+        backbone.bias.copy_(torch.randn(EMBEDDING_SIZE, generator=generator))
+    inputs = torch.randn(len(LABELS), INPUT_SIZE, generator=generator)
+    centres = torch.randn(NUM_CLASSES, EMBEDDING_SIZE, generator=generator)
+    return backbone, inputs, centres
+
+
+def sharded_step(rank: int, sample_rate: float, labels: list[int]) -> dict:
+    """One PartialFC step on this rank's rows, with this rank's block of the shared centres."""
+    backbone, inputs, centres = shared_case()
+    module = PartialFC(CombinedMarginLoss(s=S, m2=M2), EMBEDDING_SIZE, NUM_CLASSES, sample_rate)
+    start, count = class_shard(NUM_CLASSES, 2, rank)
+    module.weight.data.copy_(centres[start: start + count])
+    rows = ROWS_OF_RANK[rank]
+    loss = module(backbone(inputs[rows]), torch.tensor(labels[rows]))
+    loss.backward()
+    return {"loss": loss.item(), "backbone_weight": backbone.weight.grad,
+            "backbone_bias": backbone.bias.grad, "centres": module.weight.grad,
+            "full_centres": module.full_centres(), "sampled": module.last_sampled_classes}
+
+
+def gather_checks(rank: int) -> dict:
+    """all_gather_with_grad of uneven batches, broadcast_object and on_main inside a real group."""
+    x = torch.full((3 - rank, 2), float(rank + 1), requires_grad=True)
+    gathered = distributed.all_gather_with_grad(x)
+    upstream = torch.arange(10.0).reshape(5, 2)
+    (gathered * upstream).sum().backward()
+    return {"gathered": gathered.detach(), "gather_grad": x.grad,
+            "broadcast": distributed.broadcast_object(f"run-of-rank-{rank}"),
+            "on_main": distributed.on_main(lambda: rank)()}
+
+
+def worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = distributed.init_from_env("cpu")
+    results = {"info": info, **gather_checks(rank),
+               "full": sharded_step(rank, 1.0, LABELS)}
+    torch.manual_seed(rank + 1)
+    results["sampled"] = sharded_step(rank, 0.5, SAMPLED_LABELS)
+    distributed.barrier()
+    distributed.shutdown()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """Both ranks' results of one run of `worker` in 2 gloo processes."""
+    out = tmp_path_factory.mktemp("ranks")
+    context = mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the 2 gloo processes did not finish within {SPAWN_TIMEOUT_S} s")
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def single_process_step(sample_rate: float, labels: list[int], classes: list[int] | None = None):
+    """The same step in one process on the whole batch; `classes` restricts the centres."""
+    backbone, inputs, centres = shared_case()
+    if classes is not None:
+        centres = centres[classes]
+        labels = [classes.index(label) for label in labels]
+    module = PartialFC(CombinedMarginLoss(s=S, m2=M2), EMBEDDING_SIZE, len(centres), sample_rate)
+    module.weight.data.copy_(centres)
+    loss = module(backbone(inputs), torch.tensor(labels))
+    loss.backward()
+    return loss.item(), backbone, module
+
+
+def hand_arcface_loss(classes: list[int], labels: list[int]) -> float:
+    """F.cross_entropy of s·cos with s·cos(θ+m2) at the target, over the given classes only."""
+    backbone, inputs, centres = shared_case()
+    with torch.no_grad():
+        cosines = F.normalize(backbone(inputs)) @ F.normalize(centres[classes]).T
+        columns = [classes.index(label) for label in labels]
+        for row, column in enumerate(columns):
+            cosines[row, column] = torch.cos(torch.arccos(cosines[row, column]) + M2)
+        return F.cross_entropy(S * cosines, torch.tensor(columns)).item()
+
+
+def test_group_helpers_in_two_processes(two_ranks):
+    for rank, result in enumerate(two_ranks):
+        assert (result["info"].rank, result["info"].world_size, result["info"].is_main) == \
+            (rank, 2, rank == 0)
+        assert result["gathered"].tolist() == [[1.0, 1.0]] * 3 + [[2.0, 2.0]] * 2
+        # both ranks' losses use the gathered rows: each row's gradient is twice its upstream
+        upstream = torch.arange(10.0).reshape(5, 2)
+        rows = slice(0, 3) if rank == 0 else slice(3, 5)
+        assert torch.equal(result["gather_grad"], 2 * upstream[rows])
+        assert result["broadcast"] == "run-of-rank-0"
+    assert [result["on_main"] for result in two_ranks] == [0, None]
+
+
+def test_sharded_loss_and_gradients_equal_the_single_process_full_softmax(two_ranks):
+    """Backbone gradients are compared summed over ranks (DDP averaging would divide by 2)."""
+    loss, backbone, module = single_process_step(1.0, LABELS)
+    full = [result["full"] for result in two_ranks]
+    for result in full:
+        assert result["loss"] == pytest.approx(loss, abs=1e-5)
+        torch.testing.assert_close(result["full_centres"], shared_case()[2], rtol=0, atol=0)
+    torch.testing.assert_close(full[0]["backbone_weight"] + full[1]["backbone_weight"],
+                               backbone.weight.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(full[0]["backbone_bias"] + full[1]["backbone_bias"],
+                               backbone.bias.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.cat([full[0]["centres"], full[1]["centres"]]),
+                               module.weight.grad, rtol=0, atol=1e-5)
+    assert loss == pytest.approx(hand_arcface_loss(list(range(NUM_CLASSES)), LABELS), abs=1e-5)
+
+
+def test_sharded_sampling_keeps_positives_and_softmaxes_over_all_sampled(two_ranks):
+    sampled = [result["sampled"] for result in two_ranks]
+    classes = sampled[0]["sampled"].tolist() + sampled[1]["sampled"].tolist()
+    assert 1 in classes[:2] and 7 in classes[2:] and len(classes) == 4
+    assert all(result["loss"] == pytest.approx(sampled[0]["loss"], abs=1e-6) for result in sampled)
+    loss, backbone, _ = single_process_step(1.0, SAMPLED_LABELS, classes)
+    assert sampled[0]["loss"] == pytest.approx(loss, abs=1e-5)
+    assert loss == pytest.approx(hand_arcface_loss(classes, SAMPLED_LABELS), abs=1e-5)
+    torch.testing.assert_close(sampled[0]["backbone_weight"] + sampled[1]["backbone_weight"],
+                               backbone.weight.grad, rtol=0, atol=1e-5)
