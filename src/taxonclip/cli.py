@@ -1,0 +1,119 @@
+"""The `taxonclip` command: data, models, eval, train, sweep, compare.
+
+Parameters have the names of the MLproject entry points (`--batch_size` or `--batch-size`); a
+parameter not given keeps the default of the typed config. Input the user can fix ends in one
+message on stderr and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+
+from taxonclip import config as cfg
+from taxonclip.errors import TaxonclipError
+
+
+def _add_params(parser: argparse.ArgumentParser, mapping: Mapping[str, str], cls: type) -> None:
+    defaults = cfg.flat_fields(cls())
+    for name, path in mapping.items():
+        flags = {f"--{name}", f"--{name.replace('_', '-')}"}
+        parser.add_argument(*sorted(flags), dest=name, default=None, metavar="VALUE",
+                            help=f"default: {defaults[path]}")
+
+
+def _given(args: argparse.Namespace, mapping: Mapping[str, str]) -> dict[str, str]:
+    return {name: getattr(args, name) for name in mapping
+            if getattr(args, name, None) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every `taxonclip` command."""
+    parser = argparse.ArgumentParser(prog="taxonclip", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="generate or check a dataset")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    synth = data_commands.add_parser("synth", help="write generated specimens (VLM4Bio layout)")
+    synth.add_argument("--out", required=True, help="folder to write")
+    for name, default in (("seed", 0), ("taxa", 3), ("genera", 4), ("species", 5),
+                          ("images", 30), ("size", 64)):
+        synth.add_argument(f"--{name}", type=int, default=default, help=f"default: {default}")
+    check = data_commands.add_parser("check", help="validate a manifest and print its summary")
+    check.add_argument("path", help="VLM4Bio folder, manifest CSV/parquet, or `synthetic`")
+    _add_params(check, {k: v for k, v in cfg.DATA_PARAMS.items() if k != "data"}, cfg.EvalConfig)
+
+    commands.add_parser("models", help="list the model names")
+
+    _add_params(commands.add_parser("eval", help="evaluate a model (nearest-neighbour metrics)"),
+                cfg.EVAL_PARAMS, cfg.EvalConfig)
+    _add_params(commands.add_parser("train", help="fine-tune a model, then evaluate it"),
+                cfg.TRAIN_PARAMS, cfg.TrainConfig)
+
+    sweep = commands.add_parser("sweep", help="run an Optuna study of training runs")
+    _add_params(sweep, cfg.SWEEP_PARAMS, cfg.SweepConfig)
+    sweep.add_argument("-P", "--param", dest="overrides", action="append", default=[],
+                       metavar="NAME=VALUE", help="override a fixed training parameter of the sweep file")
+
+    _add_params(commands.add_parser("compare", help="rank runs and write a report"),
+                cfg.COMPARE_PARAMS, cfg.CompareConfig)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except TaxonclipError as exc:
+        print(f"taxonclip {args.command}: error: {_message(exc)}", file=sys.stderr)
+        return 1
+
+
+def _message(exc: TaxonclipError) -> str:
+    """The error's own message: an error raised in a DataLoader worker comes back with the
+    worker's traceback folded into it, of which only the last line is the message."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from taxonclip import jobs
+
+    if args.command == "data" and args.data_command == "synth":
+        return jobs.synth(args.out, seed=args.seed, taxa=args.taxa, genera=args.genera,
+                          species=args.species, images=args.images, size=args.size)
+    if args.command == "data":
+        params = {**_given(args, cfg.DATA_PARAMS), "data": args.path}
+        return jobs.check(cfg.from_params(cfg.EvalConfig, params, cfg.EVAL_PARAMS).data)
+    if args.command == "models":
+        return jobs.models()
+    if args.command == "eval":
+        return jobs.evaluate(cfg.from_params(cfg.EvalConfig, _given(args, cfg.EVAL_PARAMS),
+                                             cfg.EVAL_PARAMS))
+    if args.command == "train":
+        return jobs.train(cfg.from_params(cfg.TrainConfig, _given(args, cfg.TRAIN_PARAMS),
+                                          cfg.TRAIN_PARAMS))
+    if args.command == "sweep":
+        params = {**_given(args, cfg.SWEEP_PARAMS), "overrides": _overrides(args.overrides)}
+        return jobs.sweep(cfg.from_params(cfg.SweepConfig, params,
+                                          {**cfg.SWEEP_PARAMS, "overrides": "overrides"}))
+    return jobs.compare(cfg.from_params(cfg.CompareConfig, _given(args, cfg.COMPARE_PARAMS),
+                                        cfg.COMPARE_PARAMS))
+
+
+def _overrides(pairs: list[str]) -> dict[str, str]:
+    parsed = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise TaxonclipError(f"override {pair!r} is not NAME=VALUE")
+        parsed[name.strip()] = value
+    return parsed
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

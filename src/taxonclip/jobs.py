@@ -1,0 +1,108 @@
+"""The jobs behind the `taxonclip` commands and MLproject entry points: load the inputs (so bad
+input fails before any run is created), run, log, print. Each returns an exit status."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from taxonclip import names
+from taxonclip.config import (EVAL_PARAMS, CompareConfig, DataConfig, EvalConfig, SweepConfig,
+                              TrainConfig, to_params)
+
+
+def synth(out: str, **sizes: int) -> int:
+    """Write a generated specimen set and print its summary."""
+    from taxonclip.data.manifest import read_manifest
+    from taxonclip.data.synthetic import generate
+
+    root = generate(out, **sizes)
+    print(f"wrote {root}")
+    print(read_manifest(root).report.summary())
+    return 0
+
+
+def check(data: DataConfig) -> int:
+    """Validate a manifest and print what it holds; invalid input raises a DataError."""
+    from taxonclip.data.manifest import load_manifest
+
+    print(load_manifest(data).report.summary())
+    return 0
+
+
+def models() -> int:
+    """Print the registry: name, source, embedding size, input size."""
+    from taxonclip.models import list_models
+
+    print(f"{'name':<26}{'source':<8}{'embed_dim':>10}{'input':>7}")
+    for spec in list_models():
+        print(f"{spec.name:<26}{spec.source:<8}{spec.embed_dim:>10}{spec.input_size:>7}")
+    print("\nA model logged by `train` is named by its URI: runs:/<run_id>/model or "
+          "models:/<registered name>@champion")
+    return 0
+
+
+def evaluate(config: EvalConfig) -> int:
+    """Evaluate one model on one dataset and log everything to MLflow."""
+    from taxonclip import tracking
+    from taxonclip.data.manifest import load_manifest
+    from taxonclip.evaluate import evaluate as run_evaluation
+    from taxonclip.evaluate import format_table, resolve_device
+
+    manifest = load_manifest(config.data)
+    encoder = tracking.load_encoder(config.model, str(resolve_device(config.device)))
+    with tracking.tracked_run("eval", run_name=f"eval {config.model.name}") as run:
+        run.log_params(to_params(config, EVAL_PARAMS))
+        run.log_text(manifest.report.summary(), "data/summary.txt")
+        result = run_evaluation(config, encoder, manifest)
+        log_evaluation(run, result)
+    print(format_table(result.table))
+    print(where_to_look(run.run_id))
+    return 0
+
+
+def log_evaluation(run, result) -> None:
+    """Log a final evaluation: the table and its metrics, the split, the embedding speed."""
+    from taxonclip.evaluate import split_csv
+
+    run.log_eval_metrics(result.table)
+    if math.isfinite(result.img_per_s):
+        run.log_metrics({names.EVAL_EMBED_IMG_PER_S: result.img_per_s})
+    run.log_eval_table(result.table)
+    run.log_text(split_csv(result), names.SPLIT_ARTIFACT)
+
+
+def where_to_look(run_id: str | None) -> str:
+    """Where to see a run in the MLflow UI."""
+    from taxonclip.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith("http"):
+        return f"MLflow run {run_id}: open {uri} and pick the run to see it"
+    return (f"MLflow run {run_id} in {uri}: see it with `mlflow ui --backend-store-uri {uri}` "
+            f"(or `make server`)")
+
+
+def train(config: TrainConfig) -> int:
+    """Fine-tune, evaluate and log one model (`torchrun` starts one process per GPU)."""
+    from taxonclip.train import run_training
+
+    run_training(config)
+    return 0
+
+
+def sweep(config: SweepConfig) -> int:
+    """Run (or continue) an Optuna study of training runs."""
+    from taxonclip.sweep import run_sweep
+
+    run_sweep(config)
+    return 0
+
+
+def compare(config: CompareConfig) -> int:
+    """Rank the runs that carry a per-taxa table and write the report."""
+    from taxonclip.compare import run_compare
+
+    report = run_compare(config)
+    print(f"report: {Path(report).resolve()}")
+    return 0

@@ -1,0 +1,33 @@
+"""The `taxonclip` command without MLflow: data, models, bad parameters."""
+
+from __future__ import annotations
+
+from taxonclip.cli import main
+
+
+def test_data_synth_then_check(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path / "set"), "--taxa", "2", "--genera", "2",
+                 "--species", "2", "--images", "4", "--size", "32"]) == 0
+    assert main(["data", "check", str(tmp_path / "set")]) == 0
+    printed = capsys.readouterr().out
+    assert "rows: 32" in printed and "species: 8, genera: 4, taxa: 2" in printed
+
+
+def test_data_check_bad_column_exits_1_without_traceback(tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("file,name\na.jpg,Danaus plexippus\n")
+    assert main(["data", "check", str(manifest)]) == 1
+    error = capsys.readouterr().err
+    assert "m.csv" in error and "Traceback" not in error
+
+
+def test_models_lists_every_architecture(capsys):
+    assert main(["models"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("ViT-B/32", "ViT-L/14@336px", "unicom:ViT-B/16", "tiny"):
+        assert name in printed
+
+
+def test_unknown_parameter_value_is_named(capsys):
+    assert main(["eval", "--embedding", "pixels"]) == 1
+    assert "embedding" in capsys.readouterr().err

@@ -1,0 +1,161 @@
+"""The evaluation pipeline: embedding, the per-taxa table, and the faults of the group's script
+(RECIPE §2) that concern the pipeline rather than the metric math (tested in test_knn.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from taxonclip.config import DataConfig, EvalConfig, ModelConfig
+from taxonclip.data.manifest import read_manifest
+from taxonclip.data.splits import split_manifest
+from taxonclip.errors import DataError
+from taxonclip.evaluate import (TABLE_COLUMNS, embed_images, evaluate, evaluation_table,
+                                format_table, fuse)
+from taxonclip.knn import METRICS
+from taxonclip.models import create_model
+
+
+def _config(specimens, **overrides) -> EvalConfig:
+    data = DataConfig(data=str(specimens), seed=overrides.pop("seed", 0))
+    return EvalConfig(data=data, model=ModelConfig("tiny"), workers=0, batch_size=16,
+                      cache_embeddings=False, device="cpu", **overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return create_model("tiny", "pretrained")
+
+
+def test_table_has_a_row_per_taxa_and_level(specimens, tiny):
+    result = evaluate(_config(specimens), tiny)
+    table = result.table
+    assert list(table.columns) == list(TABLE_COLUMNS)
+    taxa = sorted(result.manifest.table["taxa"].unique())
+    expected = [(t, level) for t in taxa for level in ("species", "genus")]
+    expected += [("All", "species"), ("All", "genus"), ("All", "taxa")]
+    assert list(zip(table["taxa"], table["level"])) == expected
+
+
+def test_one_split_shared_by_every_row(specimens, tiny):
+    """Fault 2: one seeded split for all rows, so the taxa rows add up to the All row."""
+    table = evaluate(_config(specimens), tiny).table
+    species = table[table["level"] == "species"]
+    per_taxa = species[species["taxa"] != "All"]["n_test"].sum()
+    assert per_taxa == species[species["taxa"] == "All"]["n_test"].item()
+
+
+def test_same_seed_same_table_other_seed_other_split(specimens, tiny):
+    """Fault 2: results are reproducible for a seed and move with it."""
+    first = evaluate(_config(specimens, seed=3), tiny)
+    again = evaluate(_config(specimens, seed=3), tiny)
+    other = evaluate(_config(specimens, seed=4), tiny)
+    pd.testing.assert_frame_equal(first.table, again.table)
+    assert not np.array_equal(first.split.test, other.split.test)
+
+
+def test_metrics_are_floats_not_strings(specimens, tiny):
+    """Fault 6: accuracies are numbers in [0, 1]."""
+    table = evaluate(_config(specimens), tiny).table
+    for metric in METRICS:
+        assert table[metric].dtype == np.float64
+        assert table[metric].between(0, 1).all()
+
+
+class CountingEncoder(torch.nn.Module):
+    """Wraps an encoder and records the batch size of every forward call."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+        self.batch_sizes = []
+
+    def forward(self, images):
+        self.batch_sizes.append(len(images))
+        return self.encoder(images)
+
+    def eval_transform(self):
+        return self.encoder.eval_transform()
+
+
+def test_images_are_embedded_in_batches(specimens, tiny):
+    """Fault 5: never one image at a time."""
+    manifest = read_manifest(specimens)
+    counting = CountingEncoder(tiny)
+    paths = manifest.table["image_path"].tolist()
+    vectors, kept = embed_images(counting, paths, batch_size=16, workers=0,
+                                 device=torch.device("cpu"), progress=False)
+    assert vectors.shape == (len(paths), tiny.spec.embed_dim)
+    assert np.array_equal(kept, np.arange(len(paths)))
+    assert max(counting.batch_sizes) == 16 and len(counting.batch_sizes) == -(-len(paths) // 16)
+
+
+def test_undecodable_image_is_named_or_skipped(specimens, tiny, tmp_path):
+    """Fault 5: a failed image is reported by path (error) or left out and counted (skip),
+    never a None in the array."""
+    paths = read_manifest(specimens).table["image_path"].tolist()[:6]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    paths[2] = str(broken)
+    with pytest.raises(DataError, match="broken.png"):
+        embed_images(tiny, paths, batch_size=4, workers=0, device=torch.device("cpu"),
+                     progress=False)
+    vectors, kept = embed_images(tiny, paths, batch_size=4, workers=0, device=torch.device("cpu"),
+                                 missing="skip", progress=False)
+    assert list(kept) == [0, 1, 3, 4, 5] and vectors.shape[0] == 5
+
+
+def test_lone_queries_are_counted_per_row():
+    """Fault 3 through the table: a test species with no train image is counted, not scored."""
+    table = pd.DataFrame({
+        "image_id": [f"{i}" for i in range(6)], "image_path": [""] * 6,
+        "scientific_name": ["A a", "A a", "A b", "A b", "A c", "B d"],
+        "species": ["A a", "A a", "A b", "A b", "A c", "B d"],
+        "genus": ["A", "A", "A", "A", "A", "B"], "taxa": ["T"] * 6})
+    vectors = torch.eye(6)
+    vectors[1] = vectors[0]
+    vectors[3] = vectors[2]
+    split = split_manifest(table, 0.5, 0)
+    split = type(split)(np.array([0, 2, 5]), np.array([1, 3, 4]), 0, 0, 0.5)
+    result = evaluation_table(vectors, table, split)
+    row = result[(result["taxa"] == "All") & (result["level"] == "species")].iloc[0]
+    assert row["n_lone"] == 1 and row["n_test"] == 3
+    assert row["top1_cos"] == 1.0
+
+
+def test_fused_embeddings():
+    visual = torch.tensor([[3.0, 4.0]])
+    text = torch.tensor([[0.0, 2.0]])
+    assert torch.allclose(fuse(visual, text, "avg"), torch.tensor([[0.3, 0.9]]))
+    assert torch.allclose(fuse(visual, text, "concat"), torch.tensor([[0.6, 0.8, 0.0, 1.0]]))
+    assert fuse(visual, text, "visual") is visual and fuse(visual, text, "text") is text
+
+
+def test_text_embedding_needs_a_caption_column(specimens, tiny, tmp_path):
+    manifest = read_manifest(specimens)
+    without = manifest.table.drop(columns=[c for c in ("caption",) if c in manifest.table])
+    csv = tmp_path / "manifest.csv"
+    without.assign(fileNameAsDelivered=without["image_path"],
+                   scientificName=without["scientific_name"])[
+        ["fileNameAsDelivered", "scientificName", "taxa"]].to_csv(csv, index=False)
+    config = EvalConfig(data=DataConfig(data=str(csv)), embedding="avg", workers=0,
+                        cache_embeddings=False, device="cpu")
+    with pytest.raises(DataError, match="caption"):
+        evaluate(config, tiny)
+
+
+def test_captions_feed_the_text_tower(specimens, tiny):
+    result = evaluate(_config(specimens, embedding="concat"), tiny)
+    assert result.table["n_test"].gt(0).all()
+
+
+def test_second_evaluation_reuses_cached_embeddings(specimens, tiny, monkeypatch):
+    config = EvalConfig(data=DataConfig(data=str(specimens)), workers=0, device="cpu",
+                        cache_embeddings=True)
+    first = evaluate(config, tiny)
+    monkeypatch.setattr("taxonclip.evaluate.embed_manifest",
+                        lambda *a, **k: pytest.fail("embedded again instead of reusing the cache"))
+    again = evaluate(config, tiny)
+    pd.testing.assert_frame_equal(first.table, again.table)

@@ -1,0 +1,282 @@
+"""Nearest-neighbour metrics against a plain per-query reference, and the faults of RECIPE §2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from taxonclip.errors import ConfigError, DataError
+from taxonclip.knn import METRICS, KnnResult, knn_metrics
+
+
+def reference_metrics(query, query_labels, gallery, gallery_labels) -> dict:
+    """Every metric computed one query at a time with Python loops, from the definitions.
+
+    Ties: the lowest gallery index among equally near items, the lowest label among equal
+    class means. Returns the metrics, the counts and the `top1_cos` prediction of each query.
+    """
+    queries, items = query.tolist(), gallery.tolist()
+    labels, item_labels = query_labels.tolist(), gallery_labels.tolist()
+    classes = sorted(set(item_labels))
+    hits = {name: [] for name in METRICS if name != "macro_top1_cos"}
+    per_class = {}
+    predictions, n_lone = [], 0
+    for q, label in zip(queries, labels):
+        cos = [dot(q, g) / math.sqrt(dot(q, q)) / math.sqrt(dot(g, g)) for g in items]
+        dist = [math.dist(q, g) for g in items]
+        ranking = sorted(range(len(items)), key=lambda j: (-cos[j], j))
+        predictions.append(item_labels[ranking[0]])
+        if label not in classes:
+            n_lone += 1
+            continue
+        members = {c: [j for j in range(len(items)) if item_labels[j] == c] for c in classes}
+        mean_cos = {c: mean([cos[j] for j in members[c]]) for c in classes}
+        mean_l2 = {c: mean([dist[j] for j in members[c]]) for c in classes}
+        nearest_l2 = min(range(len(items)), key=lambda j: (dist[j], j))
+        hits["top1_cos"].append(item_labels[ranking[0]] == label)
+        hits["top5_cos"].append(label in [item_labels[j] for j in ranking[:5]])
+        hits["mean_cos"].append(max(classes, key=lambda c: (mean_cos[c], -c)) == label)
+        hits["top1_l2"].append(item_labels[nearest_l2] == label)
+        hits["mean_l2"].append(min(classes, key=lambda c: (mean_l2[c], c)) == label)
+        hits["map_at_r"].append(average_precision([item_labels[j] == label for j in ranking],
+                                                  len(members[label])))
+        per_class.setdefault(label, []).append(item_labels[ranking[0]] == label)
+    metrics = {name: mean(values) for name, values in hits.items()}
+    metrics["macro_top1_cos"] = mean([mean(values) for values in per_class.values()])
+    return {"metrics": metrics, "n_test": len(queries), "n_lone": n_lone,
+            "n_classes": len(per_class), "predictions": predictions}
+
+
+def dot(a, b):
+    total = 0.0
+    for x, y in zip(a, b):
+        total += x * y
+    return total
+
+
+def mean(values):
+    if not values:
+        return float("nan")
+    total = 0.0
+    for value in values:
+        total += value
+    return total / len(values)
+
+
+def average_precision(relevant_in_order, r):
+    found, total = 0, 0.0
+    for position, relevant in enumerate(relevant_in_order[:r], start=1):
+        if relevant:
+            found += 1
+            total += found / position
+    return total / r
+
+
+def integer_embeddings_with_ties(seed: int):
+    """Small integer vectors (exact dot products), duplicated gallery items under other labels,
+    queries equal to gallery items, lone query labels and gallery-only labels; ids not 0..K-1."""
+    generator = torch.Generator().manual_seed(seed)
+    gallery = torch.randint(-3, 4, (40, 6), generator=generator).double()
+    gallery[30:40] = gallery[0:10]
+    gallery_labels = torch.randint(0, 6, (40,), generator=generator) * 10 - 20
+    gallery_labels[30:40] = (gallery_labels[0:10] + 10) % 60 - 20
+    query = torch.randint(-3, 4, (30, 6), generator=generator).double()
+    query[:8] = gallery[:8]
+    query_labels = torch.randint(0, 8, (30,), generator=generator) * 10 - 20
+    for vectors in (gallery, query):
+        vectors[vectors.abs().sum(dim=1) == 0, 0] = 1.0
+    return query, query_labels, gallery, gallery_labels
+
+
+def assert_matches_reference(result: KnnResult, expected: dict) -> None:
+    assert (result.n_test, result.n_lone, result.n_classes) == (
+        expected["n_test"], expected["n_lone"], expected["n_classes"])
+    assert result.predictions.tolist() == expected["predictions"]
+    for name in METRICS:
+        assert result.metrics[name] == pytest.approx(expected["metrics"][name], rel=1e-12, abs=1e-12), name
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 30, 1000])
+def test_matches_reference_with_ties_lone_queries_and_gallery_only_labels(chunk_size):
+    data = integer_embeddings_with_ties(seed=0)
+    expected = reference_metrics(*data)
+    assert expected["n_lone"] > 0 and 0 < expected["metrics"]["top1_cos"] < 1
+
+    assert_matches_reference(knn_metrics(*data, chunk_size=chunk_size), expected)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_matches_reference_on_other_seeds(seed):
+    data = integer_embeddings_with_ties(seed)
+
+    assert_matches_reference(knn_metrics(*data, chunk_size=8), reference_metrics(*data))
+
+
+def test_matches_reference_on_gaussian_embeddings_of_different_norms():
+    generator = torch.Generator().manual_seed(4)
+    gallery = torch.randn(60, 5, generator=generator, dtype=torch.float64)
+    gallery *= torch.rand(60, 1, generator=generator, dtype=torch.float64) * 5
+    query = torch.randn(25, 5, generator=generator, dtype=torch.float64) * 3
+    gallery_labels = torch.randint(0, 5, (60,), generator=generator)
+    query_labels = torch.randint(0, 6, (25,), generator=generator)
+    expected = reference_metrics(query, query_labels, gallery, gallery_labels)
+
+    assert expected["metrics"]["top1_cos"] != expected["metrics"]["top1_l2"]
+    assert_matches_reference(knn_metrics(query, query_labels, gallery, gallery_labels, chunk_size=6), expected)
+
+
+def test_float32_agrees_with_float64_reference():
+    query, query_labels, gallery, gallery_labels = integer_embeddings_with_ties(seed=5)
+    expected = reference_metrics(query, query_labels, gallery, gallery_labels)
+
+    result = knn_metrics(query.float(), query_labels, gallery.float(), gallery_labels, chunk_size=9)
+
+    assert result.predictions.tolist() == expected["predictions"]
+    for name in METRICS:
+        assert result.metrics[name] == pytest.approx(expected["metrics"][name], rel=1e-6), name
+
+
+def test_results_identical_for_every_chunk_size_and_run():
+    generator = torch.Generator().manual_seed(6)
+    gallery, query = torch.randn(500, 16, generator=generator), torch.randn(100, 16, generator=generator)
+    gallery_labels = torch.randint(0, 20, (500,), generator=generator)
+    query_labels = torch.randint(0, 22, (100,), generator=generator)
+    runs = [knn_metrics(query, query_labels, gallery, gallery_labels, chunk_size=size)
+            for size in (1, 13, 100, 10_000, 13)]
+
+    for run in runs[1:]:
+        assert run.metrics == runs[0].metrics
+        assert torch.equal(run.predictions, runs[0].predictions)
+
+
+def test_nearest_item_ties_go_to_lowest_gallery_index_and_class_ties_to_lowest_label():
+    same = [[1.0, 2.0]]
+    gallery, gallery_labels = torch.tensor(same * 2), torch.tensor([5, 3])
+
+    result = knn_metrics(torch.tensor(same), torch.tensor([3]), gallery, gallery_labels)
+
+    assert result.predictions.tolist() == [5]
+    assert result.metrics["top1_cos"] == result.metrics["top1_l2"] == 0.0
+    assert result.metrics["mean_cos"] == result.metrics["mean_l2"] == 1.0
+
+
+@pytest.mark.parametrize("position, expected", [(4, 1.0), (5, 0.0), (6, 0.0)])
+def test_top5_among_equal_items_keeps_the_lowest_indices(position, expected):
+    gallery = torch.ones(8, 3)
+    gallery_labels = torch.zeros(8, dtype=torch.int64)
+    gallery_labels[position] = 1
+
+    result = knn_metrics(torch.ones(1, 3), torch.tensor([1]), gallery, gallery_labels)
+
+    assert result.metrics["top5_cos"] == expected
+
+
+def test_map_at_r_of_a_known_ranking():
+    angles = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])
+    gallery = torch.stack([angles.cos(), angles.sin()], dim=1).double()
+    gallery_labels = torch.tensor([7, 8, 7, 7, 8])
+
+    result = knn_metrics(torch.tensor([[1.0, 0.0]]).double(), torch.tensor([7]), gallery, gallery_labels)
+
+    # the 3 nearest are 7, 8, 7: precision 1/1 at position 1 and 2/3 at position 3, over R = 3
+    assert result.metrics["map_at_r"] == pytest.approx((1 + 2 / 3) / 3)
+
+
+def test_fault_1_top1_l2_uses_euclidean_distance_not_the_cosine_argmax():
+    gallery = torch.tensor([[10.0, 5.0], [0.5, 0.4]])
+
+    result = knn_metrics(torch.tensor([[1.0, 0.0]]), torch.tensor([1]), gallery, torch.tensor([0, 1]))
+
+    assert result.metrics["top1_cos"] == 0.0
+    assert result.metrics["top1_l2"] == 1.0
+
+
+def test_fault_3_lone_queries_are_counted_and_excluded_from_every_metric():
+    query, query_labels, gallery, gallery_labels = integer_embeddings_with_ties(seed=7)
+    known = torch.isin(query_labels, gallery_labels)
+    assert 0 < int((~known).sum()) < len(known)
+
+    with_lone = knn_metrics(query, query_labels, gallery, gallery_labels)
+    without = knn_metrics(query[known], query_labels[known], gallery, gallery_labels)
+
+    assert with_lone.n_lone == int((~known).sum()) and without.n_lone == 0
+    assert with_lone.n_test == len(query)
+    assert with_lone.metrics == without.metrics
+    assert with_lone.n_classes == without.n_classes == len(set(query_labels[known].tolist()))
+
+
+def test_labels_only_in_the_gallery_compete_as_predictions():
+    gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+
+    result = knn_metrics(torch.tensor([[0.9, 0.1]]), torch.tensor([2]), gallery, torch.tensor([1, 2]))
+
+    assert result.predictions.tolist() == [1]
+    assert result.metrics["top1_cos"] == 0.0 and result.n_classes == 1
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the number of elements of the largest tensor any torch operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_fault_4_memory_is_bounded_by_the_chunk_not_by_test_x_train():
+    generator = torch.Generator().manual_seed(8)
+    query, gallery = torch.randn(300, 8, generator=generator), torch.randn(1000, 8, generator=generator)
+    labels = torch.randint(0, 30, (1000,), generator=generator)
+    chunk = 64
+
+    with LargestTensor() as recorder:
+        chunked = knn_metrics(query, labels[:300], gallery, labels, chunk_size=chunk)
+
+    # the dot products and the cosines of one chunk are the largest tensors
+    assert recorder.largest <= 2 * chunk * len(gallery) < len(query) * len(gallery)
+    assert chunked.metrics == knn_metrics(query, labels[:300], gallery, labels, chunk_size=300).metrics
+
+
+def test_fault_6_metrics_are_floats_in_the_unit_interval():
+    result = knn_metrics(*integer_embeddings_with_ties(seed=9))
+
+    assert list(result.metrics) == list(METRICS)
+    for name, value in result.metrics.items():
+        assert type(value) is float and 0.0 <= value <= 1.0, name
+    assert all(type(count) is int for count in (result.n_test, result.n_classes, result.n_lone))
+
+
+def test_no_valid_query_gives_nan_metrics():
+    gallery = torch.eye(3)
+    lone = knn_metrics(torch.eye(3)[:2], torch.tensor([9, 9]), gallery, torch.tensor([0, 1, 2]))
+    empty = knn_metrics(torch.empty(0, 3), torch.empty(0, dtype=torch.int64), gallery, torch.tensor([0, 1, 2]))
+
+    assert (lone.n_lone, lone.n_test, lone.n_classes) == (2, 2, 0)
+    assert (empty.n_lone, empty.n_test, empty.n_classes) == (0, 0, 0)
+    for result in (lone, empty):
+        assert all(math.isnan(value) for value in result.metrics.values())
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"chunk_size": 0}, ConfigError, "chunk_size"),
+    ({"query": torch.ones(2, 4)}, DataError, "differ in size"),
+    ({"query_labels": torch.tensor([0.0, 1.0])}, DataError, "integer class ids"),
+    ({"gallery_labels": torch.tensor([0])}, DataError, "one id per embedding"),
+    ({"gallery": torch.empty(0, 3), "gallery_labels": torch.empty(0, dtype=torch.int64)}, DataError, "empty"),
+    ({"gallery": torch.tensor([[0.0, float("nan"), 1.0], [1.0, 1.0, 1.0]])}, DataError, "NaN"),
+])
+def test_bad_input_gets_one_clear_error(change, error, message):
+    arguments = {"query": torch.ones(2, 3), "query_labels": torch.tensor([0, 1]),
+                 "gallery": torch.ones(2, 3), "gallery_labels": torch.tensor([0, 1]), **change}
+
+    with pytest.raises(error, match=message):
+        knn_metrics(**arguments)
