@@ -1,0 +1,407 @@
+"""Fine-tuning: margin-based softmax over PartialFC class centres, evaluated every few epochs.
+
+Batches: `batch_size` images per micro-batch per process; with `grad_accum` k, one optimiser
+step sees k micro-batches (each loss divided by k, so the step follows the mean loss of the
+k·batch_size images) and the scheduler steps once per optimiser step. Training batches have
+equal size (the last incomplete batch of an epoch is dropped), which makes k micro-batches of
+size b give the same update as one batch of size k·b for a model without batch-dependent layers.
+
+Resume: a checkpoint is written at the end of every epoch; `resume=<run_id>` restarts from the
+last one into the same MLflow run, with the same step numbers and the same data order (each
+epoch's order and augmentation are seeded by (seed, epoch)); steps already logged are not
+logged again.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from taxonclip import distributed as dist
+from taxonclip import names
+from taxonclip.config import TRAIN_PARAMS, TrainConfig, to_params
+from taxonclip.data.images import ImageDataset
+from taxonclip.data.manifest import Manifest, load_manifest
+from taxonclip.data.splits import Split, select_classes, split_manifest
+from taxonclip.errors import ConfigError, DataError
+from taxonclip.evaluate import EvalResult, evaluate, split_csv
+from taxonclip.losses import CombinedMarginLoss, PartialFC
+
+LOG_EVERY_STEPS = 50
+EpochCallback = Callable[[int, EvalResult], None]
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds, and the loop's counters."""
+
+    encoder: torch.nn.Module
+    head: PartialFC
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    epoch: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = 0
+    metric_history: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The training rows, their class ids, and the class names in id order."""
+
+    manifest: Manifest
+    split: Split
+    rows: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    seen_species: set[str] | None
+
+
+def prepare_data(config: TrainConfig) -> TrainData:
+    """Load the manifest, split it, keep the selected classes, number the labels."""
+    manifest = load_manifest(config.data)
+    table = manifest.table
+    split = split_manifest(table, config.data.test_size, config.data.seed)
+    kept_species = select_classes(table, config.data.class_fraction, config.data.seed)
+    rows = split.train[table["species"].iloc[split.train].isin(kept_species).to_numpy()]
+    if config.label == "genus":
+        rows = rows[table["genus"].iloc[rows].notna().to_numpy()]
+    names_of_rows = table[config.label].iloc[rows]
+    classes = sorted(names_of_rows.unique())
+    if len(rows) == 0:
+        raise DataError(f"no training image has a {config.label} label in {manifest.report.source}")
+    labels = pd.Categorical(names_of_rows, categories=classes).codes.astype(np.int64)
+    seen = set(kept_species) if config.data.class_fraction < 1.0 else None
+    return TrainData(manifest, split, rows, labels, classes, seen)
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, split across ranks, every rank getting the same count."""
+
+    def __init__(self, size: int, seed: int, rank: int, world_size: int):
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order to give next."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size // self.world_size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator)[: len(self) * self.world_size]
+        return iter(order[self.rank::self.world_size].tolist())
+
+
+def make_loader(data: TrainData, encoder, config: TrainConfig, info: dist.DistInfo) -> DataLoader:
+    """The training DataLoader: augmentation, seeded per-epoch order, full batches only."""
+    paths = data.manifest.table["image_path"].iloc[data.rows].tolist()
+    dataset = ImageDataset(paths, encoder.train_transform(), labels=data.labels.tolist())
+    sampler = EpochSampler(len(dataset), config.data.seed, info.rank, info.world_size)
+    if len(sampler) < config.batch_size:
+        raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(sampler)} "
+                          f"training images per process")
+    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=config.workers, pin_memory=info.device.type == "cuda",
+                      persistent_workers=False)
+
+
+def build_state(encoder, num_classes: int, config: TrainConfig, steps_per_epoch: int,
+                device: torch.device) -> TrainState:
+    """Model, PartialFC head, AdamW with two groups and OneCycleLR with per-group max_lr."""
+    loss = config.loss
+    margin = CombinedMarginLoss(s=loss.s, m1=loss.m1, m2=loss.m2, m3=loss.m3, filter=loss.filter)
+    head = PartialFC(margin, encoder.spec.embed_dim, num_classes, loss.sample_rate).to(device)
+    encoder = encoder.to(device).train()
+    groups = [{"params": [p for p in encoder.visual.parameters() if p.requires_grad],
+               "lr": config.lr},
+              {"params": list(head.parameters()), "lr": config.lr * config.lr_pfc_weight}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    # A scalar max_lr would give the centres the backbone's rate: pass one per group.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[config.lr, config.lr * config.lr_pfc_weight],
+        total_steps=max(1, steps_per_epoch * config.epochs), pct_start=0.1)
+    return TrainState(encoder, head, optimizer, scheduler)
+
+
+def train_step(state: TrainState, micro_batches, forward, device: torch.device,
+               grad_clip: float = 0.0) -> float:
+    """One optimiser step over `micro_batches` [(images, labels)]; returns the mean loss."""
+    state.optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for images, labels in micro_batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            embeddings = forward(images)
+        loss = state.head(embeddings.float(), labels) / len(micro_batches)
+        loss.backward()
+        total += loss.detach()
+    dist.all_reduce_gradients(state.encoder.visual.parameters())
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.encoder.visual.parameters(), grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.step += 1
+    return float(total)
+
+
+def _grouped(loader, size: int):
+    batch = []
+    for images, labels, _ in loader:
+        batch.append((images, labels))
+        if len(batch) == size:
+            yield batch
+            batch = []
+
+
+def train_epoch(state: TrainState, loader: DataLoader, config: TrainConfig, forward,
+                device: torch.device, run, info: dist.DistInfo, skip_logged_until: int) -> None:
+    """One pass over the training data, logging loss, lr and images/s in batches."""
+    loader.sampler.set_epoch(state.epoch)
+    steps = len(loader) // config.grad_accum
+    images_per_step = config.batch_size * config.grad_accum * info.world_size
+    buffered = []
+    bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step",
+               disable=None if info.is_main else True)
+    tick = time.perf_counter()
+    for micro_batches in _grouped(loader, config.grad_accum):
+        lr = state.scheduler.get_last_lr()[0]
+        loss = train_step(state, micro_batches, forward, device, config.grad_clip)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {state.step}")
+        now = time.perf_counter()
+        metrics = {names.TRAIN_LOSS: loss, names.TRAIN_LR: lr,
+                   names.TRAIN_IMG_PER_S: images_per_step / max(now - tick, 1e-9)}
+        tick = now
+        if state.step > skip_logged_until:
+            buffered.append((state.step, metrics))
+        if len(buffered) >= LOG_EVERY_STEPS:
+            run.log_metric_history(buffered)
+            buffered = []
+        bar.update()
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
+                        img_s=f"{metrics[names.TRAIN_IMG_PER_S]:.0f}")
+    bar.close()
+    if buffered:
+        run.log_metric_history(buffered)
+    state.epoch += 1
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_states() -> dict:
+    """The random states a checkpoint restores, so a resumed run draws the same numbers."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    # Tensors and plain values only, so checkpoints load with torch.load(weights_only=True).
+    states = {"python": random.getstate(), "torch": torch.get_rng_state(),
+              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Restore what `rng_states` returned."""
+    random.setstate(states["python"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def checkpoint(state: TrainState, config: TrainConfig, classes: list[str]) -> dict:
+    """The checkpoint of `state` (gathered on every rank: the centres are sharded)."""
+    head_shards = dist.all_gather_objects(
+        {"weight": state.head.weight.detach().cpu(),
+         "moments": {k: v.cpu() for k, v in state.optimizer.state.get(state.head.weight, {}).items()},
+         "rng": rng_states()})
+    return {"model": state.encoder.config(), "state_dict": state.encoder.state_dict(),
+            "head_shards": head_shards, "optimizer": _optimizer_without_head(state),
+            "scheduler": state.scheduler.state_dict(), "step": state.step, "epoch": state.epoch,
+            "best_metric": state.best_metric, "best_epoch": state.best_epoch,
+            "classes": classes, "train_params": to_params(config, TRAIN_PARAMS)}
+
+
+def _optimizer_without_head(state: TrainState) -> dict:
+    saved = state.optimizer.state_dict()
+    head_index = len(state.optimizer.param_groups[0]["params"])
+    saved["state"] = {k: v for k, v in saved["state"].items() if k != head_index}
+    return saved
+
+
+def restore(state: TrainState, saved: dict, info: dist.DistInfo) -> None:
+    """Load a checkpoint into `state` (this rank's shard of the centres and their moments)."""
+    if len(saved["head_shards"]) != info.world_size:
+        raise ConfigError(f"the checkpoint was written by {len(saved['head_shards'])} processes; "
+                          f"resume with the same number (now {info.world_size})")
+    state.encoder.load_state_dict(saved["state_dict"])
+    shard = saved["head_shards"][info.rank]
+    with torch.no_grad():
+        state.head.weight.copy_(shard["weight"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    if shard["moments"]:
+        device = state.head.weight.device
+        state.optimizer.state[state.head.weight] = {k: v.to(device) for k, v in shard["moments"].items()}
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.step, state.epoch = saved["step"], saved["epoch"]
+    state.best_metric, state.best_epoch = saved["best_metric"], saved["best_epoch"]
+    set_rng_states(shard["rng"])
+
+
+def run_training(config: TrainConfig, parent_run_id: str | None = None,
+                 on_epoch: EpochCallback | None = None, run_tags: dict | None = None) -> EvalResult:
+    """Train and evaluate one model, logging to MLflow from rank 0; returns the final evaluation.
+
+    `on_epoch(epoch, result)` is called on rank 0 after each evaluation (a sweep reports to its
+    pruner there; raising `tracking.RunKilled` ends the run as KILLED).
+    """
+    from taxonclip import tracking
+
+    info = dist.init_from_env(config.device)
+    try:
+        data = prepare_data(config)
+        encoder = tracking.load_encoder(config.model, str(info.device))
+        with tracking.tracked_run("train", main=info.is_main, resume_run_id=config.resume,
+                                  parent_run_id=parent_run_id, tags=run_tags,
+                                  run_name=f"train {config.model.name}") as run:
+            return _train_in_run(config, data, encoder, run, info, on_epoch)
+    finally:
+        dist.shutdown()
+
+
+def _train_in_run(config: TrainConfig, data: TrainData, encoder, run, info, on_epoch) -> EvalResult:
+    seed_everything(config.data.seed)
+    loader = make_loader(data, encoder, config, info)
+    steps_per_epoch = len(loader) // config.grad_accum
+    state = build_state(encoder, len(data.classes), config, steps_per_epoch, info.device)
+    forward = torch.compile(state.encoder) if config.compile else state.encoder
+    skip_logged_until = _resume(state, config, run, info)
+    if state.epoch == 0:
+        run.log_params(to_params(config, TRAIN_PARAMS))
+        run.log_params(_sizes(state, data))
+    result = None
+    while state.epoch < config.epochs:
+        train_epoch(state, loader, config, forward, info.device, run, info, skip_logged_until)
+        if state.epoch % config.eval_every == 0 or state.epoch == config.epochs:
+            result = _evaluate_epoch(state, config, data, run, info, on_epoch)
+        _save_checkpoint(state, config, data.classes, run, info)
+    result = result or _evaluate_epoch(state, config, data, run, info, on_epoch)
+    _finish(state, config, data, result, run, info)
+    return result
+
+
+def _sizes(state: TrainState, data: TrainData) -> dict:
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    return {"params_backbone": count(state.encoder.visual), "params_centres": count(state.head),
+            "num_classes": len(data.classes), "train_images": len(data.rows)}
+
+
+def _evaluate_epoch(state, config, data, run, info, on_epoch) -> EvalResult | None:
+    result = None
+    if info.is_main:
+        result = evaluate(config.eval_config(), state.encoder, data.manifest, data.split,
+                          seen_species=data.seen_species)
+        state.encoder.train()
+        run.log_eval_metrics(result.table, step=state.epoch)
+        run.log_metrics({names.EVAL_EMBED_IMG_PER_S: result.img_per_s}, step=state.epoch)
+        metric = _headline(result)
+        if metric > state.best_metric:
+            state.best_metric, state.best_epoch = metric, state.epoch
+        if on_epoch is not None:
+            on_epoch(state.epoch, result)
+    best = dist.broadcast_object((state.best_metric, state.best_epoch))
+    state.best_metric, state.best_epoch = best
+    return result
+
+
+def _headline(result: EvalResult) -> float:
+    table = result.table
+    row = table[(table["taxa"] == names.ALL_TAXA) & (table["level"] == "species")]
+    value = float(row["top1_cos"].iloc[0]) if len(row) else float("nan")
+    return value if math.isfinite(value) else -math.inf
+
+
+def _checkpoint_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.pt"
+
+
+def _save_checkpoint(state, config, classes, run, info) -> None:
+    saved = checkpoint(state, config, classes)
+    if not info.is_main:
+        return
+    with _scratch() as folder:
+        path = Path(folder) / _checkpoint_name(state.epoch)
+        torch.save(saved, path)
+        run.log_artifact(path, names.CHECKPOINT_DIR)
+    keep = {_checkpoint_name(state.best_epoch)}
+    keep |= {_checkpoint_name(e) for e in range(state.epoch - config.keep_checkpoints + 1, state.epoch + 1)}
+    for artifact in run.list_artifacts(names.CHECKPOINT_DIR):
+        if Path(artifact).name not in keep:
+            run.delete_artifact(artifact)
+
+
+def _scratch() -> tempfile.TemporaryDirectory:
+    """A scratch folder for files on their way to or from the artifact store."""
+    return tempfile.TemporaryDirectory(prefix="taxonclip-")
+
+
+def _resume(state: TrainState, config: TrainConfig, run, info) -> int:
+    """Load the run's last checkpoint when resuming; returns the last step already logged."""
+    if not config.resume:
+        return -1
+    saved, last_logged = None, -1
+    if info.is_main:
+        saved = _last_checkpoint(run)
+        last_logged = run.last_step(names.TRAIN_LOSS)
+    saved, last_logged = dist.broadcast_object((saved, last_logged))
+    if saved is not None:
+        restore(state, saved, info)
+    return last_logged
+
+
+def _last_checkpoint(run) -> dict | None:
+    files = sorted(Path(p).name for p in run.list_artifacts(names.CHECKPOINT_DIR))
+    if not files:
+        return None
+    with _scratch() as folder:
+        path = run.download(f"{names.CHECKPOINT_DIR}/{files[-1]}", folder)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _finish(state, config, data, result, run, info) -> None:
+    """Final table, centroids with their class order, and the model (registered if asked)."""
+    centres = state.head.full_centres().detach().cpu().numpy()
+    if not info.is_main:
+        return
+    run.log_eval_table(result.table)
+    run.log_text(split_csv(result), names.SPLIT_ARTIFACT)
+    with _scratch() as folder:
+        np.save(Path(folder) / "centroids.npy", centres)
+        pd.DataFrame({"row": range(len(data.classes)), config.label: data.classes}).to_csv(
+            Path(folder) / "classes.csv", index=False)
+        run.log_artifact(Path(folder) / "centroids.npy", "centroids")
+        run.log_artifact(Path(folder) / "classes.csv", "centroids")
+    state.encoder.weights = f"runs:/{run.run_id}/{names.MODEL_ARTIFACT}"
+    run.log_model(state.encoder, register_as=config.register_as)

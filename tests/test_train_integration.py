@@ -1,0 +1,129 @@
+"""`train` through its real entry points against a real MLflow server: metrics, checkpoints,
+centroids, the logged model, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from taxonclip import names
+from taxonclip.cli import main
+from taxonclip.data.manifest import read_manifest
+from taxonclip.data.splits import split_manifest
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+TRAIN_ARGS = ["--model", "tiny", "--batch_size", "16", "--lr", "3e-3", "--weight_decay", "0.05",
+              "--margin_s", "16", "--margin_m2", "0.2", "--workers", "0"]
+
+
+def _only_run(experiment: str):
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time DESC"])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]
+
+
+def test_mlflow_run_train_logs_everything_and_learns(tracking, specimens, tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    command = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "train",
+               "--env-manager", "local", "--experiment-name", "train-integration",
+               "-P", f"data={specimens}", "-P", "model=tiny", "-P", "epochs=4",
+               "-P", "batch_size=16", "-P", "lr=3e-3", "-P", "margin_s=16", "-P", "margin_m2=0.2",
+               "-P", "weight_decay=0.05", "-P", "workers=0"]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    run = _only_run("train-integration")
+    client = MlflowClient()
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED" and run.data.params["lr"] == "3e-3"
+
+    losses = client.get_metric_history(run_id, names.TRAIN_LOSS)
+    assert [m.step for m in sorted(losses, key=lambda m: m.step)] == list(range(1, len(losses) + 1))
+    assert len(client.get_metric_history(run_id, names.TRAIN_LR)) == len(losses)
+    per_epoch = client.get_metric_history(run_id, names.eval_metric("All", "species", "top1_cos"))
+    assert sorted(m.step for m in per_epoch) == [1, 2, 3, 4]
+
+    checkpoints = {Path(a.path).name for a in client.list_artifacts(run_id, names.CHECKPOINT_DIR)}
+    assert {"epoch_003.pt", "epoch_004.pt"} <= checkpoints and len(checkpoints) <= 3
+
+    centroids = np.load(client.download_artifacts(run_id, names.CENTROIDS, str(tmp_path)))
+    classes = pd.read_csv(client.download_artifacts(run_id, names.CENTROID_CLASSES, str(tmp_path)))
+    assert centroids.shape == (int(run.data.params["num_classes"]), 64)
+    assert list(classes["species"]) == sorted(classes["species"])
+
+    encoder = mlflow.pytorch.load_model(f"runs:/{run_id}/{names.MODEL_ARTIFACT}")
+    images = torch.randn(2, 3, 32, 32)
+    assert encoder(images).shape == (2, 64)
+
+    table = client.load_table(run.info.experiment_id, names.PER_TAXA_TABLE, [run_id])
+    trained = table[(table["taxa"] == "All") & (table["level"] == "species")]["top1_cos"].item()
+    assert main(["eval", "--model", "tiny", "--data", str(specimens), "--workers", "0"]) == 0
+    baseline = client.search_runs(
+        [client.get_experiment_by_name("Default").experiment_id],
+        order_by=["attributes.start_time DESC"], max_results=1)[0]
+    before = baseline.data.metrics[names.eval_metric("All", "species", "top1_cos")]
+    assert trained > before
+
+    assert main(["eval", "--model", f"runs:/{run_id}/model", "--data", str(specimens),
+                 "--workers", "0"]) == 0
+
+
+KILL_AT_STEP = textwrap.dedent("""
+    import os, signal, sys
+    import taxonclip.train as train
+    real_step = train.train_step
+    def step_then_die(state, *args, **kwargs):
+        loss = real_step(state, *args, **kwargs)
+        if state.step == int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return loss
+    train.train_step = step_then_die
+    from taxonclip.cli import main
+    raise SystemExit(main(sys.argv[1:]))
+""")
+
+
+def test_killed_training_resumes_into_the_same_run(tracking, specimens, tmp_path, monkeypatch):
+    """SIGKILL mid-epoch 2, resume, and end with the weights of an uninterrupted run."""
+    args = ["train", "--data", str(specimens), "--epochs", "3", *TRAIN_ARGS]
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "train-resume")
+    table = read_manifest(specimens).table
+    steps_per_epoch = len(split_manifest(table, 0.2, 0).train) // 16
+    env = {**os.environ, "KILL_AT_STEP": str(steps_per_epoch + 1)}
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP, *args], env=env, timeout=300,
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    run = _only_run("train-resume")
+    assert main([*args, "--resume", run.info.run_id]) == 0
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "train-uninterrupted")
+    assert main(args) == 0
+    straight = _only_run("train-uninterrupted")
+    client = MlflowClient()
+    resumed = client.get_run(run.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)]
+    assert sorted(steps) == list(range(1, 3 * steps_per_epoch + 1)), "steps duplicated or lost"
+
+    weights = [_final_state(client, r.info.run_id, tmp_path / r.info.run_id) for r in (resumed, straight)]
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-4, atol=1e-5)
+
+
+def _final_state(client, run_id: str, folder: Path) -> dict:
+    path = client.download_artifacts(run_id, f"{names.CHECKPOINT_DIR}/epoch_003.pt", str(folder))
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    return {**saved["state_dict"], "centres": saved["head_shards"][0]["weight"]}
