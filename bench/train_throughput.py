@@ -83,7 +83,7 @@ def baseline(model: str, batch_size: int, classes: int, device: torch.device, co
         loss = torch.nn.functional.cross_entropy(32 * logits, labels)
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return loss.item()
 
     return step, encoder.spec.input_size
 

@@ -42,7 +42,7 @@ def test_two_micro_batches_of_8_equal_one_batch_of_16():
     loss_whole = train_step(whole, [(images, labels)], whole.encoder, torch.device("cpu"))
     loss_split = train_step(split, [(images[:8], labels[:8]), (images[8:], labels[8:])],
                             split.encoder, torch.device("cpu"))
-    assert abs(loss_whole - loss_split) < 1e-5
+    assert abs(float(loss_whole) - float(loss_split)) < 1e-5
     # Compare the gradients the optimiser stepped with: Adam's first step divides by |g|, which
     # would blow float rounding in near-zero gradients up to a whole step.
     for a, b in zip(_grads(whole), _grads(split)):
@@ -75,12 +75,12 @@ def test_checkpoint_restores_the_exact_state():
     for seed in range(3):
         train_step(state, [_batch(8, seed)], state.encoder, torch.device("cpu"))
     saved = copy.deepcopy(checkpoint(state, config, [str(i) for i in range(6)]))
-    expected_next = train_step(state, [_batch(8, 10)], state.encoder, torch.device("cpu"))
+    expected_next = float(train_step(state, [_batch(8, 10)], state.encoder, torch.device("cpu")))
     expected_params = _params(state)
 
     fresh, _ = _state(sample_rate=0.5)
     restore(fresh, saved, info)
     assert fresh.step == 3
-    assert train_step(fresh, [_batch(8, 10)], fresh.encoder, torch.device("cpu")) == expected_next
+    assert float(train_step(fresh, [_batch(8, 10)], fresh.encoder, torch.device("cpu"))) == expected_next
     for a, b in zip(expected_params, _params(fresh)):
         torch.testing.assert_close(a, b)

@@ -169,6 +169,10 @@ class PartialFC(nn.Module):
 
     def _check_labels(self, labels: Tensor) -> None:
         outside = (labels < 0) | (labels >= self.num_classes)
+        if labels.is_cuda:
+            # Checked on the device: reading the answer back would stall every step.
+            torch._assert_async(~outside.any(), f"class label outside [0, {self.num_classes})")
+            return
         if outside.any():
             label = int(labels[outside][0])
             raise DataError(f"class label {label} is outside the {self.num_classes} classes "

@@ -140,8 +140,9 @@ def build_state(encoder, num_classes: int, config: TrainConfig, steps_per_epoch:
 
 
 def train_step(state: TrainState, micro_batches, forward, device: torch.device,
-               grad_clip: float = 0.0) -> float:
-    """One optimiser step over `micro_batches` [(images, labels)]; returns the mean loss."""
+               grad_clip: float = 0.0) -> torch.Tensor:
+    """One optimiser step over `micro_batches` [(images, labels)]; returns the mean loss as a
+    device tensor (reading it would wait for the GPU, so the caller reads losses in batches)."""
     state.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
     for images, labels in micro_batches:
@@ -158,7 +159,7 @@ def train_step(state: TrainState, micro_batches, forward, device: torch.device,
     state.optimizer.step()
     state.scheduler.step()
     state.step += 1
-    return float(total)
+    return total
 
 
 def _grouped(loader, size: int):
@@ -172,35 +173,41 @@ def _grouped(loader, size: int):
 
 def train_epoch(state: TrainState, loader: DataLoader, config: TrainConfig, forward,
                 device: torch.device, run, info: dist.DistInfo, skip_logged_until: int) -> None:
-    """One pass over the training data, logging loss, lr and images/s in batches."""
+    """One pass over the training data. Loss, lr and images/s are read back and logged every
+    `LOG_EVERY_STEPS` steps (and at the end of the epoch), so the GPU never waits for the log."""
     loader.sampler.set_epoch(state.epoch)
     steps = len(loader) // config.grad_accum
-    images_per_step = config.batch_size * config.grad_accum * info.world_size
-    buffered = []
     bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step",
                disable=None if info.is_main else True)
-    tick = time.perf_counter()
+    pending: list[tuple[int, float, torch.Tensor]] = []
+    window_start = time.perf_counter()
     for micro_batches in _grouped(loader, config.grad_accum):
         lr = state.scheduler.get_last_lr()[0]
-        loss = train_step(state, micro_batches, forward, device, config.grad_clip)
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {state.step}")
-        now = time.perf_counter()
-        metrics = {names.TRAIN_LOSS: loss, names.TRAIN_LR: lr,
-                   names.TRAIN_IMG_PER_S: images_per_step / max(now - tick, 1e-9)}
-        tick = now
-        if state.step > skip_logged_until:
-            buffered.append((state.step, metrics))
-        if len(buffered) >= LOG_EVERY_STEPS:
-            run.log_metric_history(buffered)
-            buffered = []
+        pending.append((state.step + 1, lr,
+                        train_step(state, micro_batches, forward, device, config.grad_clip)))
         bar.update()
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
-                        img_s=f"{metrics[names.TRAIN_IMG_PER_S]:.0f}")
+        if len(pending) == LOG_EVERY_STEPS:
+            _log_steps(pending, window_start, config, run, info, skip_logged_until, bar)
+            pending, window_start = [], time.perf_counter()
+    if pending:
+        _log_steps(pending, window_start, config, run, info, skip_logged_until, bar)
     bar.close()
-    if buffered:
-        run.log_metric_history(buffered)
     state.epoch += 1
+
+
+def _log_steps(pending, window_start: float, config: TrainConfig, run, info, skip_logged_until: int,
+               bar) -> None:
+    """Read a window of step losses back (one device sync), stop on a non-finite loss, log."""
+    losses = torch.stack([loss for _, _, loss in pending]).tolist()
+    for (step, _, _), loss in zip(pending, losses):
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step}")
+    images = len(pending) * config.batch_size * config.grad_accum * info.world_size
+    img_per_s = images / max(time.perf_counter() - window_start, 1e-9)
+    run.log_metric_history([
+        (step, {names.TRAIN_LOSS: loss, names.TRAIN_LR: lr, names.TRAIN_IMG_PER_S: img_per_s})
+        for (step, lr, _), loss in zip(pending, losses) if step > skip_logged_until])
+    bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{pending[-1][1]:.2e}", img_s=f"{img_per_s:.0f}")
 
 
 def seed_everything(seed: int) -> None:
