@@ -127,3 +127,23 @@ def _final_state(client, run_id: str, folder: Path) -> dict:
     path = client.download_artifacts(run_id, f"{names.CHECKPOINT_DIR}/epoch_003.pt", str(folder))
     saved = torch.load(path, map_location="cpu", weights_only=False)
     return {**saved["state_dict"], "centres": saved["head_shards"][0]["weight"]}
+
+
+def test_torchrun_two_cpu_processes_log_one_run(tracking, specimens, tmp_path):
+    """Data-parallel on 2 gloo processes: centres sharded, only rank 0 talks to MLflow."""
+    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "train-torchrun"}
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+               "-m", "taxonclip", "train", "--data", str(specimens), "--epochs", "1",
+               "--device", "cpu", *TRAIN_ARGS]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = _only_run("train-torchrun")
+    assert run.info.status == "FINISHED"
+    client = MlflowClient()
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)]
+    table = read_manifest(specimens).table
+    per_step = 16 * 2
+    assert sorted(steps) == list(range(1, len(split_manifest(table, 0.2, 0).train) // per_step + 1))
+    centroids = np.load(client.download_artifacts(run.info.run_id, names.CENTROIDS, str(tmp_path)))
+    assert centroids.shape[0] == int(run.data.params["num_classes"])

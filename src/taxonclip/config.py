@@ -169,9 +169,10 @@ def coerce(cls: type, name: str, raw: Any) -> Any:
     args = get_args(hints[name])
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hints[name]) if args else hints[name]
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null")):
-        if optional:
-            return None
+    unset = raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null"))
+    if unset and optional:
+        return None
+    if unset and (raw is None or base is not str or not raw.strip()):
         raise ConfigError(f"parameter {name!r} needs a value")
     if not isinstance(raw, str) or base not in (bool, int, float):
         return raw
@@ -265,7 +266,7 @@ def _build(cls: type, values: Mapping[str, Any]) -> Any:
     hints = get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], value)
         else:
             kwargs[name] = coerce(cls, name, value)

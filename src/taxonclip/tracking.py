@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -206,11 +207,14 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
     connect()
     if experiment and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         mlflow.set_experiment(experiment)
-    run_id = resume_run_id or (os.environ.get("MLFLOW_RUN_ID") if parent_run_id is None else None)
+    # Taken out of the environment: mlflow.start_run would otherwise resume it as the next run
+    # started without a run id, such as a sweep's first trial.
+    run_id = resume_run_id or (
+        os.environ.pop("MLFLOW_RUN_ID", None) if parent_run_id is None else None)
     try:
         active = mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=parent_run_id,
                                   nested=parent_run_id is not None,
-                                  tags={names.TAG_ENTRY: entry, **(tags or {})})
+                                  tags={k: str(v) for k, v in {names.TAG_ENTRY: entry, **(tags or {})}.items()})
     except Exception as exc:
         raise TrackingError(f"cannot start or resume the MLflow run {run_id or ''} at "
                             f"{tracking_uri()}: {exc}") from None
@@ -272,12 +276,13 @@ def _now_ms() -> int:
 
 
 # Queries behind `compare`: read-only searches, plus the registry aliases it moves.
-from dataclasses import dataclass, field  # noqa: E402
 
 
 @dataclass(frozen=True)
 class RunRecord:
-    """What `compare` needs to know about one run, read in the search that found it."""
+    """What `compare` needs to know about one run, read in the search that found it: `entry` is
+    the taxonclip entry point that made it (its tag, else the MLproject entry point), `tables`
+    the paths of the MLflow tables it logged."""
 
     run_id: str
     experiment_id: str

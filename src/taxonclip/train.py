@@ -308,13 +308,14 @@ def _train_in_run(config: TrainConfig, data: TrainData, encoder, run, info, on_e
     if state.epoch == 0:
         run.log_params(to_params(config, TRAIN_PARAMS))
         run.log_params(_sizes(state, data))
-    result = None
+    result, first_epoch = None, state.epoch
     while state.epoch < config.epochs:
         train_epoch(state, loader, config, forward, info.device, run, info, skip_logged_until)
         if state.epoch % config.eval_every == 0 or state.epoch == config.epochs:
             result = _evaluate_epoch(state, config, data, run, info, on_epoch)
         _save_checkpoint(state, config, data.classes, run, info)
-    result = result or _evaluate_epoch(state, config, data, run, info, on_epoch)
+    if state.epoch == first_epoch:  # resumed after the last epoch: evaluate once more
+        result = _evaluate_epoch(state, config, data, run, info, on_epoch)
     _finish(state, config, data, result, run, info)
     return result
 
