@@ -102,3 +102,78 @@ def tracking(mlflow_server, monkeypatch) -> str:
 
     mlflow.set_tracking_uri(mlflow_server)
     return mlflow_server
+
+
+def _postgres_programs() -> Path | None:
+    """The folder of PostgreSQL's server programs: beside `initdb` on PATH, else the newest
+    Debian install under /usr/lib/postgresql/*/bin."""
+    import shutil
+
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = [p for p in Path("/usr/lib/postgresql").glob("*") if p.name.isdigit()]
+    installed = [p / "bin" for p in sorted(versions, key=lambda p: int(p.name))
+                 if (p / "bin" / "initdb").exists()]
+    return installed[-1] if installed else None
+
+
+def _postgres_user() -> str | None:
+    """The account to run the server as: PostgreSQL refuses root, so root lends it `postgres`
+    (or `nobody`); anyone else runs it as themselves (None)."""
+    import os
+    import pwd
+
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name).pw_name
+        except KeyError:
+            continue
+    pytest.skip("running as root and no `postgres` or `nobody` account to run PostgreSQL as")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster on a free loopback port; yields the URL of its empty
+    database `optuna` (trust authentication, so the password in the URL is never checked)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    programs = _postgres_programs()
+    if programs is None:
+        pytest.skip("PostgreSQL is not installed (no initdb on PATH or in "
+                    "/usr/lib/postgresql/*/bin); .ci/run installs it")
+    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2-binary is not installed")
+    user = _postgres_user()
+    # Outside pytest's tmp folders: those are private to the current user.
+    root = Path(tempfile.mkdtemp(prefix="taxonclip-pg-"))
+    if user is not None:
+        shutil.chown(root, user)
+    data, port = root / "data", free_port()
+
+    def run(*command: str) -> None:
+        done = subprocess.run([str(programs / command[0]), *command[1:]], user=user,
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{command[0]} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+    options = f"-F -p {port} -k {root} -c listen_addresses=127.0.0.1"
+    try:
+        run("initdb", "-D", str(data), "-U", "taxonclip", "-A", "trust", "-E", "UTF8",
+            "--locale=C", "--no-sync")
+        run("pg_ctl", "-D", str(data), "-l", str(root / "server.log"), "-o", options, "-w",
+            "-t", "60", "start")
+        try:
+            connection = psycopg2.connect(host="127.0.0.1", port=port, user="taxonclip",
+                                          dbname="postgres")
+            connection.autocommit = True
+            connection.cursor().execute("CREATE DATABASE optuna")
+            connection.close()
+            yield f"postgresql://taxonclip:secret@127.0.0.1:{port}/optuna"
+        finally:
+            run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,65 @@
+"""Several workers on one study: two `taxonclip sweep` processes sharing a PostgreSQL storage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from taxonclip import names
+from taxonclip.sweep import open_storage
+
+pytestmark = pytest.mark.integration
+
+SWEEP = """\
+name: shared
+sampler: {type: tpe, seed: 0}
+pruner: none
+fixed: {model: tiny, epochs: 1, batch_size: 16, workers: 0}
+search:
+  lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+  margin_m2: {type: float, low: 0.1, high: 0.5}
+"""
+TRIALS_PER_WORKER = 2
+WORKERS = 2
+
+
+def test_two_workers_share_one_postgres_study(tracking, postgres, specimens, tmp_path):
+    sweep = tmp_path / "shared.yaml"
+    sweep.write_text(textwrap.dedent(SWEEP))
+    command = [sys.executable, "-m", "taxonclip", "sweep", "--sweep", str(sweep),
+               "--n_trials", str(TRIALS_PER_WORKER), "--storage", postgres,
+               "-P", f"data={specimens}"]
+    workers = [subprocess.Popen(command, cwd=tmp_path, env=os.environ.copy(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for _ in range(WORKERS)]
+    outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+    assert [w.returncode for w in workers] == [0] * WORKERS, "\n".join(o[-3000:] for o in outputs)
+
+    # n_trials counts each worker's trials: together they ran WORKERS x TRIALS_PER_WORKER.
+    study = optuna.load_study(study_name="shared", storage=open_storage(postgres))
+    assert sorted(t.number for t in study.trials) == list(range(WORKERS * TRIALS_PER_WORKER))
+    assert {t.state for t in study.trials} == {TrialState.COMPLETE}
+
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`{names.TAG_STUDY}` = 'shared'")
+    parents = {r.info.run_id: r for r in runs if r.data.tags[names.TAG_ENTRY] == "sweep"}
+    children = [r for r in runs if r.data.tags[names.TAG_ENTRY] == "train"]
+    assert len(parents) == WORKERS
+    assert sorted(int(c.data.tags[names.TAG_TRIAL]) for c in children) == \
+        list(range(WORKERS * TRIALS_PER_WORKER))
+    by_trial = {int(c.data.tags[names.TAG_TRIAL]): c for c in children}
+    for trial in study.trials:
+        child = by_trial[trial.number]
+        assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
+        assert child.data.params["lr"] == str(trial.params["lr"])
+    per_parent = [c.data.tags["mlflow.parentRunId"] for c in children]
+    assert sorted(per_parent.count(p) for p in parents) == [TRIALS_PER_WORKER] * WORKERS
+    stored = {p.data.tags["taxonclip.storage"] for p in parents.values()}
+    assert stored == {postgres.replace(":secret@", ":***@")}
