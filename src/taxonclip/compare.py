@@ -1,0 +1,525 @@
+"""Compare: rank every run that carries a per-taxa table, write the report, promote the best.
+
+Runs come from the chosen MLflow experiments (default: every active one), narrowed by an optional
+MLflow search filter: pretrained baselines (`eval` runs), fine-tuned runs (`train`) and sweep
+trials alike. Compare runs and sweep parent runs (their trials are ranked themselves) are left
+out; any other run without a readable table is listed as skipped.
+
+Runs are ranked by one cell of the table, `<taxa>/<level>/<metric>`, higher first (every score
+of the table is an accuracy or a retrieval score, a fraction the report shows in percent), ties
+broken by a second cell, then by the newer run. Pretrained baselines are the `eval` runs of a
+model name (not of a logged `runs:/` or `models:/` model); the gain of every other run is its
+metric minus that of the best-ranked baseline with the same `model` and `data` parameters.
+
+The report (CSV, Markdown, self-contained HTML, PNG plots) is written under `out` and logged as
+artifacts of a `compare` run. With `promote`, the registry alias `champion` moves to the model
+version of the best run that logged a model and `challenger` to the runner-up; other aliases of
+the registered models are left as they are.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from taxonclip import names, tracking
+from taxonclip.config import COMPARE_PARAMS, TRAIN_PARAMS, CompareConfig, to_params
+from taxonclip.errors import ConfigError, TrackingError
+from taxonclip.tracking import RunRecord
+
+KIND_EVAL, KIND_TRAIN, KIND_TRIAL = "eval", "train", "sweep trial"
+LEFT_OUT_ENTRIES = ("compare", "sweep")
+KEY_PARAMS = ("margin_m2", "sample_rate", "lr", "class_fraction", "epochs", "embedding")
+COUNT_COLUMNS = ("n_test", "n_classes", "n_lone")
+CHAMPION, CHALLENGER = "champion", "challenger"
+HTML_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:100em}"
+              "table{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
+              "th,td{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+              "img{max-width:100%}")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The ranked runs (`board`, best first, indexed by run id) and what the report needs."""
+
+    config: CompareConfig
+    experiments: dict[str, str]
+    board: pd.DataFrame
+    cells: list[str]
+    runs: dict[str, RunRecord]
+    skipped: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One figure of the report, rendered to PNG."""
+
+    name: str
+    title: str
+    png: bytes
+
+
+@dataclass(frozen=True)
+class Section:
+    """One part of the report: a heading with text, a table or a plot."""
+
+    title: str
+    text: str = ""
+    table: pd.DataFrame | None = None
+    plot: Plot | None = None
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """A registry alias set on the model version of a ranked run."""
+
+    alias: str
+    run_id: str
+    model_name: str
+    version: str
+
+
+def run_compare(config: CompareConfig) -> Path:
+    """Rank the runs, print the leaderboard, write and log the report (and move the aliases when
+    `config.promote`); returns the path of the HTML report."""
+    comparison = compare_runs(config)
+    print(format_skipped(comparison.skipped) + format_board(comparison))
+    side = side_by_side(comparison)
+    if side is not None:
+        table, line = side
+        print(f"\n{line}\n{display(table).to_string(index=False)}")
+    with tracking.tracked_run("compare", run_name="compare") as run:
+        run.log_params(to_params(config, COMPARE_PARAMS))
+        promotions = promote(comparison) if config.promote else []
+        print(format_promotions(promotions, config.promote))
+        out = Path(config.out)
+        written = write_report(comparison, make_plots(comparison), promotions, out)
+        for path in written:
+            folder = path.parent.relative_to(out).as_posix()
+            run.log_artifact(path, None if folder == "." else folder)
+        run.log_metrics({"compare/runs_ranked": len(comparison.board),
+                         "compare/runs_skipped": len(comparison.skipped)})
+        run.set_tags({names.TAG_BEST_CHILD: comparison.board.index[0]})
+    return out / "report.html"
+
+
+def compare_runs(config: CompareConfig) -> Comparison:
+    """Query the runs, read their tables and rank them (nothing is logged)."""
+    if config.top < 1:
+        raise ConfigError(f"parameter 'top' must be at least 1, got {config.top}")
+    experiments = tracking.find_experiments(config.experiments)
+    found = [run for run in tracking.find_runs(list(experiments), config.filter)
+             if run.entry not in LEFT_OUT_ENTRIES]
+    with_table = [run for run in found if names.PER_TAXA_TABLE in run.tables]
+    tables = tracking.load_tables(with_table, names.PER_TAXA_TABLE)
+    loaded = set(tables["run_id"])
+    skipped = skipped_frame([run for run in found if run.run_id not in loaded])
+    if not loaded:
+        matching = f" matching {config.filter!r}" if config.filter else ""
+        raise TrackingError(f"no run{matching} in experiment(s) {', '.join(experiments.values())} "
+                            f"carries the table {names.PER_TAXA_TABLE} ({len(skipped)} run(s) "
+                            f"without it): nothing to compare")
+    values = table_values(tables)
+    check_key(values, config.metric, "metric")
+    check_key(values, config.tie_break, "tie_break")
+    runs = {run.run_id: run for run in found if run.run_id in loaded}
+    board, cells = rank(runs, values, config, experiments)
+    return Comparison(config, experiments, add_gains(board, config.metric), cells, runs, skipped)
+
+
+def table_values(tables: pd.DataFrame) -> pd.DataFrame:
+    """Every score of every table in long form: run_id, cell (`taxa/level`), key, value."""
+    scores = [c for c in tables.columns if c not in ("run_id", "taxa", "level", *COUNT_COLUMNS)]
+    long = tables.melt(id_vars=["run_id", "taxa", "level"], value_vars=scores,
+                       var_name="metric", value_name="value")
+    long["value"] = pd.to_numeric(long["value"], errors="coerce")
+    long["key"] = [names.table_key(t, lv, m) for t, lv, m in
+                   zip(long["taxa"], long["level"], long["metric"])]
+    long["cell"] = long["key"].str.rsplit("/", n=1).str[0]
+    return long
+
+
+def check_key(values: pd.DataFrame, key: str, option: str) -> None:
+    """Raise ConfigError naming `key` unless it is a `<taxa>/<level>/<metric>` of the tables."""
+    if key in set(values["key"]):
+        return
+    cells = ", ".join(values["cell"].unique())
+    metrics = ", ".join(values["metric"].unique())
+    raise ConfigError(f"{option} {key!r} is not in the per-taxa tables; use "
+                      f"<taxa>/<level>/<metric> with <taxa>/<level> one of {cells} and "
+                      f"<metric> one of {metrics}")
+
+
+def run_kind(run: RunRecord) -> str:
+    """`eval` (a baseline or a logged model evaluated), `train`, or `sweep trial`."""
+    if run.entry == KIND_EVAL:
+        return KIND_EVAL
+    return KIND_TRIAL if run.parent_run_id or names.TAG_TRIAL in run.tags else KIND_TRAIN
+
+
+def rank(runs: dict[str, RunRecord], values: pd.DataFrame, config: CompareConfig,
+         experiments: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per run, best first, with its rank, kind, key params, the metric, the tie-break
+    and the metric in every taxa x level cell; also the cells in table order."""
+    scores = values.pivot(index="run_id", columns="key", values="value")
+    metric_name = config.metric.rsplit("/", 1)[1]
+    chosen = values[values["metric"] == metric_name]
+    cells = list(chosen["cell"].unique())
+    wide = chosen.pivot(index="run_id", columns="cell", values="value")[cells]
+    newest_first = sorted(runs.values(), key=lambda run: run.start_time, reverse=True)
+    board = pd.DataFrame([describe(run, experiments) for run in newest_first]).set_index("run_id")
+    board[config.metric] = scores[config.metric]
+    board[config.tie_break] = scores[config.tie_break]
+    board = board.sort_values([config.metric, config.tie_break], ascending=False,
+                              na_position="last", kind="stable")
+    board.insert(0, "rank", range(1, len(board) + 1))
+    return board.join(wide), cells
+
+
+def describe(run: RunRecord, experiments: dict[str, str]) -> dict[str, object]:
+    """The leaderboard columns that come from the run itself."""
+    return {"run_id": run.run_id, "run_name": run.name, "kind": run_kind(run),
+            "experiment": experiments.get(run.experiment_id, run.experiment_id),
+            "model": run.params.get("model", ""), "weights": run.params.get("weights", ""),
+            "data": run.params.get("data", ""), "parent_run_id": run.parent_run_id or "",
+            **{name: run.params.get(name, "") for name in KEY_PARAMS}}
+
+
+def pretrained(board: pd.DataFrame) -> pd.Series:
+    """Which runs are pretrained baselines: eval runs of a model name, not of a logged model."""
+    logged_model = board["model"].str.startswith(tracking.MODEL_URI_PREFIXES)
+    return (board["kind"] == KIND_EVAL) & ~logged_model
+
+
+def add_gains(board: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Add `baseline_run_id` and `gain` (metric minus the baseline's) to every run that is not a
+    pretrained baseline."""
+    is_baseline = pretrained(board)
+    best_baseline: dict[tuple[str, str], str] = {}
+    for run_id, row in board[is_baseline].iterrows():
+        best_baseline.setdefault((row["model"], row["data"]), run_id)
+    baseline_ids = [None if is_baseline[run_id] else best_baseline.get((row["model"], row["data"]))
+                    for run_id, row in board.iterrows()]
+    board = board.copy()
+    board["baseline_run_id"] = baseline_ids
+    board["gain"] = [board.at[run_id, metric] - board.at[base, metric] if base else math.nan
+                     for run_id, base in zip(board.index, baseline_ids)]
+    return board
+
+
+def best_per_model(comparison: Comparison) -> pd.DataFrame:
+    """The best-ranked run of each model architecture."""
+    board = comparison.board.reset_index()
+    return board.drop_duplicates("model")[summary_columns(comparison.config)]
+
+
+def side_by_side(comparison: Comparison) -> tuple[pd.DataFrame, str] | None:
+    """The metric per taxa x level of the best baseline and the best fine-tuned run, with the
+    gain, and a line naming both; None unless the board holds one of each."""
+    board = comparison.board
+    baselines, tuned = board[pretrained(board)], board[~pretrained(board)]
+    if baselines.empty or tuned.empty:
+        return None
+    base_id, tuned_id = baselines.index[0], tuned.index[0]
+    cells = comparison.cells
+    table = pd.DataFrame({"taxa/level": cells,
+                          "baseline": board.loc[base_id, cells].astype(float).to_numpy(),
+                          "fine-tuned": board.loc[tuned_id, cells].astype(float).to_numpy()})
+    table["gain"] = table["fine-tuned"] - table["baseline"]
+    metric_name = comparison.config.metric.rsplit("/", 1)[1]
+    line = (f"{metric_name}: best pretrained baseline {run_label(board, base_id)} vs best "
+            f"fine-tuned {run_label(board, tuned_id)}")
+    return table, line
+
+
+def run_label(board: pd.DataFrame, run_id: str) -> str:
+    """`#rank run name (run id)`, as the report names a run."""
+    return f"#{board.at[run_id, 'rank']} {board.at[run_id, 'run_name']} ({run_id})"
+
+
+def summary_columns(config: CompareConfig) -> list[str]:
+    """The leaderboard columns printed and shown before the per-cell block."""
+    return ["rank", config.metric, "gain", "kind", "model", "weights", *KEY_PARAMS,
+            "run_name", "run_id"]
+
+
+def skipped_frame(runs: list[RunRecord]) -> pd.DataFrame:
+    """The runs left unranked for want of a readable table."""
+    return pd.DataFrame({"run_id": [r.run_id for r in runs], "run_name": [r.name for r in runs],
+                         "entry": [r.entry for r in runs], "status": [r.status for r in runs]})
+
+
+def display(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame as text: scores (the float columns) in percent with 2 decimals, numeric key
+    params with 4 significant digits, blanks for missing values."""
+    def cell(value: object) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return ""
+        return f"{100 * value:.2f}" if isinstance(value, float) else str(value)
+
+    shown = frame.apply(lambda column: column.map(cell))
+    for name in [c for c in KEY_PARAMS if c in frame.columns]:
+        shown[name] = shown[name].map(short_number)
+    return shown
+
+
+def short_number(text: str) -> str:
+    """A logged parameter with numbers cut to 4 significant digits (0.31952540 -> 0.3195)."""
+    try:
+        return f"{float(text):.4g}"
+    except ValueError:
+        return text
+
+
+def format_board(comparison: Comparison) -> str:
+    """The printed leaderboard: the top runs, aligned."""
+    config = comparison.config
+    shown = comparison.board.head(config.top).reset_index()[summary_columns(config)]
+    heading = (f"{len(comparison.board)} run(s) ranked by {config.metric} (ties: "
+               f"{config.tie_break}); top {len(shown)}:")
+    return f"{heading}\n{display(shown).to_string(index=False)}"
+
+
+def format_skipped(skipped: pd.DataFrame) -> str:
+    """The printed list of skipped runs (empty when none)."""
+    if skipped.empty:
+        return ""
+    lines = [f"skipped {len(skipped)} run(s) without a readable {names.PER_TAXA_TABLE}:"]
+    lines += [f"  {r.run_id}  {r.run_name}  ({r.entry or 'unknown entry'}, {r.status})"
+              for r in skipped.itertuples()]
+    return "\n".join(lines) + "\n\n"
+
+
+def format_promotions(promotions: list[Promotion], asked: bool) -> str:
+    """What `promote` did, one line per alias."""
+    if not asked:
+        return "registry aliases unchanged (promote=false)"
+    if not promotions:
+        return "no ranked run has a logged model: no alias moved"
+    return "\n".join(f"{p.alias}: {p.model_name} version {p.version} (run {p.run_id})"
+                     for p in promotions)
+
+
+def registry_name(run: RunRecord) -> str:
+    """The registered model name of a run's model: its `register_as`, else `taxonclip-<model>`
+    with every character a model URI cannot hold replaced by `-`."""
+    register_as = run.params.get("register_as", "").strip()
+    if register_as and register_as.lower() != "none":
+        return register_as
+    model = re.sub(r"[^A-Za-z0-9_.-]+", "-", run.params.get("model", "model")).strip("-")
+    return f"taxonclip-{model}"
+
+
+def promote(comparison: Comparison) -> list[Promotion]:
+    """Set `champion` on the model version of the best run with a logged model and `challenger`
+    on the runner-up, registering a run's model where it has no version yet."""
+    experiment_ids = sorted({run.experiment_id for run in comparison.runs.values()})
+    logged = tracking.runs_with_logged_model(experiment_ids)
+    candidates = [run_id for run_id in comparison.board.index if run_id in logged][:2]
+    promotions = []
+    for alias, run_id in zip((CHAMPION, CHALLENGER), candidates):
+        name = registry_name(comparison.runs[run_id])
+        name, version = tracking.model_version_for_run(run_id, name)
+        tracking.set_model_alias(name, alias, version)
+        promotions.append(Promotion(alias, run_id, name, version))
+    return promotions
+
+
+def make_plots(comparison: Comparison) -> list[Plot]:
+    """Every plot of the report: metric by taxa and level, training curves, sweep scatters."""
+    plots = [bars_plot(comparison)]
+    curves = curves_plot(comparison)
+    plots += [curves] if curves is not None else []
+    return plots + sweep_plots(comparison)
+
+
+def png(figure) -> bytes:
+    """A matplotlib figure rendered to PNG bytes."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def bars_plot(comparison: Comparison) -> Plot:
+    """Grouped bars: the metric in every taxa x level cell, one bar per top run (and the best
+    baseline, when it is not among them)."""
+    from matplotlib.figure import Figure
+
+    board, cells, config = comparison.board, comparison.cells, comparison.config
+    shown = board.head(config.top)
+    baselines = board[pretrained(board)]
+    if not baselines.empty and baselines.index[0] not in shown.index:
+        shown = pd.concat([shown, baselines.head(1)])
+    figure = Figure(figsize=(max(6.0, 1.1 * len(cells) + 2), 4.5))
+    axes = figure.add_subplot()
+    width = 0.8 / len(shown)
+    for i, (run_id, row) in enumerate(shown.iterrows()):
+        positions = [x - 0.4 + width * (i + 0.5) for x in range(len(cells))]
+        axes.bar(positions, 100 * row[cells].astype(float).fillna(0.0), width,
+                 label=f"#{row['rank']} {row['model']} ({row['kind']}, {run_id[:8]})")
+    metric_name = config.metric.rsplit("/", 1)[1]
+    axes.set_xticks(range(len(cells)), cells, rotation=30, ha="right")
+    axes.set_ylabel(f"{metric_name} (%)")
+    axes.set_title(f"{metric_name} by taxa and level, top runs")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return Plot("metric_by_taxa.png", f"{metric_name} by taxa and level of the top runs",
+                png(figure))
+
+
+def curves_plot(comparison: Comparison) -> Plot | None:
+    """Training loss by step and the metric by epoch of the top fine-tuned runs, overlaid."""
+    from matplotlib.figure import Figure
+
+    board, config = comparison.board, comparison.config
+    tuned = board[board["kind"] != KIND_EVAL].head(config.top)
+    if tuned.empty:
+        return None
+    metric_key = names.eval_metric(*config.metric.split("/"))
+    figure = Figure(figsize=(11, 4))
+    loss_axes, metric_axes = figure.subplots(1, 2)
+    for run_id, row in tuned.iterrows():
+        label = f"#{row['rank']} {row['run_name']} ({run_id[:8]})"
+        for axes, key in ((loss_axes, names.TRAIN_LOSS), (metric_axes, metric_key)):
+            history = tracking.metric_history(run_id, key)
+            scale = 100 if key == metric_key else 1
+            axes.plot([step for step, _ in history], [scale * value for _, value in history],
+                      marker=".", label=label)
+    loss_axes.set(xlabel="step", ylabel=names.TRAIN_LOSS, title="training loss")
+    metric_axes.set(xlabel="epoch", ylabel=f"{metric_key} (%)", title=f"{config.metric} by epoch")
+    metric_axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return Plot("training_curves.png", "training loss and metric of the top fine-tuned runs",
+                png(figure))
+
+
+def searched_params(run_ids: list[str], runs: dict[str, RunRecord]) -> list[str]:
+    """The training parameters whose value differs between these runs."""
+    return [name for name in TRAIN_PARAMS
+            if len({runs[run_id].params.get(name) for run_id in run_ids}) > 1]
+
+
+def sweep_plots(comparison: Comparison) -> list[Plot]:
+    """Per sweep (trials sharing a parent run), the metric against each searched parameter."""
+    board, runs = comparison.board, comparison.runs
+    trials = board[(board["kind"] == KIND_TRIAL) & (board["parent_run_id"] != "")]
+    plots = []
+    for parent_id, group in trials.groupby("parent_run_id", sort=False):
+        params = searched_params(list(group.index), runs)
+        if params:
+            study = runs[group.index[0]].tags.get(names.TAG_STUDY, parent_id[:8])
+            metric = comparison.config.metric
+            plots.append(sweep_plot(group, params, runs, metric, study, parent_id))
+    return plots
+
+
+def sweep_plot(trials: pd.DataFrame, params: list[str], runs: dict[str, RunRecord],
+               metric: str, study: str, parent_id: str) -> Plot:
+    """One scatter per searched parameter: its value in each trial against the trial's metric."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4 * len(params), 3.5))
+    for axes, param in zip(figure.subplots(1, len(params), squeeze=False)[0], params):
+        texts = [runs[run_id].params.get(param, "") for run_id in trials.index]
+        scatter_param(axes, texts, (100 * trials[metric].astype(float)).tolist())
+        axes.set(xlabel=param, ylabel=f"{metric} (%)")
+    figure.suptitle(f"sweep {study} (parent run {parent_id})")
+    return Plot(f"sweep_{parent_id[:8]}.png",
+                f"{metric} against the searched parameters of sweep {study}", png(figure))
+
+
+def scatter_param(axes, texts: list[str], metric: list[float]) -> None:
+    """Scatter numeric values on a linear axis (log where they span 10x), others as categories."""
+    try:
+        numbers = [float(text) for text in texts]
+    except ValueError:
+        categories = sorted(set(texts))
+        axes.scatter([categories.index(text) for text in texts], metric)
+        axes.set_xticks(range(len(categories)), categories)
+        return
+    axes.scatter(numbers, metric)
+    if min(numbers) > 0 and max(numbers) >= 10 * min(numbers):
+        axes.set_xscale("log")
+
+
+def report_sections(comparison: Comparison, plots: list[Plot],
+                    promotions: list[Promotion]) -> list[Section]:
+    """The report, in order: summary, leaderboard, best per model, baseline vs fine-tuned,
+    plots, promotions, skipped runs."""
+    config = comparison.config
+    top = comparison.board.head(config.top).reset_index()
+    summary = (f"{len(comparison.board)} run(s) from experiment(s) "
+               f"{', '.join(comparison.experiments.values())}"
+               f"{f' matching {config.filter!r}' if config.filter else ''}, ranked by "
+               f"{config.metric} (ties: {config.tie_break}); {len(comparison.skipped)} skipped. "
+               f"Gain: the metric minus that of the best pretrained baseline (eval run) with the "
+               f"same model and data.")
+    sections = [Section("Leaderboard", summary,
+                        display(top[summary_columns(config) + comparison.cells])),
+                Section("Best run per model", table=display(best_per_model(comparison)))]
+    side = side_by_side(comparison)
+    if side is not None:
+        table, line = side
+        sections.append(Section("Baseline vs fine-tuned", line, display(table)))
+    sections += [Section(plot.title, plot=plot) for plot in plots]
+    if promotions:
+        sections.append(Section("Registry aliases",
+                                table=pd.DataFrame([asdict(p) for p in promotions])))
+    if not comparison.skipped.empty:
+        sections.append(Section(f"Skipped runs (no readable {names.PER_TAXA_TABLE})",
+                                table=comparison.skipped))
+    return sections
+
+
+def to_markdown(title: str, sections: list[Section]) -> str:
+    """The report as Markdown, plots linked from `plots/`."""
+    parts = [f"# {title}\n"]
+    for section in sections:
+        parts.append(f"## {section.title}\n")
+        if section.text:
+            parts.append(f"{section.text}\n")
+        if section.table is not None:
+            parts.append(tracking.markdown_table(section.table))
+        if section.plot is not None:
+            parts.append(f"![{section.plot.title}](plots/{section.plot.name})\n")
+    return "\n".join(parts)
+
+
+def to_html(title: str, sections: list[Section]) -> str:
+    """The report as one HTML file that needs nothing else: inline style, plots as data URIs."""
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        body.append(f"<h2>{html.escape(section.title)}</h2>")
+        if section.text:
+            body.append(f"<p>{html.escape(section.text)}</p>")
+        if section.table is not None:
+            body.append(section.table.to_html(index=False, border=0, na_rep=""))
+        if section.plot is not None:
+            data = base64.b64encode(section.plot.png).decode("ascii")
+            alt = html.escape(section.plot.title)
+            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{alt}"></figure>')
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(title)}</title><style>{HTML_STYLE}</style></head>"
+            f"<body>\n{chr(10).join(body)}\n</body></html>\n")
+
+
+def write_report(comparison: Comparison, plots: list[Plot], promotions: list[Promotion],
+                 out: Path) -> list[Path]:
+    """Write leaderboard.csv, report.md, report.html and plots/*.png under `out`; returns them."""
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    written = [out / "leaderboard.csv"]
+    comparison.board.reset_index().to_csv(written[0], index=False)
+    for plot in plots:
+        path = out / "plots" / plot.name
+        path.write_bytes(plot.png)
+        written.append(path)
+    sections = report_sections(comparison, plots, promotions)
+    title = f"taxonclip comparison: {comparison.config.metric}"
+    (out / "report.md").write_text(to_markdown(title, sections), encoding="utf-8")
+    (out / "report.html").write_text(to_html(title, sections), encoding="utf-8")
+    return written + [out / "report.md", out / "report.html"]
