@@ -26,7 +26,8 @@ def _runs(experiment: str):
 
 
 def test_mlflow_run_eval_logs_params_table_metrics_artifacts(tracking, specimens, tmp_path):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "TAXONCLIP_CACHE": str(tmp_path / "cache")}  # embed for real, so the speed is logged
     command = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "eval",
                "--env-manager", "local", "--experiment-name", "eval-integration",
                "-P", f"data={specimens}", "-P", "model=tiny", "-P", "batch_size=32",
@@ -45,6 +46,7 @@ def test_mlflow_run_eval_logs_params_table_metrics_artifacts(tracking, specimens
     key = names.eval_metric("All", "species", "top1_cos")
     assert run.data.metrics[key] == pytest.approx(all_species["top1_cos"])
     assert names.EVAL_EMBED_IMG_PER_S in run.data.metrics
+    assert run.data.tags[names.TAG_EMBEDDINGS] == "computed"
 
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "eval")}
     assert {names.TABLE_CSV, names.TABLE_MARKDOWN, names.SPLIT_ARTIFACT} <= artifacts

@@ -66,7 +66,9 @@ def log_evaluation(run, result) -> None:
     from taxonclip.evaluate import split_csv
 
     run.log_eval_metrics(result.table)
-    if math.isfinite(result.img_per_s):
+    computed = math.isfinite(result.img_per_s)
+    run.set_tags({names.TAG_EMBEDDINGS: "computed" if computed else "cache"})
+    if computed:
         run.log_metrics({names.EVAL_EMBED_IMG_PER_S: result.img_per_s})
     run.log_eval_table(result.table)
     run.log_text(split_csv(result), names.SPLIT_ARTIFACT)

@@ -23,6 +23,7 @@ TAG_ENTRY = "taxonclip.entry"
 TAG_TRIAL = "taxonclip.trial"
 TAG_STUDY = "taxonclip.study"
 TAG_BEST_CHILD = "taxonclip.best_run_id"
+TAG_EMBEDDINGS = "taxonclip.embeddings"
 
 ALL_TAXA = "All"
 
