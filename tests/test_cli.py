@@ -31,3 +31,12 @@ def test_models_lists_every_architecture(capsys):
 def test_unknown_parameter_value_is_named(capsys):
     assert main(["eval", "--embedding", "pixels"]) == 1
     assert "embedding" in capsys.readouterr().err
+
+
+def test_sweep_overrides_come_as_flags_or_one_string():
+    from taxonclip.cli import _overrides, _split_pairs, build_parser
+
+    args = build_parser().parse_args(["sweep", "--overrides", "model=tiny,epochs=2", "-P", "lr=0.1"])
+    assert _overrides(args.overrides + _split_pairs(args.override_list)) == {
+        "lr": "0.1", "model": "tiny", "epochs": "2"}
+    assert _split_pairs("none") == []

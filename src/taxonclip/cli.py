@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(sweep, cfg.SWEEP_PARAMS, cfg.SweepConfig)
     sweep.add_argument("-P", "--param", dest="overrides", action="append", default=[],
                        metavar="NAME=VALUE", help="override a fixed training parameter of the sweep file")
+    sweep.add_argument("--overrides", dest="override_list", default=None, metavar="N=V,N=V",
+                       help="the same overrides as one comma-separated string (MLproject form)")
 
     _add_params(commands.add_parser("compare", help="rank runs and write a report"),
                 cfg.COMPARE_PARAMS, cfg.CompareConfig)
@@ -98,11 +100,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return jobs.train(cfg.from_params(cfg.TrainConfig, _given(args, cfg.TRAIN_PARAMS),
                                           cfg.TRAIN_PARAMS))
     if args.command == "sweep":
-        params = {**_given(args, cfg.SWEEP_PARAMS), "overrides": _overrides(args.overrides)}
+        pairs = args.overrides + _split_pairs(args.override_list)
+        params = {**_given(args, cfg.SWEEP_PARAMS), "overrides": _overrides(pairs)}
         return jobs.sweep(cfg.from_params(cfg.SweepConfig, params,
                                           {**cfg.SWEEP_PARAMS, "overrides": "overrides"}))
     return jobs.compare(cfg.from_params(cfg.CompareConfig, _given(args, cfg.COMPARE_PARAMS),
                                         cfg.COMPARE_PARAMS))
+
+
+def _split_pairs(text: str | None) -> list[str]:
+    if text is None or text.strip().lower() in ("", "none"):
+        return []
+    return [pair for pair in text.split(",") if pair.strip()]
 
 
 def _overrides(pairs: list[str]) -> dict[str, str]:
