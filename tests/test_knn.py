@@ -83,6 +83,7 @@ def integer_embeddings_with_ties(seed: int):
     gallery[30:40] = gallery[0:10]
     gallery_labels = torch.randint(0, 6, (40,), generator=generator) * 10 - 20
     gallery_labels[30:40] = (gallery_labels[0:10] + 10) % 60 - 20
+    gallery_labels[20] = 70
     query = torch.randint(-3, 4, (30, 6), generator=generator).double()
     query[:8] = gallery[:8]
     query_labels = torch.randint(0, 8, (30,), generator=generator) * 10 - 20
@@ -125,7 +126,9 @@ def test_matches_reference_on_gaussian_embeddings_of_different_norms():
     expected = reference_metrics(query, query_labels, gallery, gallery_labels)
 
     assert expected["metrics"]["top1_cos"] != expected["metrics"]["top1_l2"]
-    assert_matches_reference(knn_metrics(query, query_labels, gallery, gallery_labels, chunk_size=6), expected)
+    result = knn_metrics(query, query_labels, gallery, gallery_labels, chunk_size=6)
+
+    assert_matches_reference(result, expected)
 
 
 def test_float32_agrees_with_float64_reference():
@@ -232,10 +235,11 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_fault_4_memory_is_bounded_by_the_chunk_not_by_test_x_train():
+@pytest.mark.parametrize("n_classes", [30, 2])
+def test_fault_4_memory_is_bounded_by_the_chunk_not_by_test_x_train(n_classes):
     generator = torch.Generator().manual_seed(8)
     query, gallery = torch.randn(300, 8, generator=generator), torch.randn(1000, 8, generator=generator)
-    labels = torch.randint(0, 30, (1000,), generator=generator)
+    labels = torch.randint(0, n_classes, (1000,), generator=generator)
     chunk = 64
 
     with LargestTensor() as recorder:
@@ -256,9 +260,9 @@ def test_fault_6_metrics_are_floats_in_the_unit_interval():
 
 
 def test_no_valid_query_gives_nan_metrics():
-    gallery = torch.eye(3)
-    lone = knn_metrics(torch.eye(3)[:2], torch.tensor([9, 9]), gallery, torch.tensor([0, 1, 2]))
-    empty = knn_metrics(torch.empty(0, 3), torch.empty(0, dtype=torch.int64), gallery, torch.tensor([0, 1, 2]))
+    gallery, gallery_labels = torch.eye(3), torch.tensor([0, 1, 2])
+    lone = knn_metrics(torch.eye(3)[:2], torch.tensor([9, 9]), gallery, gallery_labels)
+    empty = knn_metrics(torch.empty(0, 3), torch.empty(0, dtype=torch.int64), gallery, gallery_labels)
 
     assert (lone.n_lone, lone.n_test, lone.n_classes) == (2, 2, 0)
     assert (empty.n_lone, empty.n_test, empty.n_classes) == (0, 0, 0)

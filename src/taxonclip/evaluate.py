@@ -30,6 +30,8 @@ from taxonclip.names import ALL_TAXA
 COUNT_COLUMNS = ("n_test", "n_classes", "n_lone")
 TABLE_COLUMNS = ("taxa", "level", *COUNT_COLUMNS, *knn.METRICS)
 SCOPE_LEVELS = ("species", "genus")
+# The similarity blocks of one chunk of queries stay under this, however large the gallery.
+BLOCK_BYTES = 1 << 30
 ALL_LEVELS = ("species", "genus", "taxa")
 
 
@@ -167,6 +169,7 @@ def _row(scope: str, level: str, vectors: torch.Tensor, labels: pd.Series, galle
     known = labels.notna().to_numpy()
     codes = torch.as_tensor(pd.factorize(labels)[0], dtype=torch.long)
     gallery, queries = np.flatnonzero(gallery & known), np.flatnonzero(queries & known)
+    chunk_size = max(1, min(chunk_size, BLOCK_BYTES // (8 * max(len(gallery), 1))))
     result = knn.knn_metrics(vectors[queries], codes[queries], vectors[gallery], codes[gallery],
                              chunk_size=chunk_size, device=device)
     return {"taxa": scope, "level": level, "n_test": result.n_test, "n_classes": result.n_classes,

@@ -55,6 +55,7 @@ class _Gallery:
     squared_norms: Tensor
     classes: Tensor
     counts: Tensor
+    unit_means: Tensor
     one_hot: Tensor | None
 
 
@@ -65,7 +66,8 @@ def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_la
 
     Labels are int64 ids of any value. Embeddings are compared in float32, or in float64 when
     `query` is float64. `chunk_size` queries are compared with the whole gallery at a time, on
-    `device` (default: the device of `query`). Results do not depend on `chunk_size`.
+    `device` (default: the device of `query`). Memory: two `chunk_size x gallery` blocks, plus a
+    `gallery x classes` one-hot on accelerators; `chunk_size` does not change the results.
     """
     _check_inputs(query, query_labels, gallery, gallery_labels, chunk_size)
     device = torch.device(device) if device is not None else query.device
@@ -74,9 +76,11 @@ def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_la
                                     return_inverse=True)
     query_classes = dense[len(gallery_labels):]
     bank = _gallery(gallery.to(device, dtype), dense[:len(gallery_labels)].to(device), len(label_ids))
+    query = query.to(device, dtype)
+    query_squared_norms = _squared_norms(query, "query")
     # the two chunk x gallery blocks are allocated once: fresh ones per chunk cost page faults on CPUs
     workspace = torch.empty(2, min(chunk_size, len(query)), len(gallery), device=device, dtype=dtype)
-    chunks = [_chunk_outcomes(query[start:start + chunk_size].to(device, dtype),
+    chunks = [_chunk_outcomes(query[start:start + chunk_size], query_squared_norms[start:start + chunk_size],
                               query_classes[start:start + chunk_size].to(device), bank, workspace)
               for start in range(0, len(query), chunk_size)]
     outcomes = {name: torch.cat([chunk[name].cpu() for chunk in chunks]) if chunks else
@@ -90,51 +94,79 @@ def _check_inputs(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_
         raise ConfigError(f"chunk_size must be at least 1, got {chunk_size}")
     for name, vectors, labels in (("query", query, query_labels), ("gallery", gallery, gallery_labels)):
         if vectors.ndim != 2:
-            raise DataError(f"{name} embeddings must be a 2-D tensor (items x dim), got shape {tuple(vectors.shape)}")
+            raise DataError(f"{name} embeddings must be a 2-D tensor (items x dim), "
+                            f"got shape {tuple(vectors.shape)}")
         if labels.ndim != 1 or len(labels) != len(vectors):
             raise DataError(f"{name} labels must be one id per embedding: {len(vectors)} embeddings, "
                             f"labels of shape {tuple(labels.shape)}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise DataError(f"{name} labels must be integer class ids, got {labels.dtype}")
-        if not torch.isfinite(vectors).all():
-            raise DataError(f"{name} embeddings contain NaN or infinite values")
     if len(gallery) == 0:
         raise DataError("the gallery (train split) is empty: there is nothing to label the queries by")
     if query.shape[1] != gallery.shape[1]:
-        raise DataError(f"query and gallery embeddings differ in size: {query.shape[1]} vs {gallery.shape[1]}")
+        raise DataError(f"query and gallery embeddings differ in size: "
+                        f"{query.shape[1]} vs {gallery.shape[1]}")
+
+
+def _squared_norms(vectors: Tensor, name: str) -> Tensor:
+    """Squared L2 norm of each row; also the check for NaN and infinite values, which it carries."""
+    squared_norms = torch.einsum("ij,ij->i", vectors, vectors)
+    if not torch.isfinite(squared_norms).all():
+        raise DataError(f"{name} embeddings contain NaN or infinite values (or values too large to square)")
+    return squared_norms
 
 
 def _gallery(vectors: Tensor, classes: Tensor, n_classes: int) -> _Gallery:
-    squared_norms = vectors.square().sum(dim=1)
+    squared_norms = _squared_norms(vectors, "gallery")
+    norms = squared_norms.sqrt().clamp_min(_NORM_EPS)
+    counts = torch.bincount(classes, minlength=n_classes)
     # index_add_ adds in a fixed order on the CPU only; elsewhere a one-hot product stays deterministic
     one_hot = None if vectors.device.type == "cpu" else F.one_hot(classes, n_classes).to(vectors.dtype)
-    return _Gallery(vectors=vectors, norms=squared_norms.sqrt().clamp_min(_NORM_EPS),
-                    squared_norms=squared_norms, classes=classes,
-                    counts=torch.bincount(classes, minlength=n_classes), one_hot=one_hot)
+    # the mean cosine with a class is the dot product with the mean of its L2-normalised vectors
+    unit_vectors = vectors / norms[:, None]
+    unit_sums = (one_hot.T @ unit_vectors if one_hot is not None else
+                 unit_vectors.new_zeros(n_classes, vectors.shape[1]).index_add_(0, classes, unit_vectors))
+    return _Gallery(vectors=vectors, norms=norms, squared_norms=squared_norms, classes=classes,
+                    counts=counts, unit_means=unit_sums / counts.clamp_min(1)[:, None], one_hot=one_hot)
 
 
-def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
-                    workspace: Tensor) -> dict[str, Tensor]:
+def _chunk_outcomes(query: Tensor, query_squared_norms: Tensor, query_classes: Tensor,
+                    gallery: _Gallery, workspace: Tensor) -> dict[str, Tensor]:
     """Per-query hits of every metric, average precision and `top1_cos` class for one chunk;
     `workspace` (2 x chunk_size x gallery) holds the dot products and the cosines."""
     relevant = gallery.counts[query_classes]
-    depth = min(len(gallery.classes), max(TOP_K, int(relevant.max())))
-    query_squared_norms = query.square().sum(dim=1)
     dots, cosines = workspace[0, :len(query)], workspace[1, :len(query)]
     torch.matmul(query, gallery.vectors.T, out=dots)
     torch.div(dots, query_squared_norms.sqrt().clamp_min(_NORM_EPS)[:, None], out=cosines)
     cosines.div_(gallery.norms)
-    nearest_classes = gallery.classes[_ranked_nearest(cosines, depth)]
-    hits = nearest_classes == query_classes[:, None]
-    mean_cos = _best_class(_sum_per_class(cosines, gallery) / gallery.counts, gallery.counts, largest=True)
-    distances = dots.mul_(-2).add_(query_squared_norms[:, None]).add_(gallery.squared_norms)
+    top1_cos, top5_cos, average_precision = _ranking_outcomes(cosines, query_classes, relevant, gallery)
+    # the query's own norm scales every class alike: it cannot change which class is best
+    mean_cos = _best_class(query @ gallery.unit_means.T, gallery.counts, largest=True)
+    distances = torch.add(gallery.squared_norms, dots, alpha=-2, out=dots).add_(query_squared_norms[:, None])
     distances = distances.clamp_(min=0).sqrt_()
     top1_l2 = gallery.classes[distances.argmin(dim=1)]
     mean_l2 = _best_class(_sum_per_class(distances, gallery) / gallery.counts, gallery.counts, largest=False)
-    return {"top1_cos": hits[:, 0], "top5_cos": hits[:, :TOP_K].any(dim=1),
+    return {"top1_cos": top1_cos == query_classes, "top5_cos": top5_cos,
             "mean_cos": mean_cos == query_classes, "top1_l2": top1_l2 == query_classes,
-            "mean_l2": mean_l2 == query_classes, "map_at_r": _average_precision(hits, relevant),
-            "prediction": nearest_classes[:, 0]}
+            "mean_l2": mean_l2 == query_classes, "map_at_r": average_precision, "prediction": top1_cos}
+
+
+def _ranking_outcomes(cosines: Tensor, query_classes: Tensor, relevant: Tensor,
+                      gallery: _Gallery) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: the class of the most similar item, the `top5_cos` hit and AP@R (ranking by cosine)."""
+    depth = min(cosines.shape[1], max(TOP_K, int(relevant.max())))
+    # ranking tensors take about 16 times the bytes of the similarities they rank: blocks of rows
+    # keep them within the size of the cosine block however deep the ranking goes (MAP@R of a
+    # class holding most of the gallery)
+    block = max(1, cosines.numel() // (16 * depth))
+    parts = []
+    for start in range(0, len(cosines), block):
+        rows = slice(start, start + block)
+        nearest = gallery.classes[_ranked_nearest(cosines[rows], depth)]
+        hits = nearest == query_classes[rows, None]
+        parts.append((nearest[:, 0], hits[:, :TOP_K].any(dim=1), _average_precision(hits, relevant[rows])))
+    top1, top5, average_precision = (torch.cat(column) for column in zip(*parts))
+    return top1, top5, average_precision
 
 
 def _ranked_nearest(similarity: Tensor, depth: int) -> Tensor:
@@ -144,10 +176,13 @@ def _ranked_nearest(similarity: Tensor, depth: int) -> Tensor:
     # where the value at the cut is shared beyond it, topk may have kept any of the equal items
     crowded = (values[:, depth:] == values[:, depth - 1:depth]).any(dim=1)
     values, indices = values[:, :depth], indices[:, :depth]
-    # topk leaves the order of equal values unspecified: order by index, then stably by value
-    indices, by_index = indices.sort(dim=1)
-    by_value = values.gather(1, by_index).sort(dim=1, descending=True, stable=True).indices
-    indices = indices.gather(1, by_value)
+    # topk leaves the order of equal values unspecified: in rows that hold some, order by index,
+    # then stably by value
+    tied = (values[:, 1:] == values[:, :-1]).any(dim=1)
+    if tied.any():
+        by_index, order = indices[tied].sort(dim=1)
+        by_value = values[tied].gather(1, order).sort(dim=1, descending=True, stable=True).indices
+        indices[tied] = by_index.gather(1, by_value)
     if crowded.any():
         indices[crowded] = similarity[crowded].sort(dim=1, descending=True, stable=True).indices[:, :depth]
     return indices
