@@ -177,3 +177,18 @@ def postgres():
             run("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> Path:
+    """No network (every connection fails like a DNS failure) and an empty home folder."""
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("UNICOM_CACHE", raising=False)
+    return tmp_path

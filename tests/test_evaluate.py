@@ -159,3 +159,23 @@ def test_second_evaluation_reuses_cached_embeddings(specimens, tiny, monkeypatch
                         lambda *a, **k: pytest.fail("embedded again instead of reusing the cache"))
     again = evaluate(config, tiny)
     pd.testing.assert_frame_equal(first.table, again.table)
+
+
+def test_class_fraction_evaluates_a_seeded_subset_of_species(specimens, tiny):
+    config = EvalConfig(data=DataConfig(data=str(specimens), class_fraction=0.5), workers=0,
+                        cache_embeddings=False, device="cpu")
+    result = evaluate(config, tiny)
+    species = result.table[(result.table["taxa"] == "All") & (result.table["level"] == "species")]
+    assert species["n_classes"].item() == 6
+    assert result.manifest.table["species"].nunique() == 6
+
+
+def test_seen_and_unseen_rows_after_training_on_a_fraction(specimens, tiny):
+    manifest = read_manifest(specimens)
+    seen = set(sorted(manifest.table["species"].unique())[:4])
+    config = EvalConfig(data=DataConfig(data=str(specimens), class_fraction=0.5), workers=0,
+                        cache_embeddings=False, device="cpu")
+    table = evaluate(config, tiny, manifest, seen_species=seen).table
+    rows = {(t, level): n for t, level, n in zip(table["taxa"], table["level"], table["n_test"])}
+    assert rows[("All:seen", "species")] + rows[("All:unseen", "species")] == rows[("All", "species")]
+    assert rows[("All:seen", "species")] == 4 * 2

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import socket
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -306,20 +305,6 @@ def test_tiny_pretrained_is_a_fixed_init_that_leaves_the_rng_alone():
 
 
 # --------------------------------------------------------------------------- offline and bad input
-
-
-@pytest.fixture
-def offline(tmp_path, monkeypatch) -> Path:
-    """No network (every connection fails like a DNS failure) and an empty home folder."""
-
-    def no_network(*args, **kwargs):
-        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-
-    monkeypatch.setattr(socket, "getaddrinfo", no_network)
-    monkeypatch.setattr(socket, "create_connection", no_network)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("UNICOM_CACHE", raising=False)
-    return tmp_path
 
 
 def test_offline_clip_names_the_file_to_place_and_the_path_option(offline):

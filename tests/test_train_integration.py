@@ -42,7 +42,7 @@ def test_mlflow_run_train_logs_everything_and_learns(tracking, specimens, tmp_pa
                "--env-manager", "local", "--experiment-name", "train-integration",
                "-P", f"data={specimens}", "-P", "model=tiny", "-P", "epochs=4",
                "-P", "batch_size=16", "-P", "lr=3e-3", "-P", "margin_s=16", "-P", "margin_m2=0.2",
-               "-P", "weight_decay=0.05", "-P", "workers=0"]
+               "-P", "weight_decay=0.05", "-P", "workers=0", "-P", "register_as=tiny-integration"]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     run = _only_run("train-integration")
@@ -64,6 +64,8 @@ def test_mlflow_run_train_logs_everything_and_learns(tracking, specimens, tmp_pa
     assert centroids.shape == (int(run.data.params["num_classes"]), 64)
     assert list(classes["species"]) == sorted(classes["species"])
 
+    [version] = client.search_model_versions("name='tiny-integration'")
+    assert version.run_id == run_id
     encoder = mlflow.pytorch.load_model(f"runs:/{run_id}/{names.MODEL_ARTIFACT}")
     images = torch.randn(2, 3, 32, 32)
     assert encoder(images).shape == (2, 64)

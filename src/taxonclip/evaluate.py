@@ -23,7 +23,7 @@ from taxonclip import knn
 from taxonclip.config import EvalConfig, cache_dir
 from taxonclip.data.images import ImageDataset, collate_skipping
 from taxonclip.data.manifest import Manifest, load_manifest
-from taxonclip.data.splits import Split, split_manifest
+from taxonclip.data.splits import Split, select_classes, split_manifest
 from taxonclip.errors import DataError, ModelError
 from taxonclip.names import ALL_TAXA
 
@@ -178,9 +178,15 @@ def _row(scope: str, level: str, vectors: torch.Tensor, labels: pd.Series, galle
 
 def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | None = None,
              split: Split | None = None, seen_species: set[str] | None = None) -> EvalResult:
-    """Embed the manifest (or reuse cached embeddings) and compute the per-taxa table."""
+    """Embed the manifest (or reuse cached embeddings) and compute the per-taxa table.
+
+    `class_fraction` < 1 evaluates a seeded subset of the species, unless `seen_species` is given
+    (after training on a subset, every species is evaluated and the table splits seen/unseen)."""
     device = resolve_device(config.device)
     manifest = manifest or load_manifest(config.data)
+    if config.data.class_fraction < 1.0 and seen_species is None:
+        manifest = _with_species(manifest, select_classes(manifest.table, config.data.class_fraction,
+                                                          config.data.seed))
     split = split or split_manifest(manifest.table, config.data.test_size, config.data.seed)
     encoder = encoder.to(device)
     vectors, kept, img_per_s = _cached_embeddings(encoder, manifest, config, device)
@@ -190,6 +196,12 @@ def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | 
     table = evaluation_table(vectors, manifest.table, split, chunk_size=config.chunk_size,
                              device=device, seen_species=seen_species)
     return EvalResult(table, split, manifest, time.perf_counter() - start, img_per_s)
+
+
+def _with_species(manifest: Manifest, species: list[str]) -> Manifest:
+    """Only the rows of the given species (`class_fraction` of an evaluation)."""
+    table = manifest.table[manifest.table["species"].isin(species)].reset_index(drop=True)
+    return Manifest(table, manifest.report, manifest.root)
 
 
 def _keep_rows(manifest: Manifest, split: Split, kept: np.ndarray) -> tuple[Manifest, Split]:
