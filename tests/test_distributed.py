@@ -74,19 +74,6 @@ def test_helpers_are_the_identity_without_a_group():
     distributed.shutdown()
 
 
-def test_on_main_runs_as_decorator_and_at_call_site():
-    calls = []
-
-    @distributed.on_main
-    def record(value: int) -> int:
-        calls.append(value)
-        return value * 2
-
-    assert record(4) == 8
-    assert distributed.on_main(calls.append)(5) is None
-    assert calls == [4, 5]
-
-
 def test_all_reduce_rejects_an_unknown_op():
     with pytest.raises(ValueError, match="mean"):
         distributed.all_reduce(torch.zeros(1), "mean")
@@ -119,14 +106,13 @@ def sharded_step(rank: int, sample_rate: float, labels: list[int]) -> dict:
 
 
 def gather_checks(rank: int) -> dict:
-    """all_gather_with_grad of uneven batches, broadcast_object and on_main inside a real group."""
+    """all_gather_with_grad of uneven batches and broadcast_object inside a real group."""
     x = torch.full((3 - rank, 2), float(rank + 1), requires_grad=True)
     gathered = distributed.all_gather_with_grad(x)
     upstream = torch.arange(10.0).reshape(5, 2)
     (gathered * upstream).sum().backward()
     return {"gathered": gathered.detach(), "gather_grad": x.grad,
-            "broadcast": distributed.broadcast_object(f"run-of-rank-{rank}"),
-            "on_main": distributed.on_main(lambda: rank)()}
+            "broadcast": distributed.broadcast_object(f"run-of-rank-{rank}")}
 
 
 def worker(rank: int, port: int, out: str) -> None:
@@ -197,7 +183,6 @@ def test_group_helpers_in_two_processes(two_ranks):
         rows = slice(0, 3) if rank == 0 else slice(3, 5)
         assert torch.equal(result["gather_grad"], 2 * upstream[rows])
         assert result["broadcast"] == "run-of-rank-0"
-    assert [result["on_main"] for result in two_ranks] == [0, None]
 
 
 def test_sharded_loss_and_gradients_equal_the_single_process_full_softmax(two_ranks):

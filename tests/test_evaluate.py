@@ -13,7 +13,7 @@ from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import split_manifest
 from taxonclip.errors import DataError
 from taxonclip.evaluate import (TABLE_COLUMNS, embed_images, evaluate, evaluation_table,
-                                format_table, fuse)
+                                fuse)
 from taxonclip.knn import METRICS
 from taxonclip.models import create_model
 

@@ -8,7 +8,6 @@ import json
 import math
 import warnings
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,23 +1,19 @@
-"""Everything `torch.distributed`: start from the environment `torchrun` sets, gather tensors across
-ranks, and keep rank-0-only work in one helper. Nothing happens at import; with no process group
-every helper is the one-process identity, so the same code runs on a laptop CPU and on N GPUs."""
+"""Everything `torch.distributed`: start from the environment `torchrun` sets, gather and reduce
+across ranks. Nothing happens at import; with no process group every helper is the one-process
+identity, so the same code runs on a laptop CPU and on N GPUs. Rank-0-only logging is
+`tracking.tracked_run(main=info.is_main)`: other ranks get a run whose calls do nothing."""
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from taxonclip.errors import ConfigError
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -142,19 +138,6 @@ def barrier() -> None:
     """Wait until every rank reaches this point; nothing to wait for without a process group."""
     if is_distributed():
         dist.barrier()
-
-
-def on_main(fn: Callable[P, R]) -> Callable[P, R | None]:
-    """`fn` wrapped to run on rank 0 only; other ranks skip it and get None. Use it as a decorator
-    (`@on_main def log_metrics(...)`) or at the call site (`on_main(print)("done")`). The rank is
-    read at each call, so a function decorated at import works once the group exists. Nothing in
-    it may be a collective: the other ranks never enter it."""
-
-    @functools.wraps(fn)
-    def run_on_rank_zero(*args: P.args, **kwargs: P.kwargs) -> R | None:
-        return fn(*args, **kwargs) if rank() == 0 else None
-
-    return run_on_rank_zero
 
 
 class _AllGather(torch.autograd.Function):

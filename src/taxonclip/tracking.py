@@ -214,7 +214,8 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
     try:
         active = mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=parent_run_id,
                                   nested=parent_run_id is not None,
-                                  tags={k: str(v) for k, v in {names.TAG_ENTRY: entry, **(tags or {})}.items()})
+                                  tags={k: str(v) for k, v in
+                                        {names.TAG_ENTRY: entry, **(tags or {})}.items()})
     except Exception as exc:
         raise TrackingError(f"cannot start or resume the MLflow run {run_id or ''} at "
                             f"{tracking_uri()}: {exc}") from None
@@ -222,10 +223,7 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
     try:
         yield Run(active.info.run_id)
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except RunKilled:
+    except (KeyboardInterrupt, RunKilled):
         status = "KILLED"
         raise
     finally:
