@@ -40,7 +40,7 @@ def init_from_env(device: str = "auto") -> DistInfo:
     processes on CUDA each process takes GPU `LOCAL_RANK` and the group uses NCCL; on CPU it uses
     gloo. A group that is already initialised is reused."""
     world_size = _env_int("WORLD_SIZE", 1)
-    chosen = _resolve_device(device)
+    chosen = resolve_device(device)
     if world_size <= 1:
         return DistInfo(rank=0, world_size=1, local_rank=0, device=chosen)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -176,7 +176,8 @@ def _gather_parts(x: Tensor) -> list[Tensor]:
     return [buffer[:size] for buffer, size in zip(buffers, sizes)]
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA where a device exists, else the CPU; `cpu`, `cuda` and `cuda:N` are checked."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

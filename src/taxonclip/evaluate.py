@@ -24,6 +24,7 @@ from taxonclip.config import EvalConfig, cache_dir
 from taxonclip.data.images import ImageDataset, collate_skipping
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.splits import Split, select_classes, split_manifest
+from taxonclip.distributed import resolve_device
 from taxonclip.errors import DataError, ModelError
 from taxonclip.names import ALL_TAXA
 
@@ -44,13 +45,6 @@ class EvalResult:
     manifest: Manifest
     embed_seconds: float
     img_per_s: float
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` is the first CUDA device where one exists, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()

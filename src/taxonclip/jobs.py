@@ -47,7 +47,8 @@ def evaluate(config: EvalConfig) -> int:
     from taxonclip import tracking
     from taxonclip.data.manifest import load_manifest
     from taxonclip.evaluate import evaluate as run_evaluation
-    from taxonclip.evaluate import format_table, resolve_device
+    from taxonclip.distributed import resolve_device
+    from taxonclip.evaluate import format_table
 
     manifest = load_manifest(config.data)
     encoder = tracking.load_encoder(config.model, str(resolve_device(config.device)))
