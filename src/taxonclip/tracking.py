@@ -88,13 +88,8 @@ class Run:
             self.client.log_batch(self.run_id, params=fresh[start:start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        """Log several metrics in one call."""
-        from mlflow.entities import Metric
-
-        now = _now_ms()
-        batch = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
-        for start in range(0, len(batch), 500):
-            self.client.log_batch(self.run_id, metrics=batch[start:start + 500])
+        """Log several metrics of one step in one call."""
+        self.log_metric_history([(step or 0, metrics)])
 
     def log_metric_history(self, history: list[tuple[int, Mapping[str, float]]]) -> None:
         """Log buffered per-step metrics [(step, {key: value})] in as few calls as possible."""
@@ -303,13 +298,8 @@ def find_experiments(spec: str | None) -> dict[str, str]:
     connect()
     client = MlflowClient()
     if not spec or not spec.strip():
-        found, token = {}, None
-        while True:
-            page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, page_token=token)
-            found.update({e.experiment_id: e.name for e in page})
-            token = page.token
-            if not token:
-                return found
+        return {e.experiment_id: e.name
+                for e in _all_pages(client.search_experiments, view_type=ViewType.ACTIVE_ONLY)}
     wanted = [item.strip() for item in spec.split(",") if item.strip()]
     return dict(_experiment(client, item) for item in wanted)
 
@@ -335,19 +325,25 @@ def find_runs(experiment_ids: list[str], filter_string: str | None = None) -> li
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client, records, token = MlflowClient(), [], None
+    pages = _all_pages(MlflowClient().search_runs, experiment_ids, filter_string or "",
+                       run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                       order_by=["attributes.start_time DESC"])
+    try:
+        return [_run_record(run) for run in pages]
+    except MlflowException as exc:
+        raise TrackingError(f"cannot search runs with the filter {filter_string!r}: "
+                            f"{exc.message}") from None
+
+
+def _all_pages(search, *args, **kwargs) -> Iterator:
+    """Every item of a paged MLflow search, following its page tokens."""
+    token = None
     while True:
-        try:
-            page = client.search_runs(experiment_ids, filter_string or "",
-                                      run_view_type=ViewType.ACTIVE_ONLY, max_results=1000,
-                                      order_by=["attributes.start_time DESC"], page_token=token)
-        except MlflowException as exc:
-            raise TrackingError(f"cannot search runs with the filter {filter_string!r}: "
-                                f"{exc.message}") from None
-        records += [_run_record(run) for run in page]
+        page = search(*args, page_token=token, **kwargs)
+        yield from page
         token = page.token
         if not token:
-            return records
+            return
 
 
 def _run_record(run) -> RunRecord:
@@ -412,15 +408,10 @@ def runs_with_logged_model(experiment_ids: list[str]) -> set[str]:
     from mlflow.entities import LoggedModelStatus
     from mlflow.tracking import MlflowClient
 
-    client, found, token = MlflowClient(), set(), None
-    while True:
-        page = client.search_logged_models(
-            experiment_ids, filter_string=f"name = '{names.MODEL_ARTIFACT}'", page_token=token)
-        found |= {m.source_run_id for m in page
-                  if m.source_run_id and m.status == LoggedModelStatus.READY}
-        token = page.token
-        if not token:
-            return found
+    models = _all_pages(MlflowClient().search_logged_models, experiment_ids,
+                        filter_string=f"name = '{names.MODEL_ARTIFACT}'")
+    return {m.source_run_id for m in models
+            if m.source_run_id and m.status == LoggedModelStatus.READY}
 
 
 def model_version_for_run(run_id: str, name: str) -> tuple[str, str]:
