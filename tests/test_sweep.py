@@ -25,7 +25,6 @@ from taxonclip.errors import ConfigError, TaxonclipError
 from taxonclip.sweep import (MetricNotInTable, default_storage, load_sweep, make_pruner,
                              make_sampler, metric_value, open_storage, open_study, redact,
                              run_sweep, suggest)
-from taxonclip.tracking import ERROR_ARTIFACT, ERROR_TAG
 from taxonclip.train import run_training
 from tests.conftest import REPO
 
@@ -304,9 +303,9 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tracking, specimens, t
     for number, expected in ((0, "CUDA out of memory"), (1, "could not start")):
         child = _child_of_trial(children, number)
         assert child.info.status == "FAILED"
-        assert expected in child.data.tags[ERROR_TAG]
+        assert expected in child.data.tags[names.TAG_ERROR]
         assert child.data.params["lr"] == str(study.trials[number].params["lr"])
-        error_file = client.download_artifacts(child.info.run_id, ERROR_ARTIFACT, str(tmp_path))
+        error_file = client.download_artifacts(child.info.run_id, names.ERROR_ARTIFACT, str(tmp_path))
         error_text = Path(error_file).read_text()
         assert "Traceback" in error_text and expected in error_text
         assert study.trials[number].user_attrs["mlflow_run_id"] == child.info.run_id

@@ -24,6 +24,11 @@ TAG_TRIAL = "taxonclip.trial"
 TAG_STUDY = "taxonclip.study"
 TAG_BEST_CHILD = "taxonclip.best_run_id"
 TAG_EMBEDDINGS = "taxonclip.embeddings"
+TAG_STORAGE = "taxonclip.storage"
+TAG_METRIC = "taxonclip.metric"
+TAG_DIRECTION = "taxonclip.direction"
+TAG_ERROR = "taxonclip.error"
+ERROR_ARTIFACT = "error.txt"
 
 ALL_TAXA = "All"
 

@@ -76,9 +76,6 @@ STORAGE_ATTEMPTS = 3
 RUN_ID_ATTR = "mlflow_run_id"
 ERROR_ATTR = "error"
 METRIC_ATTR = "metric"
-TAG_STORAGE = "taxonclip.storage"
-TAG_METRIC = "taxonclip.metric"
-TAG_DIRECTION = "taxonclip.direction"
 
 TrainFunction = Callable[..., EvalResult]
 """Called like `taxonclip.train.run_training(config, parent_run_id=, on_epoch=, run_tags=)`."""
@@ -501,8 +498,8 @@ def run_sweep(config: SweepConfig, train: TrainFunction = run_training) -> optun
     study_name = check_study_name(config.study_name or spec.name, "--study_name")
     storage_url = config.storage or default_storage(tracking.tracking_uri())
     study = open_study(spec, study_name, storage_url)
-    tags = {names.TAG_STUDY: study_name, TAG_STORAGE: redact(storage_url),
-            TAG_METRIC: spec.metric, TAG_DIRECTION: spec.direction}
+    tags = {names.TAG_STUDY: study_name, names.TAG_STORAGE: redact(storage_url),
+            names.TAG_METRIC: spec.metric, names.TAG_DIRECTION: spec.direction}
     with tracking.tracked_run("sweep", run_name=f"sweep {study_name}", tags=tags) as run:
         run.log_params(_sweep_params(config, study_name, storage_url))
         run.log_artifact(spec.path, "sweep")

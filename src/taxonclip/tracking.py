@@ -103,8 +103,7 @@ class Run:
 
     def last_step(self, key: str) -> int:
         """The highest step logged for `key`, or -1: a resumed run logs only later steps."""
-        history = self.client.get_metric_history(self.run_id, key)
-        return max((m.step for m in history), default=-1)
+        return max((step for step, _ in metric_history(self.run_id, key)), default=-1)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags."""
@@ -435,10 +434,6 @@ def set_model_alias(name: str, alias: str, version: str) -> None:
     MlflowClient().set_registered_model_alias(name, alias, version)
 
 
-ERROR_TAG = "taxonclip.error"
-ERROR_ARTIFACT = "error.txt"
-
-
 def child_run_id(parent_run_id: str, tags: Mapping[str, str]) -> str | None:
     """The run started under `parent_run_id` that carries every tag of `tags` (one sweep
     trial's), or None. Tag values are matched literally and may not contain quotes."""
@@ -471,6 +466,6 @@ def record_failure(parent_run_id: str, tags: Mapping[str, str], params: Mapping[
         client.set_terminated(run_id, "FAILED")
     run = Run(run_id)
     run.log_params(params)
-    run.set_tags({ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]})
-    run.log_text("".join(traceback.format_exception(error)), ERROR_ARTIFACT)
+    run.set_tags({names.TAG_ERROR: f"{type(error).__name__}: {error}"[:5000]})
+    run.log_text("".join(traceback.format_exception(error)), names.ERROR_ARTIFACT)
     return run_id

@@ -19,7 +19,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,6 @@ class TrainState:
     epoch: int = 0
     best_metric: float = -math.inf
     best_epoch: int = 0
-    metric_history: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
