@@ -46,3 +46,8 @@ def test_train_of_an_uncached_model_offline_names_the_file(offline, specimens, c
     assert main(["train", "--model", "ViT-L/14@336px", "--data", str(specimens)]) == 1
     error = capsys.readouterr().err
     assert "ViT-L-14-336px.pt" in error and "weights=" in error and "Traceback" not in error
+
+
+def test_malformed_number_is_named(capsys):
+    assert main(["train", "--epochs", "two"]) == 1
+    assert "parameter 'epochs': 'two' is not an integer" in capsys.readouterr().err

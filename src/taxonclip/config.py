@@ -183,7 +183,8 @@ def coerce(cls: type, name: str, raw: Any) -> Any:
             return int(float(raw)) if float(raw).is_integer() else int(raw)
         return float(raw)
     except ValueError:
-        raise ConfigError(f"parameter {name!r}: {raw!r} is not a {base.__name__}") from None
+        kind = {bool: "true or false", int: "an integer", float: "a number"}[base]
+        raise ConfigError(f"parameter {name!r}: {raw!r} is not {kind}") from None
 
 
 def _parse_bool(raw: str) -> bool:
