@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from taxonclip import knn
 from taxonclip.errors import ConfigError, DataError
 from taxonclip.knn import METRICS, KnnResult, knn_metrics
 
@@ -153,6 +154,35 @@ def test_results_identical_for_every_chunk_size_and_run():
     for run in runs[1:]:
         assert run.metrics == runs[0].metrics
         assert torch.equal(run.predictions, runs[0].predictions)
+
+
+def test_query_order_changes_only_the_order_of_predictions():
+    query, query_labels, gallery, gallery_labels = integer_embeddings_with_ties(seed=9)
+    shuffled = torch.randperm(len(query), generator=torch.Generator().manual_seed(9))
+
+    straight = knn_metrics(query, query_labels, gallery, gallery_labels, chunk_size=4)
+    permuted = knn_metrics(query[shuffled], query_labels[shuffled], gallery, gallery_labels, chunk_size=4)
+
+    assert permuted.metrics == straight.metrics
+    assert torch.equal(permuted.predictions, straight.predictions[shuffled])
+
+
+@pytest.mark.skipif(knn._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN (mkldnn) on the CPU")
+def test_onednn_dot_products_are_float32_exact_and_agree_with_torch_matmul(monkeypatch):
+    generator = torch.Generator().manual_seed(10)
+    query, gallery = torch.randn(300, 64, generator=generator), torch.randn(1200, 64, generator=generator)
+    gallery *= torch.rand(1200, 1, generator=generator) * 3
+    labels = torch.randint(0, 40, (1200,), generator=generator)
+    exact = query.double() @ gallery.double().T
+
+    error = (knn._dot_products(query, gallery).double() - exact).abs().max()
+    assert error <= 64 * torch.finfo(torch.float32).eps * exact.abs().max()
+
+    with_onednn = knn_metrics(query, labels[:300], gallery, labels, chunk_size=128)
+    monkeypatch.setattr(knn, "_ONEDNN_LINEAR", None)
+    with_matmul = knn_metrics(query, labels[:300], gallery, labels, chunk_size=128)
+    assert torch.equal(with_onednn.predictions, with_matmul.predictions)
+    assert with_onednn.metrics == pytest.approx(with_matmul.metrics, rel=1e-6)
 
 
 def test_nearest_item_ties_go_to_lowest_gallery_index_and_class_ties_to_lowest_label():
