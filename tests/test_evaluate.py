@@ -14,6 +14,7 @@ from taxonclip.data.splits import split_manifest
 from taxonclip.errors import DataError
 from taxonclip.evaluate import (TABLE_COLUMNS, embed_images, evaluate, evaluation_table,
                                 fuse)
+from taxonclip import knn
 from taxonclip.knn import METRICS
 from taxonclip.models import create_model
 
@@ -179,3 +180,7 @@ def test_seen_and_unseen_rows_after_training_on_a_fraction(specimens, tiny):
     rows = {(t, level): n for t, level, n in zip(table["taxa"], table["level"], table["n_test"])}
     assert rows[("All:seen", "species")] + rows[("All:unseen", "species")] == rows[("All", "species")]
     assert rows[("All:seen", "species")] == 4 * 2
+
+
+def test_eval_config_compares_chunks_of_the_size_knn_is_tuned_for():
+    assert EvalConfig().chunk_size == knn.DEFAULT_CHUNK_SIZE

@@ -77,7 +77,7 @@ class EvalConfig:
     embedding: str = "visual"
     batch_size: int = 256
     workers: int = 2
-    chunk_size: int = 4096
+    chunk_size: int = 512  # knn.DEFAULT_CHUNK_SIZE, written out to keep this module free of torch
     cache_embeddings: bool = True
     device: str = "auto"
 

@@ -131,7 +131,7 @@ def _captions(manifest: Manifest, config: EvalConfig) -> list[str]:
 
 
 def evaluation_table(vectors: torch.Tensor, table: pd.DataFrame, split: Split, *,
-                     chunk_size: int = 4096, device: torch.device | str = "cpu",
+                     chunk_size: int = knn.DEFAULT_CHUNK_SIZE, device: torch.device | str = "cpu",
                      seen_species: set[str] | None = None) -> pd.DataFrame:
     """The per-taxa table for embeddings whose rows follow `table`.
 
