@@ -21,6 +21,17 @@ def test_data_check_bad_column_exits_1_without_traceback(tmp_path, capsys):
     assert "m.csv" in error and "Traceback" not in error
 
 
+def test_data_check_with_captions_names_the_species_without_one(leeds, tmp_path, capsys):
+    guide = (leeds / "descriptions.csv").read_text().splitlines()
+    partial = tmp_path / "guide.csv"
+    partial.write_text("\n".join(line for line in guide if not line.startswith("Danaus plexippus")))
+    assert main(["data", "check", str(leeds), "--captions", str(leeds / "descriptions.csv")]) == 0
+    assert main(["data", "check", str(leeds), "--captions", str(partial)]) == 1
+    error = capsys.readouterr().err
+    assert "guide.csv: no caption for 1 of 10 names in the manifest: Danaus plexippus" in error
+    assert "Traceback" not in error
+
+
 def test_models_lists_every_architecture(capsys):
     assert main(["models"]) == 0
     printed = capsys.readouterr().out

@@ -14,6 +14,7 @@ from taxonclip.data.splits import split_manifest
 from taxonclip.errors import DataError
 from taxonclip.evaluate import (TABLE_COLUMNS, embed_images, evaluate, evaluation_table,
                                 fuse)
+from taxonclip import evaluate as evaluate_module
 from taxonclip import knn
 from taxonclip.knn import METRICS
 from taxonclip.models import create_model
@@ -150,6 +151,45 @@ def test_text_embedding_needs_a_caption_column(specimens, tiny, tmp_path):
 def test_captions_feed_the_text_tower(specimens, tiny):
     result = evaluate(_config(specimens, embedding="concat"), tiny)
     assert result.table["n_test"].gt(0).all()
+
+
+def test_caption_column_named_by_caption_column_feeds_the_text_tower(specimens, tiny, tmp_path):
+    table = read_manifest(specimens).table
+    csv = tmp_path / "manifest.csv"
+    table.assign(fileNameAsDelivered=table["image_path"], scientificName=table["scientific_name"],
+                 notes=table["caption"])[["fileNameAsDelivered", "scientificName", "taxa", "notes"]].to_csv(
+        csv, index=False)
+    config = EvalConfig(data=DataConfig(data=str(csv), caption_column="notes"), embedding="text",
+                        workers=0, cache_embeddings=False, device="cpu")
+    assert evaluate(config, tiny).table["n_test"].gt(0).all()
+
+
+def _leeds_text_config(leeds, captions, cache: bool) -> EvalConfig:
+    return EvalConfig(data=DataConfig(data=str(leeds), captions=str(captions)), embedding="text",
+                      workers=0, cache_embeddings=cache, device="cpu")
+
+
+def test_leeds_field_guide_captions_label_every_species_by_text(leeds, tiny):
+    """One description per species: text embeddings match within a species and nowhere else."""
+    table = evaluate(_leeds_text_config(leeds, leeds / "descriptions.csv", cache=False), tiny).table
+    species = table[(table["taxa"] == "All") & (table["level"] == "species")]
+    assert species["top1_cos"].item() == 1.0 and species["n_classes"].item() == 10
+
+
+def test_cached_text_embeddings_follow_the_captions(leeds, tiny, tmp_path, monkeypatch):
+    guide = pd.read_csv(leeds / "descriptions.csv")
+    other = tmp_path / "other.csv"
+    guide.assign(description=guide["commonName"]).to_csv(other, index=False)
+    monkeypatch.setenv("TAXONCLIP_CACHE", str(tmp_path / "cache"))
+    tiny_cached = create_model("tiny", "pretrained")
+    calls = []
+    real = evaluate_module.embed_manifest
+    monkeypatch.setattr(evaluate_module, "embed_manifest", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    for captions in (leeds / "descriptions.csv", other, leeds / "descriptions.csv"):
+        evaluate(_leeds_text_config(leeds, captions, cache=True), tiny_cached)
+
+    assert len(calls) == 2
 
 
 def test_second_evaluation_reuses_cached_embeddings(specimens, tiny, monkeypatch):

@@ -165,6 +165,46 @@ def test_caption_column(tmp_path):
         read_manifest(path, caption_column="text")
 
 
+def _captions_file(path: Path, rows: list[tuple[str, str]]) -> Path:
+    pd.DataFrame(rows, columns=["scientificName", "description"]).to_csv(path, index=False)
+    return path
+
+
+def test_captions_file_gives_each_row_the_text_of_its_name(tmp_path):
+    rows = [dict(r, caption="old") for r in _rows("Danaus plexippus", "Pieris  rapae", "Danaus plexippus")]
+    path = _manifest(tmp_path / "set", rows)
+    captions = _captions_file(tmp_path / "guide.csv", [(" Pieris rapae", "white wings"),
+                                                       ("Danaus plexippus", "orange wings"),
+                                                       ("Vanessa atalanta", "red bands")])
+
+    table = load_manifest(DataConfig(data=str(path), captions=str(captions))).table
+
+    assert table["caption"].tolist() == ["orange wings", "white wings", "orange wings"]
+
+
+def test_captions_file_errors_name_the_file_and_the_names(tmp_path):
+    path = _manifest(tmp_path / "set", _rows("Danaus plexippus", "Pieris rapae"))
+    one_missing = _captions_file(tmp_path / "one.csv", [("Danaus plexippus", "orange wings")])
+    twice = _captions_file(tmp_path / "twice.csv", [("Danaus plexippus", "orange"), ("Danaus plexippus", "red"),
+                                                    ("Pieris rapae", "white")])
+    cases = [(one_missing, None, r"one.csv: no caption for 1 of 2 names in the manifest: Pieris rapae"),
+             (twice, None, r"twice.csv: different captions for the same name: Danaus plexippus"),
+             (one_missing, "notes", r"one.csv: no column 'notes'.*scientificName, description"),
+             (tmp_path / "absent.csv", None, r"captions file .*absent.csv does not exist")]
+    for captions, column, message in cases:
+        config = DataConfig(data=str(path), captions=str(captions), caption_column=column)
+        with pytest.raises(DataError, match=message):
+            load_manifest(config)
+
+
+def test_leeds_field_guide_descriptions_caption_every_image(leeds):
+    table = load_manifest(DataConfig(data=str(leeds), captions=str(leeds / "descriptions.csv"))).table
+
+    assert len(table) == 832 and table["caption"].str.len().gt(40).all()
+    assert table.groupby("species")["caption"].nunique().eq(1).all()
+    assert table["caption"].nunique() == 10
+
+
 def test_missing_images_raise_under_error_policy(tmp_path):
     names = [f"Danaus n{i}" for i in range(SHOWN + 3)] + ["Pieris rapae"]
     path = _manifest(tmp_path / "set", _rows(*names), make_images=False)

@@ -33,6 +33,7 @@ class DataConfig:
     name_column: str | None = None
     taxa: str | None = None
     caption_column: str | None = None
+    captions: str | None = None
     missing: str = "error"
     test_size: float = 0.2
     seed: int = 0
@@ -221,7 +222,7 @@ DATA_PARAMS = {
     "data": "data.data", "seed": "data.seed", "test_size": "data.test_size",
     "class_fraction": "data.class_fraction", "missing": "data.missing",
     "image_column": "data.image_column", "name_column": "data.name_column",
-    "taxa": "data.taxa", "caption_column": "data.caption_column",
+    "taxa": "data.taxa", "caption_column": "data.caption_column", "captions": "data.captions",
 }
 EVAL_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,

@@ -123,11 +123,12 @@ def embed_manifest(encoder: torch.nn.Module, manifest: Manifest, config: EvalCon
 
 
 def _captions(manifest: Manifest, config: EvalConfig) -> list[str]:
-    column = config.data.caption_column or "caption"
-    if column not in manifest.table.columns:
-        raise DataError(f"embedding={config.embedding} needs a caption column {column!r} in "
-                        f"{manifest.report.source}; it has {', '.join(manifest.table.columns)}")
-    return manifest.table[column].fillna("").astype(str).tolist()
+    if "caption" not in manifest.table.columns:
+        raise DataError(f"embedding={config.embedding} needs captions: a caption column in "
+                        f"{manifest.report.source} (named by caption_column if it is not 'caption'), "
+                        f"or a captions file of one text per species (captions=PATH); the manifest "
+                        f"has {', '.join(manifest.table.columns)}")
+    return manifest.table["caption"].fillna("").astype(str).tolist()
 
 
 def evaluation_table(vectors: torch.Tensor, table: pd.DataFrame, split: Split, *,
@@ -231,8 +232,9 @@ def _cache_key(encoder, manifest: Manifest, config: EvalConfig) -> str | None:
     if not config.cache_embeddings or weights in (None, "none"):
         return None
     digest = hashlib.sha256()
+    captions = manifest.table["caption"] if config.embedding != "visual" else []
     for part in (encoder.spec.name, _weights_identity(weights), config.embedding,
-                 config.data.caption_column or "", *manifest.table["image_path"]):
+                 *manifest.table["image_path"], *captions):
         digest.update(str(part).encode() + b"\0")
     return digest.hexdigest()[:24]
 

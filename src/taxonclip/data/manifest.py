@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +39,7 @@ COLUMNS = ("image_id", "image_path", "scientific_name", "species", "genus", "tax
 IMAGE_COLUMNS = ("fileNameAsDelivered", "image_path", "file_name", "file_path", "image", "path")
 NAME_COLUMNS = ("scientificName", "scientific_name")
 TAXA_COLUMNS = ("taxa", "taxon")
+CAPTION_COLUMNS = ("caption", "description", "text")
 MANIFEST_FILES = ("metadata.csv", "manifest.csv", "metadata.parquet", "manifest.parquet")
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 IMAGE_FOLDER = "images"
@@ -120,11 +121,50 @@ class _Source:
 
 
 def load_manifest(config: DataConfig) -> Manifest:
-    """Read the manifest named by `config.data` (`synthetic` means the generated default set)."""
+    """Read the manifest named by `config.data` (`synthetic` means the generated default set),
+    with the captions of `config.captions` when given (`caption_column` then names their column
+    in that file rather than in the manifest)."""
     data = default_dataset() if config.data == SYNTHETIC else config.data
-    return read_manifest(data, image_column=config.image_column, name_column=config.name_column,
-                         taxa=config.taxa, missing=config.missing,
-                         caption_column=config.caption_column)
+    manifest = read_manifest(data, image_column=config.image_column, name_column=config.name_column,
+                             taxa=config.taxa, missing=config.missing,
+                             caption_column=None if config.captions else config.caption_column)
+    if config.captions:
+        return with_captions(manifest, Path(config.captions).expanduser(), config.caption_column)
+    return manifest
+
+
+def with_captions(manifest: Manifest, file: Path, caption_column: str | None = None) -> Manifest:
+    """The manifest with a `caption` per row from `file`, a CSV or parquet table of one text per
+    scientific name (such as field-guide descriptions of each species), replacing any caption the
+    manifest had. Every name in the manifest needs one; names are matched after cleaning."""
+    captions = manifest.table["scientific_name"].map(_captions_by_name(file, caption_column))
+    uncaptioned = sorted(manifest.table.loc[captions.isna(), "scientific_name"].unique())
+    if uncaptioned:
+        raise DataError(f"{file}: no caption for {len(uncaptioned)} of "
+                        f"{manifest.table['scientific_name'].nunique()} names in the manifest: "
+                        f"{_listed(uncaptioned)}")
+    return replace(manifest, table=manifest.table.assign(caption=captions.astype(str)))
+
+
+def _captions_by_name(file: Path, caption_column: str | None) -> pd.Series:
+    """Caption text indexed by cleaned scientific name; a name given two texts is an error."""
+    if not file.is_file():
+        raise DataError(f"captions file {file} does not exist")
+    raw = _read_table(file, role="captions file")
+    name_col = _pick_column(raw, None, NAME_COLUMNS, "name", file)
+    text_col = _pick_column(raw, caption_column, CAPTION_COLUMNS, "caption", file)
+    texts = pd.DataFrame({"name": raw[name_col].map(clean_name), "text": raw[text_col]}).dropna()
+    conflicting = texts.groupby("name")["text"].nunique().loc[lambda counts: counts > 1]
+    if not conflicting.empty:
+        raise DataError(f"{file}: different captions for the same name: "
+                        f"{_listed(list(conflicting.index))}")
+    return texts.drop_duplicates("name").set_index("name")["text"]
+
+
+def _listed(names: list[str]) -> str:
+    """The first names, then how many more."""
+    shown = ", ".join(names[:SHOWN])
+    return shown if len(names) <= SHOWN else f"{shown} and {len(names) - SHOWN} more"
 
 
 def read_manifest(path: str | Path, image_column: str | None = None, name_column: str | None = None,
@@ -262,14 +302,14 @@ def _extra_columns(kept: pd.DataFrame, used: tuple[str | None, ...],
     return frame
 
 
-def _read_table(file: Path) -> pd.DataFrame:
+def _read_table(file: Path, role: str = "manifest") -> pd.DataFrame:
     try:
         if file.suffix.lower() == ".parquet":
             table = pd.read_parquet(file)
         else:
             table = pd.read_csv(file, dtype=str)
     except Exception as err:  # pandas and pyarrow raise many unrelated types for a broken file
-        raise DataError(f"cannot read manifest {file}: {err}") from None
+        raise DataError(f"cannot read {role} {file}: {err}") from None
     # row numbers in messages are positions, so a stored index becomes an ordinary column
     return table.reset_index(drop=isinstance(table.index, pd.RangeIndex))
 
@@ -339,9 +379,8 @@ def _drop_repeated_images(table: pd.DataFrame, root: Path) -> pd.DataFrame:
     conflicting = repeated.groupby("image_id")["scientific_name"].nunique()
     conflicting = conflicting[conflicting > 1]
     if not conflicting.empty:
-        shown = ", ".join(conflicting.index[:SHOWN])
         raise DataError(f"{root}: {len(conflicting)} images are listed under different names: "
-                        f"{shown}")
+                        f"{_listed(list(conflicting.index))}")
     return table.drop_duplicates("image_id").reset_index(drop=True)
 
 
