@@ -109,7 +109,14 @@ def test_killed_training_resumes_into_the_same_run(tracking, specimens, tmp_path
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-3000:]
     run = _only_run("train-resume")
+    # as under `mlflow run . -e train -P resume=<id>`, which creates a run of its own first
+    launched = MlflowClient().create_run(run.info.experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", launched)
     assert main([*args, "--resume", run.info.run_id]) == 0
+    assert "MLFLOW_RUN_ID" not in os.environ
+    launch = MlflowClient().get_run(launched)
+    assert launch.data.tags[names.TAG_RESUMED_INTO] == run.info.run_id and not launch.data.metrics
+    assert run.info.run_id in launch.data.tags[names.TAG_NOTE]
 
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "train-uninterrupted")
     assert main(args) == 0

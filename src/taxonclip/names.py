@@ -28,6 +28,8 @@ TAG_STORAGE = "taxonclip.storage"
 TAG_METRIC = "taxonclip.metric"
 TAG_DIRECTION = "taxonclip.direction"
 TAG_ERROR = "taxonclip.error"
+TAG_RESUMED_INTO = "taxonclip.resumed_into"
+TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 ERROR_ARTIFACT = "error.txt"
 
 ALL_TAXA = "All"

@@ -191,7 +191,8 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
     """Start (or continue) the run of one entry point and end it FINISHED, FAILED or KILLED.
 
     Under `mlflow run` the run it created (`MLFLOW_RUN_ID`) is used; `resume_run_id` continues an
-    earlier run; `parent_run_id` makes a child run (one per sweep trial).
+    earlier run instead, and the run `mlflow run` created then says where the work went on;
+    `parent_run_id` makes a child run (one per sweep trial).
     """
     if not main:
         yield NullRun()
@@ -203,8 +204,8 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
         mlflow.set_experiment(experiment)
     # Taken out of the environment: mlflow.start_run would otherwise resume it as the next run
     # started without a run id, such as a sweep's first trial.
-    run_id = resume_run_id or (
-        os.environ.pop("MLFLOW_RUN_ID", None) if parent_run_id is None else None)
+    launched = os.environ.pop("MLFLOW_RUN_ID", None) if parent_run_id is None else None
+    run_id = resume_run_id or launched
     try:
         active = mlflow.start_run(run_id=run_id, run_name=run_name, parent_run_id=parent_run_id,
                                   nested=parent_run_id is not None,
@@ -213,6 +214,8 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
     except Exception as exc:
         raise TrackingError(f"cannot start or resume the MLflow run {run_id or ''} at "
                             f"{tracking_uri()}: {exc}") from None
+    if launched and launched != active.info.run_id:
+        _point_to_resumed(launched, active.info.run_id)
     status = "FAILED"
     try:
         yield Run(active.info.run_id)
@@ -222,6 +225,16 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
         raise
     finally:
         mlflow.end_run(status)
+
+
+def _point_to_resumed(launched: str, resumed: str) -> None:
+    """Tag the run `mlflow run` created for a resume, which stays empty, with the run that goes on."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    client.set_tag(launched, names.TAG_RESUMED_INTO, resumed)
+    client.set_tag(launched, names.TAG_NOTE, f"This launch resumed run {resumed}: its metrics, "
+                                             f"checkpoints and model continue there.")
 
 
 class RunKilled(Exception):
