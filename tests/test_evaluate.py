@@ -135,7 +135,9 @@ def test_fused_embeddings():
     assert fuse(visual, text, "visual") is visual and fuse(visual, text, "text") is text
 
 
-def test_text_embedding_needs_a_caption_column(specimens, tiny, tmp_path):
+@pytest.mark.parametrize("cache", [False, True])
+def test_text_embedding_needs_a_caption_column(specimens, tiny, tmp_path, monkeypatch, cache):
+    monkeypatch.setenv("TAXONCLIP_CACHE", str(tmp_path / "cache"))
     manifest = read_manifest(specimens)
     without = manifest.table.drop(columns=[c for c in ("caption",) if c in manifest.table])
     csv = tmp_path / "manifest.csv"
@@ -143,8 +145,8 @@ def test_text_embedding_needs_a_caption_column(specimens, tiny, tmp_path):
                    scientificName=without["scientific_name"])[
         ["fileNameAsDelivered", "scientificName", "taxa"]].to_csv(csv, index=False)
     config = EvalConfig(data=DataConfig(data=str(csv)), embedding="avg", workers=0,
-                        cache_embeddings=False, device="cpu")
-    with pytest.raises(DataError, match="caption"):
+                        cache_embeddings=cache, device="cpu")
+    with pytest.raises(DataError, match="needs captions"):
         evaluate(config, tiny)
 
 

@@ -232,7 +232,7 @@ def _cache_key(encoder, manifest: Manifest, config: EvalConfig) -> str | None:
     if not config.cache_embeddings or weights in (None, "none"):
         return None
     digest = hashlib.sha256()
-    captions = manifest.table["caption"] if config.embedding != "visual" else []
+    captions = _captions(manifest, config) if config.embedding != "visual" else []
     for part in (encoder.spec.name, _weights_identity(weights), config.embedding,
                  *manifest.table["image_path"], *captions):
         digest.update(str(part).encode() + b"\0")
