@@ -171,9 +171,14 @@ def _leeds_text_config(leeds, captions, cache: bool) -> EvalConfig:
                       workers=0, cache_embeddings=cache, device="cpu")
 
 
-def test_leeds_field_guide_captions_label_every_species_by_text(leeds, tiny):
-    """One description per species: text embeddings match within a species and nowhere else."""
+def test_leeds_field_guide_captions_label_every_species_by_text(leeds, tiny, monkeypatch):
+    """One description per species: text embeddings match within a species and nowhere else;
+    each distinct description goes through the text tower once."""
+    embedded = []
+    encode_text = tiny.encode_text
+    monkeypatch.setattr(tiny, "encode_text", lambda texts: embedded.extend(texts) or encode_text(texts))
     table = evaluate(_leeds_text_config(leeds, leeds / "descriptions.csv", cache=False), tiny).table
+    assert len(embedded) == 10 and len(set(embedded)) == 10
     species = table[(table["taxa"] == "All") & (table["level"] == "species")]
     assert species["top1_cos"].item() == 1.0 and species["n_classes"].item() == 10
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +117,10 @@ def embed_manifest(encoder: torch.nn.Module, manifest: Manifest, config: EvalCon
     text = None
     if config.embedding != "visual":
         captions = _captions(manifest, config)
-        text = embed_texts(encoder, [captions[i] for i in kept], batch_size=config.batch_size,
-                           device=device)
+        # captions often repeat (one text per species): each distinct one is embedded once
+        distinct, row_caption = np.unique([captions[i] for i in kept], return_inverse=True)
+        text = embed_texts(encoder, distinct.tolist(), batch_size=config.batch_size,
+                           device=device)[torch.from_numpy(row_caption)]
     return fuse(visual, text, config.embedding), kept, len(kept) / max(seconds, 1e-9)
 
 
@@ -196,7 +198,7 @@ def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | 
 def _with_species(manifest: Manifest, species: list[str]) -> Manifest:
     """Only the rows of the given species (`class_fraction` of an evaluation)."""
     table = manifest.table[manifest.table["species"].isin(species)].reset_index(drop=True)
-    return Manifest(table, manifest.report, manifest.root)
+    return replace(manifest, table=table)
 
 
 def _keep_rows(manifest: Manifest, split: Split, kept: np.ndarray) -> tuple[Manifest, Split]:
@@ -205,7 +207,7 @@ def _keep_rows(manifest: Manifest, split: Split, kept: np.ndarray) -> tuple[Mani
     position[kept] = np.arange(len(kept))
     remap = lambda rows: np.sort(position[rows][position[rows] >= 0])  # noqa: E731
     table = manifest.table.iloc[kept].reset_index(drop=True)
-    return (Manifest(table, manifest.report, manifest.root),
+    return (replace(manifest, table=table),
             Split(remap(split.train), remap(split.test), split.train_only, split.seed, split.test_size))
 
 
