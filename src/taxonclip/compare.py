@@ -37,7 +37,6 @@ from taxonclip.tracking import RunRecord
 KIND_EVAL, KIND_TRAIN, KIND_TRIAL = "eval", "train", "sweep trial"
 LEFT_OUT_ENTRIES = ("compare", "sweep")
 KEY_PARAMS = ("margin_m2", "sample_rate", "lr", "class_fraction", "epochs", "embedding")
-COUNT_COLUMNS = ("n_test", "n_classes", "n_lone")
 CHAMPION, CHALLENGER = "champion", "challenger"
 HTML_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:100em}"
               "table{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
@@ -136,7 +135,7 @@ def compare_runs(config: CompareConfig) -> Comparison:
 
 def table_values(tables: pd.DataFrame) -> pd.DataFrame:
     """Every score of every table in long form: run_id, cell (`taxa/level`), key, value."""
-    scores = [c for c in tables.columns if c not in ("run_id", "taxa", "level", *COUNT_COLUMNS)]
+    scores = [c for c in tables.columns if c not in ("run_id", "taxa", "level", *names.COUNT_COLUMNS)]
     long = tables.melt(id_vars=["run_id", "taxa", "level"], value_vars=scores,
                        var_name="metric", value_name="value")
     long["value"] = pd.to_numeric(long["value"], errors="coerce")

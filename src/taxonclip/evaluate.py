@@ -26,9 +26,8 @@ from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.splits import Split, select_classes, split_manifest
 from taxonclip.distributed import resolve_device
 from taxonclip.errors import DataError, ModelError
-from taxonclip.names import ALL_TAXA
+from taxonclip.names import ALL_TAXA, COUNT_COLUMNS
 
-COUNT_COLUMNS = ("n_test", "n_classes", "n_lone")
 TABLE_COLUMNS = ("taxa", "level", *COUNT_COLUMNS, *knn.METRICS)
 SCOPE_LEVELS = ("species", "genus")
 # The similarity blocks of one chunk of queries stay under this, however large the gallery.

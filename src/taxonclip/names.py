@@ -33,6 +33,7 @@ TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 ERROR_ARTIFACT = "error.txt"
 
 ALL_TAXA = "All"
+COUNT_COLUMNS = ("n_test", "n_classes", "n_lone")  # the per-taxa table's counts; the rest are scores
 
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_\-. :/]")
 

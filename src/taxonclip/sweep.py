@@ -48,7 +48,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 from optuna.trial import TrialState
 
 from taxonclip import names, tracking
-from taxonclip.config import LEVELS, TRAIN_PARAMS, SweepConfig, TrainConfig, from_params, to_params
+from taxonclip.config import LEVELS, SWEEP_PARAMS, TRAIN_PARAMS, SweepConfig, TrainConfig, from_params, to_params
 from taxonclip.errors import ConfigError, TaxonclipError, TrackingError
 from taxonclip.evaluate import EvalResult
 from taxonclip.knn import METRICS
@@ -514,8 +514,8 @@ def run_sweep(config: SweepConfig, train: TrainFunction = run_training) -> optun
 
 def _sweep_params(config: SweepConfig, study_name: str, storage_url: str) -> dict[str, Any]:
     overrides = {f"override.{name}": value for name, value in config.overrides.items()}
-    return {"sweep": config.sweep, "n_trials": config.n_trials, "timeout": config.timeout,
-            "storage": redact(storage_url), "study_name": study_name, **overrides}
+    return {**to_params(config, SWEEP_PARAMS), "storage": redact(storage_url), "study_name": study_name,
+            **overrides}
 
 
 def _trials(study: optuna.Study, numbers: list[int]) -> list[optuna.trial.FrozenTrial]:
