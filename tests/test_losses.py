@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from taxonclip.config import LossConfig
 from taxonclip.errors import ConfigError, DataError
 from taxonclip.losses import CombinedMarginLoss, PartialFC, class_shard
 
@@ -109,6 +110,8 @@ def test_arcface_target_is_capped_at_pi():
 def test_unsupported_margins_are_a_config_error(bad, name):
     with pytest.raises(ConfigError, match=name):
         CombinedMarginLoss(**bad)
+    with pytest.raises(ConfigError, match=name):
+        LossConfig(**bad)
 
 
 def hand_loss(embeddings, centres, labels, s, m2=0.0, m3=0.0, filter=0.0):

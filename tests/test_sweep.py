@@ -92,6 +92,8 @@ MALFORMED = {  # changes to VALID's top-level keys (None deletes one) -> the key
                       "search.class_fraction.choices"),
     "value training rejects": (_search("sample_rate", type="float", low=0.5, high=1.5),
                                "search.sample_rate"),
+    "margin the loss rejects": (_search("margin_m2", type="float", low=0.1, high=4.0),
+                                "search.margin_m2"),
     "searched and fixed": ({"fixed": {"lr": 0.1}}, "search.lr"),
     "no search": ({"search": None}, "search"),
     "metric level": ({"metric": "eval/All/family/top1_cos"}, "metric"),

@@ -4,6 +4,7 @@ sweep suggestions) become dataclasses. Everything below the entry points takes t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -66,6 +67,7 @@ class LossConfig:
     sample_rate: float = 1.0
 
     def __post_init__(self) -> None:
+        check_margins(self.s, self.m1, self.m2, self.m3, self.filter)
         _check_range("sample_rate", self.sample_rate, 0.0, 1.0, low_open=True)
 
 
@@ -195,6 +197,25 @@ def _parse_bool(raw: str) -> bool:
     if lowered in ("false", "0", "no", "off"):
         return False
     raise ValueError(raw)
+
+
+def check_margins(s: float, m1: float, m2: float, m3: float, filter: float) -> None:
+    """The margin loss parameters CombinedMarginLoss supports: s > 0, m1 = 1, ArcFace m2 in [0, π)
+    or CosFace m3 >= 0 (not both), filter in [0, 1)."""
+    if not s > 0:
+        raise ConfigError(f"loss parameter 's' (scale) must be positive, got {s}")
+    if m1 != 1.0:
+        raise ConfigError(f"loss parameter 'm1'={m1} is not supported: use m1=1 with 'm2' "
+                          "(ArcFace) or 'm3' (CosFace)")
+    if not 0 <= m2 < math.pi:
+        raise ConfigError(f"loss parameter 'm2' (ArcFace angle margin) must be in [0, π), got {m2}")
+    if not m3 >= 0:
+        raise ConfigError(f"loss parameter 'm3' (CosFace margin) must be at least 0, got {m3}")
+    if m2 > 0 and m3 > 0:
+        raise ConfigError(f"loss parameters 'm2'={m2} and 'm3'={m3} cannot both be set: "
+                          "choose ArcFace (m2) or CosFace (m3)")
+    if not 0 <= filter < 1:
+        raise ConfigError(f"loss parameter 'filter' (cosine threshold) must be in [0, 1), got {filter}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

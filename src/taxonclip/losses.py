@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taxonclip import distributed
+from taxonclip.config import check_margins
 from taxonclip.errors import ConfigError, DataError
 
 
@@ -43,7 +44,7 @@ class CombinedMarginLoss(nn.Module):
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
                  filter: float = 0.0) -> None:
         super().__init__()
-        _check_margins(s, m1, m2, m3, filter)
+        check_margins(s, m1, m2, m3, filter)
         self.s, self.m1, self.m2, self.m3, self.filter = s, m1, m2, m3, filter
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -216,23 +217,6 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         owned = (labels >= 0).to(probs.dtype)
         grad = probs.scatter_add(1, labels.clamp(min=0)[:, None], -owned[:, None])
         return grad * (grad_loss / probs.shape[0]), None
-
-
-def _check_margins(s: float, m1: float, m2: float, m3: float, filter: float) -> None:
-    if not s > 0:
-        raise ConfigError(f"loss parameter 's' (scale) must be positive, got {s}")
-    if m1 != 1.0:
-        raise ConfigError(f"loss parameter 'm1'={m1} is not supported: use m1=1 with 'm2' "
-                          "(ArcFace) or 'm3' (CosFace)")
-    if not 0 <= m2 < math.pi:
-        raise ConfigError(f"loss parameter 'm2' (ArcFace angle margin) must be in [0, π), got {m2}")
-    if not m3 >= 0:
-        raise ConfigError(f"loss parameter 'm3' (CosFace margin) must be at least 0, got {m3}")
-    if m2 > 0 and m3 > 0:
-        raise ConfigError(f"loss parameters 'm2'={m2} and 'm3'={m3} cannot both be set: "
-                          "choose ArcFace (m2) or CosFace (m3)")
-    if not 0 <= filter < 1:
-        raise ConfigError(f"loss parameter 'filter' (cosine threshold) must be in [0, 1), got {filter}")
 
 
 def _check_partial_fc(embedding_size: int, num_classes: int, sample_rate: float,
