@@ -74,23 +74,35 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def all_gather_with_grad(x: Tensor) -> Tensor:
+def batch_sizes(size: int, device: torch.device) -> list[int]:
+    """Every rank's `size` (its number of rows), in rank order: one exchange and one read back to
+    the host, to share between gathers of tensors with the same rows. `[size]` without a group."""
+    if not is_distributed():
+        return [size]
+    count = torch.tensor([size], device=device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    return torch.cat(counts).tolist()
+
+
+def all_gather_with_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     """Concatenate `x` from every rank along dim 0, in rank order; ranks may hold different batch
-    sizes. The backward pass sums the incoming gradient over ranks and returns this rank's slice,
-    so the gradient reaching each rank's inputs is the full gradient of whatever every rank computed
-    from the gathered tensor (summed over ranks, this is the single-process gradient).
-    Without a process group it returns `x` itself."""
+    sizes (`sizes`, from `batch_sizes`, when already known). The backward pass sums the incoming
+    gradient over ranks and returns this rank's slice, so the gradient reaching each rank's inputs
+    is the full gradient of whatever every rank computed from the gathered tensor (summed over
+    ranks, this is the single-process gradient). Without a process group it returns `x` itself."""
     if not is_distributed():
         return x
-    return _AllGather.apply(x)
+    return _AllGather.apply(x, sizes)
 
 
-def all_gather_no_grad(x: Tensor) -> Tensor:
+def all_gather_no_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     """Concatenate `x` from every rank along dim 0, in rank order, outside autograd (labels,
-    counts, saved centres). Without a process group it returns `x` itself."""
+    counts, saved centres); `sizes` as for `all_gather_with_grad`. Without a process group it
+    returns `x` itself."""
     if not is_distributed():
         return x
-    return torch.cat(_gather_parts(x.detach()))
+    return torch.cat(_gather_parts(x.detach(), sizes))
 
 
 def all_reduce(x: Tensor, op: str = "sum") -> Tensor:
@@ -144,28 +156,24 @@ class _AllGather(torch.autograd.Function):
     """all_gather along dim 0 whose backward all-reduces (sums) the gradient and keeps this rank's rows."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        parts = _gather_parts(x)
-        sizes = [part.shape[0] for part in parts]
-        ctx.start = sum(sizes[: dist.get_rank()])
+    def forward(ctx: Any, x: Tensor, sizes: list[int] | None) -> Tensor:
+        parts = _gather_parts(x, sizes)
+        ctx.start = sum(part.shape[0] for part in parts[: dist.get_rank()])
         ctx.size = x.shape[0]
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         # all_reduce works in place: never write into a gradient autograd may still hold
         summed = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return summed[ctx.start: ctx.start + ctx.size]
+        return summed[ctx.start: ctx.start + ctx.size], None
 
 
-def _gather_parts(x: Tensor) -> list[Tensor]:
+def _gather_parts(x: Tensor, sizes: list[int] | None = None) -> list[Tensor]:
     """Each rank's `x`, in rank order. all_gather needs equal shapes, so the sizes are exchanged
-    first and shorter batches are padded to the longest, then trimmed."""
-    count = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    sizes = [int(c.item()) for c in counts]
+    first (unless given) and shorter batches are padded to the longest, then trimmed."""
+    sizes = sizes or batch_sizes(x.shape[0], x.device)
     longest = max(sizes)
     padded = x.contiguous()
     if x.shape[0] < longest:

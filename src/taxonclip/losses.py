@@ -111,9 +111,10 @@ class PartialFC(nn.Module):
         """Mean margin softmax cross-entropy over the global batch, from this rank's `embeddings`
         (B × embedding_size) and integer class `labels` (B); B may differ between steps and ranks."""
         self._check_inputs(embeddings, labels)
-        labels = distributed.all_gather_no_grad(labels)
+        sizes = distributed.batch_sizes(len(labels), labels.device)
+        labels = distributed.all_gather_no_grad(labels, sizes)
         self._check_labels(labels)
-        embeddings = distributed.all_gather_with_grad(embeddings)
+        embeddings = distributed.all_gather_with_grad(embeddings, sizes)
         index, sampled_labels = self._sample(self._local_labels(labels))
         centres = self.weight if index is None else self.weight[index]
         cosines = F.linear(F.normalize(embeddings), F.normalize(centres)).float()
