@@ -105,7 +105,7 @@ class PartialFC(nn.Module):
         self.world_size = world_size
         self.class_start, local_classes = class_shard(num_classes, world_size, rank)
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (local_classes, embedding_size)))
-        self.last_sampled_classes: Tensor | None = None
+        self._last_index: Tensor | None = None
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean margin softmax cross-entropy over the global batch, from this rank's `embeddings`
@@ -149,13 +149,19 @@ class PartialFC(nn.Module):
         column = torch.full((local_classes,), -1, dtype=torch.long, device=device)
         column[index] = torch.arange(wanted, device=device)
         sampled_labels = torch.where(local_labels >= 0, column[local_labels.clamp(min=0)], -1)
-        self.last_sampled_classes = index + self.class_start
+        self._last_index = index
         return index, sampled_labels
 
     def _use_all(self, local_labels: Tensor) -> tuple[None, Tensor]:
-        rows = torch.arange(self.weight.shape[0], device=self.weight.device)
-        self.last_sampled_classes = rows + self.class_start
+        self._last_index = None
         return None, local_labels
+
+    @property
+    def last_sampled_classes(self) -> Tensor:
+        """The global class ids whose centres the last step used, from this rank's block."""
+        rows = (self._last_index if self._last_index is not None else
+                torch.arange(self.weight.shape[0], device=self.weight.device))
+        return rows + self.class_start
 
     def _check_inputs(self, embeddings: Tensor, labels: Tensor) -> None:
         if distributed.world_size() != self.world_size:
