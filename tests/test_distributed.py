@@ -35,7 +35,7 @@ def no_torchrun(monkeypatch):
 
 def test_single_process_without_torchrun(no_torchrun):
     info = distributed.init_from_env("cpu")
-    assert info == distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert info == distributed.DistInfo(rank=0, world_size=1, device=torch.device("cpu"))
     assert info.is_main
     assert not distributed.is_distributed()
 

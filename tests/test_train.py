@@ -70,7 +70,7 @@ def test_epoch_sampler_is_seeded_per_epoch_and_split_across_ranks():
 
 
 def test_checkpoint_restores_the_exact_state():
-    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    info = DistInfo(rank=0, world_size=1, device=torch.device("cpu"))
     state, config = _state(sample_rate=0.5)
     for seed in range(3):
         train_step(state, [_batch(8, seed)], state.encoder, torch.device("cpu"))

@@ -18,12 +18,11 @@ from taxonclip.errors import ConfigError
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process stands: its rank among `world_size` processes, its rank on this machine
-    (`local_rank`, which picks the GPU) and the device it computes on."""
+    """Where this process stands: its rank among `world_size` processes and the device it computes
+    on (with several processes on CUDA, the GPU its rank on this machine picks)."""
 
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -42,15 +41,14 @@ def init_from_env(device: str = "auto") -> DistInfo:
     world_size = _env_int("WORLD_SIZE", 1)
     chosen = resolve_device(device)
     if world_size <= 1:
-        return DistInfo(rank=0, world_size=1, local_rank=0, device=chosen)
+        return DistInfo(rank=0, world_size=1, device=chosen)
     local_rank = _env_int("LOCAL_RANK", 0)
     if chosen.type == "cuda":
         chosen = torch.device("cuda", local_rank)
         torch.cuda.set_device(chosen)
     if not is_distributed():
         dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    local_rank=local_rank, device=chosen)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=chosen)
 
 
 def shutdown() -> None:

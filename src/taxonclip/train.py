@@ -330,7 +330,6 @@ def _evaluate_epoch(state, config, data, run, info, on_epoch) -> EvalResult | No
     if info.is_main:
         result = evaluate(config.eval_config(), state.encoder, data.manifest, data.split,
                           seen_species=data.seen_species)
-        state.encoder.train()
         run.log_eval_metrics(result.table, step=state.epoch)
         run.log_metrics({names.EVAL_EMBED_IMG_PER_S: result.img_per_s}, step=state.epoch)
         metric = _headline(result)
@@ -405,10 +404,11 @@ def _finish(state, config, data, result, run, info) -> None:
     run.log_eval_table(result.table)
     run.log_text(split_csv(result), names.SPLIT_ARTIFACT)
     with _scratch() as folder:
-        np.save(Path(folder) / "centroids.npy", centres)
-        pd.DataFrame({"row": range(len(data.classes)), config.label: data.classes}).to_csv(
-            Path(folder) / "classes.csv", index=False)
-        run.log_artifact(Path(folder) / "centroids.npy", "centroids")
-        run.log_artifact(Path(folder) / "classes.csv", "centroids")
+        centroids, classes = Path(folder, names.CENTROIDS), Path(folder, names.CENTROID_CLASSES)
+        centroids.parent.mkdir(parents=True)
+        np.save(centroids, centres)
+        pd.DataFrame({"row": range(len(data.classes)), config.label: data.classes}).to_csv(classes, index=False)
+        for path, artifact in ((centroids, names.CENTROIDS), (classes, names.CENTROID_CLASSES)):
+            run.log_artifact(path, Path(artifact).parent.as_posix())
     state.encoder.weights = f"runs:/{run.run_id}/{names.MODEL_ARTIFACT}"
     run.log_model(state.encoder, register_as=config.register_as)
