@@ -7,6 +7,7 @@ nothing, so training code logs unconditionally and stays free of rank checks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import urllib.error
@@ -130,8 +131,11 @@ class Run:
         """Remove one artifact (an old checkpoint)."""
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        run = self.client.get_run(self.run_id)
-        get_artifact_repository(run.info.artifact_uri).delete_artifacts(artifact_path)
+        get_artifact_repository(self._artifact_uri).delete_artifacts(artifact_path)
+
+    @functools.cached_property
+    def _artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
 
     def download(self, artifact_path: str, dst: str | Path) -> Path:
         """Fetch one artifact of this run into `dst`."""
@@ -229,12 +233,9 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
 
 def _point_to_resumed(launched: str, resumed: str) -> None:
     """Tag the run `mlflow run` created for a resume, which stays empty, with the run that goes on."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    client.set_tag(launched, names.TAG_RESUMED_INTO, resumed)
-    client.set_tag(launched, names.TAG_NOTE, f"This launch resumed run {resumed}: its metrics, "
-                                             f"checkpoints and model continue there.")
+    Run(launched).set_tags({names.TAG_RESUMED_INTO: resumed,
+                            names.TAG_NOTE: f"This launch resumed run {resumed}: its metrics, "
+                                            f"checkpoints and model continue there."})
 
 
 class RunKilled(Exception):

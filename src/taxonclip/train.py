@@ -305,8 +305,7 @@ def _train_in_run(config: TrainConfig, data: TrainData, encoder, run, info, on_e
     forward = torch.compile(state.encoder) if config.compile else state.encoder
     skip_logged_until = _resume(state, config, run, info)
     if state.epoch == 0:
-        run.log_params(to_params(config, TRAIN_PARAMS))
-        run.log_params(_sizes(state, data))
+        run.log_params({**to_params(config, TRAIN_PARAMS), **_sizes(state, data)})
     result, first_epoch = None, state.epoch
     while state.epoch < config.epochs:
         train_epoch(state, loader, config, forward, info.device, run, info, skip_logged_until)
