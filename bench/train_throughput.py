@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from taxonclip.config import LossConfig, TrainConfig  # noqa: E402
+from taxonclip.distributed import resolve_device  # noqa: E402
 from taxonclip.models import create_model  # noqa: E402
 from taxonclip.train import build_state, train_step  # noqa: E402
 
@@ -125,7 +126,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     torch.backends.cuda.matmul.allow_tf32 = False
     peak = measure_peak_tflops(device) if device.type == "cuda" else 0.0
     methods = ["taxonclip bf16"] + (["taxonclip bf16 compile"] if args.compile else [])

@@ -114,11 +114,15 @@ _SPECS = {spec.name: spec for spec in (
     _unicom_spec("unicom:ViT-L/14", 768, 224, 24, 1024, 14, 16),
     _unicom_spec("unicom:ViT-L/14@336px", 768, 336, 24, 1024, 14, 16),
 )}
-_PRETRAINED_WORDS = {"clip": ("pretrained", "openai"), "unicom": ("pretrained", "unicom"),
-                     "tiny": ("pretrained",)}
 # Per source: the published files, their cache folder, and the `weights` label they load under.
 _PUBLISHED = {"clip": (CLIP_RELEASES, clip_cache_dir, "openai"),
               "unicom": (UNICOM_RELEASES, unicom_cache_dir, "unicom")}
+
+
+def _weight_words(source: str) -> tuple[str, ...]:
+    """What `weights=` accepts for a source's own weights: `pretrained`, or the published label."""
+    published = _PUBLISHED.get(source)
+    return ("pretrained",) if published is None else ("pretrained", published[2])
 
 
 def list_models() -> list[ModelSpec]:
@@ -148,7 +152,7 @@ def create_model(name: str, weights: str = "pretrained",
 def load_encoder(spec: ModelSpec, weights: str = "pretrained") -> Encoder:
     """The encoder of any spec, also one outside the registry; `weights` as in `create_model`."""
     word = weights.strip().lower()
-    words = _PRETRAINED_WORDS.get(spec.source, ())
+    words = _weight_words(spec.source)
     if word == "none":
         return _random_encoder(spec, "none")
     if word in words:
