@@ -196,6 +196,13 @@ def test_captions_file_errors_name_the_file_and_the_names(tmp_path):
         with pytest.raises(DataError, match=message):
             load_manifest(config)
 
+    unnamed = tmp_path / "unnamed.csv"
+    unnamed.write_text("name,text\nDanaus plexippus,orange\n")
+    with pytest.raises(DataError) as error:
+        load_manifest(DataConfig(data=str(path), captions=str(unnamed)))
+    assert str(error.value) == (f"{unnamed}: no name column: expected one of scientificName, "
+                                "scientific_name; the columns are: name, text")
+
 
 def test_leeds_field_guide_descriptions_caption_every_image(leeds):
     table = load_manifest(DataConfig(data=str(leeds), captions=str(leeds / "descriptions.csv"))).table

@@ -151,7 +151,7 @@ def _captions_by_name(file: Path, caption_column: str | None) -> pd.Series:
     if not file.is_file():
         raise DataError(f"captions file {file} does not exist")
     raw = _read_table(file, role="captions file")
-    name_col = _pick_column(raw, None, NAME_COLUMNS, "name", file)
+    name_col = _pick_column(raw, None, NAME_COLUMNS, "name", file, settable=False)
     text_col = _pick_column(raw, caption_column, CAPTION_COLUMNS, "caption", file)
     texts = pd.DataFrame({"name": raw[name_col].map(clean_name), "text": raw[text_col]}).dropna()
     conflicting = texts.groupby("name")["text"].nunique().loc[lambda counts: counts > 1]
@@ -315,8 +315,9 @@ def _read_table(file: Path, role: str = "manifest") -> pd.DataFrame:
 
 
 def _pick_column(frame: pd.DataFrame, requested: str | None, candidates: tuple[str, ...],
-                 role: str, file: Path) -> str:
-    """The column asked for, else the first default candidate present (ignoring case and _)."""
+                 role: str, file: Path, settable: bool = True) -> str:
+    """The column asked for, else the first default candidate present (ignoring case and _);
+    `settable` says whether a `<role>_column` parameter can name another one."""
     existing = ", ".join(map(str, frame.columns))
     if requested is not None:
         if requested in frame.columns:
@@ -325,8 +326,9 @@ def _pick_column(frame: pd.DataFrame, requested: str | None, candidates: tuple[s
                         f"the columns are: {existing}")
     found = _find_column(frame, candidates)
     if found is None:
-        raise DataError(f"{file}: no {role} column: expected one of {', '.join(candidates)} "
-                        f"(or set {role}_column); the columns are: {existing}")
+        alternative = f" (or set {role}_column)" if settable else ""
+        raise DataError(f"{file}: no {role} column: expected one of {', '.join(candidates)}"
+                        f"{alternative}; the columns are: {existing}")
     return found
 
 
