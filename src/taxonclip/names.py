@@ -14,6 +14,7 @@ PER_TAXA_TABLE = "eval/per_taxa.json"
 TABLE_CSV = "eval/per_taxa.csv"
 TABLE_MARKDOWN = "eval/per_taxa.md"
 SPLIT_ARTIFACT = "eval/split.csv"
+DATA_SUMMARY = "data/summary.txt"
 CHECKPOINT_DIR = "checkpoints"
 CENTROIDS = "centroids/centroids.npy"
 CENTROID_CLASSES = "centroids/classes.csv"
@@ -33,7 +34,13 @@ TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 ERROR_ARTIFACT = "error.txt"
 
 ALL_TAXA = "All"
+LEVELS = ("species", "genus", "taxa")
 COUNT_COLUMNS = ("n_test", "n_classes", "n_lone")  # the per-taxa table's counts; the rest are scores
+SCORES = ("top1_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "macro_top1_cos", "map_at_r")
+# The cell that picks the best checkpoint, that sweeps optimise and that compare ranks by, unless
+# a run names another; and the cell that breaks compare's ties.
+HEADLINE_METRIC = f"{ALL_TAXA}/species/top1_cos"
+TIE_BREAK_METRIC = f"{ALL_TAXA}/species/mean_cos"
 
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9_\-. :/]")
 
@@ -43,11 +50,23 @@ def sanitise(part: str) -> str:
     return _NOT_ALLOWED.sub("_", str(part)).strip() or "_"
 
 
+def taxa_key(taxa: str) -> str:
+    """How a taxa is spelled inside metric keys: sanitised, without `/`."""
+    return sanitise(taxa).replace("/", "_")
+
+
 def table_key(taxa: str, level: str, metric: str) -> str:
     """The name of one cell of the per-taxa table, e.g. `All/species/top1_cos`."""
-    return f"{sanitise(taxa).replace('/', '_')}/{level}/{metric}"
+    return f"{taxa_key(taxa)}/{level}/{metric}"
 
 
 def eval_metric(taxa: str, level: str, metric: str) -> str:
     """The MLflow metric key of one table cell, e.g. `eval/All/species/top1_cos`."""
     return f"eval/{table_key(taxa, level, metric)}"
+
+
+def is_table_key(key: object) -> bool:
+    """Whether `key` has the form `<taxa>/<level>/<score>` of a per-taxa table cell."""
+    parts = key.split("/") if isinstance(key, str) else []
+    return (len(parts) == 3 and parts[0].strip() != "" and parts[1] in LEVELS
+            and parts[2] in SCORES)

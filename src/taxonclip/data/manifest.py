@@ -16,7 +16,8 @@ Three layouts are accepted:
 `image_id` is the image's path relative to the dataset root (the VLM4Bio folder or the manifest's
 folder): unique and stable, it keys the saved split and embedding caches. Columns other than the
 image, name and taxa ones are kept, except those named like a column of `COLUMNS`, which the
-table derives itself.
+table derives itself. With `group_column`, a column `group` holds each row's group (a specimen,
+clip or observation id; a blank group is the row's own image), which the split keeps on one side.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from taxonclip import names
 from taxonclip.config import MISSING_POLICIES, SYNTHETIC, DataConfig
+from taxonclip.data.splits import GROUP_COLUMN
 from taxonclip.data.synthetic import default_dataset
 from taxonclip.errors import ConfigError, DataError
 
@@ -51,6 +54,8 @@ CHECK_THREADS = 8  # opening image headers is I/O bound, so threads help on netw
 _RANK_ABOVE_GENUS = re.compile(r"(idae|inae|ini|oidea|formes)$")
 _EPITHET = re.compile(r"^[a-z][a-z-]*$")
 _NOT_AN_EPITHET = frozenset({"sp", "spp", "cf", "aff", "indet"})
+# zero-width and bidirectional marks: invisible, yet they make two spellings of one name differ
+_INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 
 
 @dataclass(frozen=True)
@@ -67,15 +72,23 @@ class ManifestReport:
     n_species: int = 0
     n_genera: int = 0
     n_taxa: int = 0
+    above_genus: int = 0
+    dropped_repeated: int = 0
 
     def summary(self) -> str:
         """A few lines for people: counts of rows and classes, dropped rows and missing images."""
+        genus_only = self.no_epithet - self.above_genus
         lines = [
             f"manifest: {self.source}",
             f"rows: {self.rows}",
             f"species: {self.n_species}, genera: {self.n_genera}, taxa: {self.n_taxa}",
             f"dropped (blank name): {self.dropped_blank}",
+            f"dropped (image listed again under the same name): {self.dropped_repeated}",
             f"kept without a species epithet: {self.no_epithet}",
+            f"  named to genus only (e.g. 'Danaus sp.'): {genus_only}: scored at genus and taxa "
+            f"level, trained on with label=genus",
+            f"  named above genus (e.g. a family): {self.above_genus}: scored at taxa level "
+            f"only, never trained on",
             f"missing or unreadable images: {len(self.missing)} (policy {self.policy})",
         ]
         lines += [f"  {path}" for path in self.missing[:SHOWN]]
@@ -110,6 +123,16 @@ class Manifest:
 
 
 @dataclass(frozen=True)
+class _Columns:
+    """The manifest columns a user named (None: found by their usual names, or absent)."""
+
+    image: str | None
+    name: str | None
+    caption: str | None
+    group: str | None
+
+
+@dataclass(frozen=True)
 class _Source:
     """One manifest file, the folders its image paths may be relative to, its VLM4Bio group (the
     taxa of all its rows) if it is in one, and its folder's name (the taxa when nothing else is)."""
@@ -127,7 +150,8 @@ def load_manifest(config: DataConfig) -> Manifest:
     data = default_dataset() if config.data == SYNTHETIC else config.data
     manifest = read_manifest(data, image_column=config.image_column, name_column=config.name_column,
                              taxa=config.taxa, missing=config.missing,
-                             caption_column=None if config.captions else config.caption_column)
+                             caption_column=None if config.captions else config.caption_column,
+                             group_column=config.group_column)
     if config.captions:
         return with_captions(manifest, Path(config.captions).expanduser(), config.caption_column)
     return manifest
@@ -169,14 +193,16 @@ def _listed(names: list[str]) -> str:
 
 def read_manifest(path: str | Path, image_column: str | None = None, name_column: str | None = None,
                   taxa: str | None = None, missing: str = "error",
-                  caption_column: str | None = None) -> Manifest:
+                  caption_column: str | None = None, group_column: str | None = None) -> Manifest:
     """Read and validate a VLM4Bio folder, a CSV or parquet manifest, or a folder holding one.
 
     Column names default to the VLM4Bio ones (`fileNameAsDelivered`, `scientificName`) and also
     accept `image_path`/`file_name`-style and `scientific_name` names; `taxa` sets one taxa for
     every row. Rows with a blank name are dropped and counted. Missing or unreadable images raise
     `DataError` under `missing="error"` and are dropped and listed under `missing="skip"`. A
-    `caption_column` is renamed `caption`; without one, a `caption` column is kept as it is.
+    `caption_column` is renamed `caption`; without one, a `caption` column is kept as it is. A
+    `group_column` becomes the column `group`. Taxa names that would share a metric key, or take
+    the overall row's name, are refused.
     """
     if missing not in MISSING_POLICIES:
         raise ConfigError(f"parameter 'missing' is {missing!r}; "
@@ -184,12 +210,18 @@ def read_manifest(path: str | Path, image_column: str | None = None, name_column
     root, sources = _find_sources(Path(path).expanduser())
     frames, dropped_blank = [], 0
     for source in sources:
-        frame, blank = _read_source(source, image_column, name_column, caption_column, taxa)
+        frame, blank = _read_source(source, _Columns(image_column, name_column, caption_column,
+                                                     group_column), taxa)
         frames.append(frame)
         dropped_blank += blank
     table = pd.concat(frames, ignore_index=True)
     table["image_id"] = [_image_id(p, root) for p in table["image_path"]]
+    if group_column:
+        table[GROUP_COLUMN] = table[GROUP_COLUMN].fillna(table["image_id"])
+    listed = len(table)
     table = _drop_repeated_images(table, root)
+    dropped_repeated = listed - len(table)
+    check_taxa_names(table["taxa"], root)
     problems = _unreadable_images(table["image_path"])
     if problems and missing == "error":
         raise DataError(_missing_message(problems, len(table), root))
@@ -201,16 +233,33 @@ def read_manifest(path: str | Path, image_column: str | None = None, name_column
         source=str(root if len(sources) > 1 else sources[0].file), rows=len(table),
         dropped_blank=dropped_blank, no_epithet=int(table["species"].isna().sum()),
         missing=tuple(problems), policy=missing, n_species=int(table["species"].nunique()),
-        n_genera=int(table["genus"].nunique()), n_taxa=int(table["taxa"].nunique()))
+        n_genera=int(table["genus"].nunique()), n_taxa=int(table["taxa"].nunique()),
+        above_genus=int(table["genus"].isna().sum()), dropped_repeated=dropped_repeated)
     return Manifest(table=table, report=report, root=root)
 
 
 def clean_name(raw: object) -> str | None:
-    """A scientific name without padding and with inner runs of spaces collapsed; None if blank."""
+    """A scientific name without padding, invisible marks (zero-width and bidirectional) and with
+    inner runs of spaces collapsed; None if blank."""
     if not isinstance(raw, str) and pd.isna(raw):
         return None
-    name = " ".join(str(raw).split())
+    name = " ".join(_INVISIBLE.sub("", str(raw)).split())
     return name or None
+
+
+def check_taxa_names(taxa: pd.Series, source: object) -> None:
+    """Refuse a taxa named like the overall row (`All`, `All:seen`, ...) and two taxa whose
+    metric keys are the same (`a/b` and `a_b`): their rows of the table would merge."""
+    by_key: dict[str, list[str]] = {}
+    for name in sorted(taxa.unique()):
+        by_key.setdefault(names.taxa_key(name), []).append(name)
+    for key, spelled in by_key.items():
+        if key == names.ALL_TAXA or key.startswith(f"{names.ALL_TAXA}:"):
+            raise DataError(f"{source}: taxa {spelled[0]!r} takes the name of the table's overall "
+                            f"row {names.ALL_TAXA!r}; rename it")
+        if len(spelled) > 1:
+            raise DataError(f"{source}: taxa {' and '.join(map(repr, spelled))} would share the "
+                            f"metric key eval/{key}/...; rename one of them")
 
 
 def species_of(name: str) -> str | None:
@@ -267,15 +316,17 @@ def _group_files(group: Path) -> list[Path]:
     return sorted((group / VLM4BIO_METADATA).glob("*.csv"))
 
 
-def _read_source(source: _Source, image_column: str | None, name_column: str | None,
-                 caption_column: str | None, taxa: str | None) -> tuple[pd.DataFrame, int]:
-    """One manifest file as a table with the columns of `COLUMNS` (but `image_id`) and its
-    extra columns, and the number of rows dropped for a blank name."""
+def _read_source(source: _Source, columns: _Columns,
+                 taxa: str | None) -> tuple[pd.DataFrame, int]:
+    """One manifest file as a table with the columns of `COLUMNS` (but `image_id`), its group
+    when asked for, its extra columns, and the number of rows dropped for a blank name."""
     raw = _read_table(source.file)
-    image_col = _pick_column(raw, image_column, IMAGE_COLUMNS, "image", source.file)
-    name_col = _pick_column(raw, name_column, NAME_COLUMNS, "name", source.file)
-    caption_col = (_pick_column(raw, caption_column, (), "caption", source.file)
-                   if caption_column else None)
+    image_col = _pick_column(raw, columns.image, IMAGE_COLUMNS, "image", source.file)
+    name_col = _pick_column(raw, columns.name, NAME_COLUMNS, "name", source.file)
+    caption_col = (_pick_column(raw, columns.caption, (), "caption", source.file)
+                   if columns.caption else None)
+    group_col = (_pick_column(raw, columns.group, (), "group", source.file)
+                 if columns.group else None)
     fixed_taxa = taxa or source.group
     taxa_col = None if fixed_taxa else _find_column(raw, TAXA_COLUMNS)
     names = raw[name_col].map(clean_name)
@@ -283,7 +334,7 @@ def _read_source(source: _Source, image_column: str | None, name_column: str | N
     files = [_image_file(value, source.file, row, image_col)
              for row, value in kept[image_col].items()]
     base = _image_base(files, source.image_dirs)
-    frame = _extra_columns(kept, (image_col, name_col, taxa_col), caption_col).assign(
+    frame = _extra_columns(kept, (image_col, name_col, taxa_col), caption_col, group_col).assign(
         image_path=[os.path.abspath(base / f) for f in files],
         scientific_name=names[names.notna()].to_numpy(),
         species=[species_of(n) for n in names.dropna()],
@@ -292,13 +343,18 @@ def _read_source(source: _Source, image_column: str | None, name_column: str | N
     return frame.reset_index(drop=True), int(names.isna().sum())
 
 
-def _extra_columns(kept: pd.DataFrame, used: tuple[str | None, ...],
-                   caption_col: str | None) -> pd.DataFrame:
+def _extra_columns(kept: pd.DataFrame, used: tuple[str | None, ...], caption_col: str | None,
+                   group_col: str | None) -> pd.DataFrame:
     """The columns carried along unchanged: all but those read into `COLUMNS` or replaced by
-    them, with the caption column renamed `caption`."""
-    frame = kept.drop(columns=[c for c in kept.columns if c in used or c in COLUMNS])
+    them, with the caption column renamed `caption` and the group column `group` (a column
+    already named `group` is not one unless `group_column` names it)."""
+    derived = (*COLUMNS, GROUP_COLUMN)
+    frame = kept.drop(columns=[c for c in kept.columns if c in used or c in derived])
     if caption_col is not None:
         frame = frame.drop(columns=[caption_col], errors="ignore").assign(caption=kept[caption_col])
+    if group_col is not None:
+        frame = frame.drop(columns=[group_col], errors="ignore").assign(
+            **{GROUP_COLUMN: kept[group_col].map(clean_name)})
     return frame
 
 

@@ -3,6 +3,12 @@
 Both draw from one numpy generator per class, seeded by the run's seed and the class name, so a
 class's draw does not depend on which other classes or rows the table holds: the same seed gives
 the same test images for a class whether the table is shuffled, a subset of classes, or whole.
+
+A table with a `group` column (a specimen, clip or observation id per row) is split by whole
+groups instead, so that frames of one clip or photos of one specimen never sit on both sides:
+the nearest neighbour of a test frame would otherwise be the same fish a frame later. Its
+seeded order is a key per group from the seed and the group's id, so it too does not depend on
+row order; a group holding two classes ties their splits together.
 """
 
 from __future__ import annotations
@@ -13,22 +19,30 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from taxonclip.config import LABELS
 from taxonclip.errors import ConfigError, DataError
+from taxonclip.names import LEVELS
 
-# separate streams for the split and the class choice, so one seed does not correlate them
+GROUP_COLUMN = "group"
+
+# separate streams for the split, the class choice and the group order, so one seed does not
+# correlate them
 _SPLIT_STREAM = 1
 _CLASS_STREAM = 2
+_GROUP_STREAM = 3
 
 
 @dataclass(frozen=True)
 class Split:
-    """Row positions (sorted) of the train and test images of a manifest table."""
+    """Row positions (sorted) of the train and test images of a manifest table; `grouped` says
+    whether whole groups (the table's `group` column) were kept on one side."""
 
     train: np.ndarray
     test: np.ndarray
     train_only: int
     seed: int
     test_size: float
+    grouped: bool = False
 
     def test_ids(self, table: pd.DataFrame) -> list[str]:
         """The `image_id` of every test row, in row order."""
@@ -44,12 +58,31 @@ def stratum(table: pd.DataFrame) -> pd.Series:
 def split_manifest(table: pd.DataFrame, test_size: float, seed: int) -> Split:
     """Split per class: a class of n >= 2 images sends round(n * test_size) of them (rounded half
     up, at least 1 and at most n - 1) to test; a class of one image stays in train and is counted
-    in `train_only`."""
+    in `train_only`.
+
+    With a `group` column every group goes whole to one side (see `_grouped_test_rows`): the
+    per-class counts are then targets met as closely as the group sizes allow, a class whose
+    images all sit in one group cannot be split and stays in train, and `train_only` counts
+    every class left without a test image."""
     if not 0.0 < test_size < 1.0:
         raise ConfigError(f"parameter 'test_size' must be in (0, 1), got {test_size}")
     _check_seed(seed)
     if table.empty:
         raise DataError("cannot split an empty manifest")
+    grouped = GROUP_COLUMN in table.columns
+    if grouped:
+        test_rows, train_only = _grouped_test_rows(table, test_size, seed)
+    else:
+        test_rows, train_only = _stratified_test_rows(table, test_size, seed)
+    train_rows = np.setdiff1d(np.arange(len(table)), test_rows)
+    return Split(train=train_rows, test=test_rows, train_only=train_only, seed=seed,
+                 test_size=test_size, grouped=grouped)
+
+
+def _stratified_test_rows(table: pd.DataFrame, test_size: float,
+                          seed: int) -> tuple[np.ndarray, int]:
+    """The sorted test rows of a seeded draw of images per class, and the number of classes
+    too small to split."""
     labels = stratum(table).to_numpy()
     ids = table["image_id"].to_numpy()
     test: list[np.ndarray] = []
@@ -60,29 +93,157 @@ def split_manifest(table: pd.DataFrame, test_size: float, seed: int) -> Split:
             train_only += 1
             continue
         rows = rows[np.argsort(ids[rows], kind="stable")]  # row order must not matter
-        n_test = min(max(int(np.floor(len(rows) * test_size + 0.5)), 1), len(rows) - 1)
+        n_test = _test_count(len(rows), test_size)
         test.append(_class_rng(seed, _SPLIT_STREAM, label).permutation(rows)[:n_test])
     test_rows = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
-    train_rows = np.setdiff1d(np.arange(len(table)), test_rows)
-    return Split(train=train_rows, test=test_rows, train_only=train_only, seed=seed,
-                 test_size=test_size)
+    return test_rows, train_only
 
 
-def select_classes(table: pd.DataFrame, fraction: float, seed: int) -> list[str]:
-    """A seeded random subset of the species (round(fraction * n) of them, at least one), sorted.
+def _test_count(n: int, test_size: float) -> int:
+    """How many of a class's n >= 2 images go to test: round(n * test_size) half up, at least 1,
+    at most n - 1."""
+    return min(max(int(np.floor(n * test_size + 0.5)), 1), n - 1)
 
-    Each species gets a seeded random key and the smallest keys are kept, so for one seed a
+
+@dataclass
+class _GroupTally:
+    """The groups of a table as integer codes with the (class code, images) pairs each holds,
+    and which groups are in test so far with the test images per class that makes."""
+
+    members: list[list[tuple[int, int]]]
+    group_sizes: list[int]
+    class_sizes: list[int]
+    targets: list[int]
+    test_counts: list[int]
+    in_test: np.ndarray
+
+    def can_move(self, group: int) -> bool:
+        """Whether the group may change sides: a group may always return to train, and may go
+        to test when each class it holds keeps a train image."""
+        return bool(self.in_test[group]) or all(
+            self.test_counts[c] + k < self.class_sizes[c] for c, k in self.members[group])
+
+    def move_helps(self, group: int) -> bool:
+        """Whether moving the group to the other side lowers the summed distance, in images, of
+        the per-class test counts from their targets."""
+        sign = -1 if self.in_test[group] else 1
+        change = 0
+        for c, k in self.members[group]:
+            now = self.test_counts[c] - self.targets[c]
+            change += abs(now + sign * k) - abs(now)
+        return change < 0
+
+    def move(self, group: int) -> None:
+        """Move the group to the other side."""
+        sign = -1 if self.in_test[group] else 1
+        for c, k in self.members[group]:
+            self.test_counts[c] += sign * k
+        self.in_test[group] = not self.in_test[group]
+
+
+def _grouped_test_rows(table: pd.DataFrame, test_size: float,
+                       seed: int) -> tuple[np.ndarray, int]:
+    """The sorted test rows of a split by whole groups, and the number of classes without a
+    test image.
+
+    Each class of n images in at least two groups gets the target count of the ungrouped split;
+    a class in a single group gets 0. All groups start in train. Passes over the groups in a
+    seeded random order (a key per group from the seed and the group's id, so row order does not
+    change it) move a group to the other side whenever that lowers the summed distance, in
+    images, of the per-class test counts from their targets, never leaving a class without a
+    train image; they stop when a pass moves nothing. A group holding several classes counts
+    for each of them. Last, each class that can be split but has no test image sends its
+    smallest group that keeps every class it holds a train image (fewest images, then the
+    seeded order), so such a class is tested wherever its groups allow it."""
+    _, class_of_row = np.unique(stratum(table).to_numpy(), return_inverse=True)
+    group_names, group_of_row = np.unique(_group_ids(table), return_inverse=True)
+    tally = _tally(class_of_row, group_of_row, test_size)
+    order = _group_order(group_names, seed)
+    _move_groups_towards_targets(tally, order)
+    _give_untested_classes_a_group(tally, order)
+    test_rows = np.flatnonzero(tally.in_test[group_of_row])
+    return test_rows, sum(1 for count in tally.test_counts if count == 0)
+
+
+def _group_ids(table: pd.DataFrame) -> np.ndarray:
+    """The group of each row as text; a blank one is refused, as it would join unrelated rows."""
+    blank = table[GROUP_COLUMN].isna()
+    if blank.any():
+        raise DataError(f"column {GROUP_COLUMN!r} is blank in {int(blank.sum())} rows "
+                        "(give each row a group, or its own image_id)")
+    return table[GROUP_COLUMN].astype(str).to_numpy()
+
+
+def _tally(class_of_row: np.ndarray, group_of_row: np.ndarray, test_size: float) -> _GroupTally:
+    """Images per (group, class) pair, per group and per class, each class's target, and every
+    group in train."""
+    pairs, counts = np.unique(np.stack([group_of_row, class_of_row], axis=1), axis=0,
+                              return_counts=True)
+    starts = np.flatnonzero(np.diff(pairs[:, 0], prepend=-1))  # pairs are sorted by group
+    members = [list(zip(cls.tolist(), k.tolist())) for cls, k in
+               zip(np.split(pairs[:, 1], starts[1:]), np.split(counts, starts[1:]))]
+    class_sizes = np.bincount(class_of_row).tolist()
+    groups_per_class = np.bincount(pairs[:, 1], minlength=len(class_sizes)).tolist()
+    targets = [_test_count(n, test_size) if g >= 2 else 0
+               for n, g in zip(class_sizes, groups_per_class)]
+    return _GroupTally(members=members, group_sizes=np.bincount(group_of_row).tolist(),
+                       class_sizes=class_sizes, targets=targets,
+                       test_counts=[0] * len(class_sizes),
+                       in_test=np.zeros(len(members), dtype=bool))
+
+
+def _group_order(group_names: np.ndarray, seed: int) -> np.ndarray:
+    """Group codes in a seeded random order; the names are sorted, so equal keys keep name order."""
+    keys = [_class_rng(seed, _GROUP_STREAM, name).random() for name in group_names]
+    return np.argsort(keys, kind="stable")
+
+
+def _move_groups_towards_targets(tally: _GroupTally, order: np.ndarray) -> None:
+    """Pass over the groups, moving each whose move brings the test counts closer to the
+    targets, until a pass moves none; each move lowers a whole-number distance, so this ends."""
+    moved = True
+    while moved:
+        moved = False
+        for group in order:
+            if tally.can_move(group) and tally.move_helps(group):
+                tally.move(group)
+                moved = True
+
+
+def _give_untested_classes_a_group(tally: _GroupTally, order: np.ndarray) -> None:
+    """Send to test, for each splittable class without a test image, its smallest group that
+    keeps every class it holds a train image."""
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    holding: list[list[int]] = [[] for _ in tally.class_sizes]
+    for group, members in enumerate(tally.members):
+        for c, _ in members:
+            holding[c].append(group)
+    for c, target in enumerate(tally.targets):
+        if target == 0 or tally.test_counts[c] > 0:
+            continue
+        candidates = [g for g in holding[c] if tally.can_move(g)]
+        if candidates:
+            tally.move(min(candidates, key=lambda g: (tally.group_sizes[g], rank[g])))
+
+
+def select_classes(table: pd.DataFrame, fraction: float, seed: int,
+                   level: str = "species") -> list[str]:
+    """A seeded random subset of the classes at `level` (round(fraction * n) of them, at least
+    one), sorted.
+
+    Each class gets a seeded random key and the smallest keys are kept, so for one seed a
     smaller fraction keeps a subset of what a larger one keeps."""
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"parameter 'class_fraction' must be in (0, 1], got {fraction}")
     _check_seed(seed)
-    species = sorted(table["species"].dropna().unique())
-    if not species:
-        raise DataError("no row names a species, so there are no classes to select from")
-    n_kept = max(1, int(np.floor(len(species) * fraction + 0.5)))
-    keys = [_class_rng(seed, _CLASS_STREAM, name).random() for name in species]
+    classes = sorted(table[level].dropna().unique())
+    if not classes:
+        raise DataError(f"no row names a {level}, so there are no classes to select from")
+    n_kept = max(1, int(np.floor(len(classes) * fraction + 0.5)))
+    keys = [_class_rng(seed, _CLASS_STREAM, name).random() for name in classes]
     kept = np.argsort(keys, kind="stable")[:n_kept]
-    return sorted(species[i] for i in kept)
+    return sorted(classes[i] for i in kept)
 
 
 def _class_rng(seed: int, stream: int, label: str) -> np.random.Generator:
@@ -92,3 +253,22 @@ def _class_rng(seed: int, stream: int, label: str) -> np.random.Generator:
 def _check_seed(seed: int) -> None:
     if seed < 0:
         raise ConfigError(f"parameter 'seed' must be at least 0, got {seed}")
+
+
+def level_summary(table: pd.DataFrame, split: Split) -> str:
+    """What each level of the table scores and trains on: its classes, and its labelled rows in
+    train (what `label=<level>` trains on) and in test (what the table scores, but for lone
+    queries, whose class has no train image)."""
+    lines = ["per level: classes, labelled rows in train (label=<level> trains on them) and in "
+             "test (scored)"]
+    for level in LEVELS:
+        labels = table[level]
+        train, test = labels.iloc[split.train].dropna(), labels.iloc[split.test].dropna()
+        lone = int((~test.isin(set(train))).sum())
+        role = "" if level in LABELS else "; a scored level, not a training label"
+        lines.append(f"  {level}: {labels.nunique()} classes, {int(labels.notna().sum())} rows: "
+                     f"{len(train)} train, {len(test)} test ({lone} lone{role})")
+    lines.append(f"split: seed {split.seed}, test_size {split.test_size}, "
+                 f"{'groups kept on one side' if split.grouped else 'no groups'}; "
+                 f"{split.train_only} classes too small to split stay in train")
+    return "\n".join(lines)
