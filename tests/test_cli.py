@@ -54,7 +54,8 @@ def test_sweep_overrides_come_as_flags_or_one_string():
 
 
 def test_train_of_an_uncached_model_offline_names_the_file(offline, specimens, capsys):
-    assert main(["train", "--model", "ViT-L/14@336px", "--data", str(specimens)]) == 1
+    assert main(["train", "--model", "ViT-L/14@336px", "--data", str(specimens),
+                 "--batch_size", "16"]) == 1
     error = capsys.readouterr().err
     assert "ViT-L-14-336px.pt" in error and "weights=" in error and "Traceback" not in error
 

@@ -11,11 +11,14 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, get_args, get_type_hints
 
+from taxonclip import names
 from taxonclip.errors import ConfigError
 
 SYNTHETIC = "synthetic"
-LEVELS = ("species", "genus", "taxa")
-EMBEDDINGS = ("visual", "text", "avg", "concat")
+# visual: images on both sides; text, avg, concat: each image's caption (alone, averaged with the
+# image, or beside it) on both sides; gallery_avg: gallery images averaged with their caption,
+# queries visual only (the one fusion that is sound with one caption per species)
+EMBEDDINGS = ("visual", "text", "avg", "concat", "gallery_avg")
 MISSING_POLICIES = ("error", "skip")
 LABELS = ("species", "genus")
 
@@ -35,6 +38,7 @@ class DataConfig:
     taxa: str | None = None
     caption_column: str | None = None
     captions: str | None = None
+    group_column: str | None = None
     missing: str = "error"
     test_size: float = 0.2
     seed: int = 0
@@ -111,11 +115,14 @@ class TrainConfig:
     resume: str | None = None
     register_as: str | None = None
     embedding: str = "visual"
+    metric: str = names.HEADLINE_METRIC
     device: str = "auto"
     compile: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("label", self.label, LABELS)
+        _check_choice("embedding", self.embedding, EMBEDDINGS)
+        check_table_key("metric", self.metric)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "keep_checkpoints"):
             _check_positive(name, getattr(self, name))
 
@@ -144,8 +151,8 @@ class CompareConfig:
 
     experiments: str | None = None
     filter: str | None = None
-    metric: str = "All/species/top1_cos"
-    tie_break: str = "All/species/mean_cos"
+    metric: str = names.HEADLINE_METRIC
+    tie_break: str = names.TIE_BREAK_METRIC
     top: int = 10
     promote: bool = False
     out: str = "reports/compare"
@@ -218,6 +225,14 @@ def check_margins(s: float, m1: float, m2: float, m3: float, filter: float) -> N
         raise ConfigError(f"loss parameter 'filter' (cosine threshold) must be in [0, 1), got {filter}")
 
 
+def check_table_key(name: str, key: str) -> None:
+    """Raise ConfigError unless `key` names a per-taxa table cell `<taxa>/<level>/<score>`."""
+    if not names.is_table_key(key):
+        raise ConfigError(f"parameter {name!r} is {key!r}; use <taxa>/<level>/<score> with <level> "
+                          f"one of {', '.join(names.LEVELS)} and <score> one of "
+                          f"{', '.join(names.SCORES)}, e.g. {names.HEADLINE_METRIC}")
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"parameter {name!r} is {value!r}; choose one of {', '.join(choices)}")
@@ -244,6 +259,7 @@ DATA_PARAMS = {
     "class_fraction": "data.class_fraction", "missing": "data.missing",
     "image_column": "data.image_column", "name_column": "data.name_column",
     "taxa": "data.taxa", "caption_column": "data.caption_column", "captions": "data.captions",
+    "group_column": "data.group_column",
 }
 EVAL_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,
@@ -258,7 +274,7 @@ TRAIN_PARAMS = {
     "margin_m3": "loss.m3", "margin_filter": "loss.filter", "sample_rate": "loss.sample_rate",
     "workers": "workers", "eval_every": "eval_every", "keep_checkpoints": "keep_checkpoints",
     "resume": "resume", "register_as": "register_as", "embedding": "embedding",
-    "device": "device", "compile": "compile",
+    "metric": "metric", "device": "device", "compile": "compile",
 }
 
 

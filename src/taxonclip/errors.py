@@ -19,3 +19,7 @@ class ConfigError(TaxonclipError):
 
 class TrackingError(TaxonclipError):
     """The MLflow tracking server or a run cannot be reached or read."""
+
+
+class MetricNotInTable(ConfigError):
+    """A metric names a taxa/level cell the evaluation table lacks: no run could report it."""

@@ -3,6 +3,11 @@
 The table has one row per (taxa, level): each taxa alone at species and genus level, and `All`
 at species, genus and taxa level. Queries are the test split, the gallery the train split of the
 same scope, both from one seeded split shared by every row.
+
+Text never carries the answer into a query. A caption that is a function of the label (one text
+per species, or one that names its species) may shape the gallery (`gallery_avg`), never a
+query: `text`, `avg` and `concat` put each query's own caption into it, and are refused for such
+captions before anything is embedded.
 """
 
 from __future__ import annotations
@@ -23,16 +28,38 @@ from taxonclip import knn
 from taxonclip.config import EvalConfig, cache_dir
 from taxonclip.data.images import ImageDataset, collate_skipping
 from taxonclip.data.manifest import Manifest, load_manifest
-from taxonclip.data.splits import Split, select_classes, split_manifest
+from taxonclip.data.splits import GROUP_COLUMN, Split, select_classes, split_manifest
 from taxonclip.distributed import resolve_device
-from taxonclip.errors import DataError, ModelError
-from taxonclip.names import ALL_TAXA, COUNT_COLUMNS
+from taxonclip import names
+from taxonclip.errors import DataError, MetricNotInTable, ModelError
+from taxonclip.names import ALL_TAXA, COUNT_COLUMNS, LEVELS
 
 TABLE_COLUMNS = ("taxa", "level", *COUNT_COLUMNS, *knn.METRICS)
 SCOPE_LEVELS = ("species", "genus")
 # The similarity blocks of one chunk of queries stay under this, however large the gallery.
 BLOCK_BYTES = 1 << 30
-ALL_LEVELS = ("species", "genus", "taxa")
+QUERY_TEXT_EMBEDDINGS = ("text", "avg", "concat")  # the modes that put a caption into a query
+GALLERY_TEXT_EMBEDDINGS = ("gallery_avg",)  # captions on the gallery side only
+
+
+@dataclass(frozen=True)
+class Seen:
+    """The classes a model was trained on (a `class_fraction` below 1), at the level of its
+    label: the table then gains `All:seen` and `All:unseen` rows."""
+
+    level: str
+    classes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One vector per kept manifest row as a query and as a gallery item (the same tensor unless
+    the gallery side is fused with text), the rows kept, and the images embedded per second."""
+
+    queries: torch.Tensor
+    gallery: torch.Tensor
+    kept: np.ndarray
+    img_per_s: float
 
 
 @dataclass(frozen=True)
@@ -104,23 +131,77 @@ def fuse(visual: torch.Tensor | None, text: torch.Tensor | None, kind: str) -> t
 
 
 def embed_manifest(encoder: torch.nn.Module, manifest: Manifest, config: EvalConfig,
-                   device: torch.device) -> tuple[torch.Tensor, np.ndarray, float]:
-    """Embeddings of every manifest row as `config.embedding` asks, the rows kept, and images/s."""
+                   device: torch.device) -> Embeddings:
+    """Embeddings of every manifest row as `config.embedding` asks."""
     table = manifest.table
     start = time.perf_counter()
     visual, kept = None, np.arange(len(table))
     if config.embedding != "text":
         visual, kept = embed_images(encoder, table["image_path"].tolist(), batch_size=config.batch_size,
                                     workers=config.workers, device=device, missing=config.data.missing)
-    seconds = time.perf_counter() - start
-    text = None
-    if config.embedding != "visual":
-        captions = _captions(manifest, config)
-        # captions often repeat (one text per species): each distinct one is embedded once
-        distinct, row_caption = np.unique([captions[i] for i in kept], return_inverse=True)
-        text = embed_texts(encoder, distinct.tolist(), batch_size=config.batch_size,
-                           device=device)[torch.from_numpy(row_caption)]
-    return fuse(visual, text, config.embedding), kept, len(kept) / max(seconds, 1e-9)
+    img_per_s = len(kept) / max(time.perf_counter() - start, 1e-9)
+    if config.embedding == "visual":
+        return Embeddings(visual, visual, kept, img_per_s)
+    captions = _captions(manifest, config)
+    # captions often repeat (one text per species): each distinct one is embedded once
+    distinct, row_caption = np.unique([captions[i] for i in kept], return_inverse=True)
+    text = embed_texts(encoder, distinct.tolist(), batch_size=config.batch_size,
+                       device=device)[torch.from_numpy(row_caption)]
+    if config.embedding in GALLERY_TEXT_EMBEDDINGS:
+        return Embeddings(visual, fuse(visual, text, "avg"), kept, img_per_s)
+    fused = fuse(visual, text, config.embedding)
+    return Embeddings(fused, fused, kept, img_per_s)
+
+
+def label_revealing_captions(table: pd.DataFrame) -> str | None:
+    """Why the captions of `table` reveal each row's label, or None when they do not.
+
+    A caption reveals the label when it names the row's scientific name, or when it is one text
+    per name: every image of a name (of two or more images) shares a caption that no other name
+    uses, so the caption is a function of the label rather than a description of the image."""
+    captions = table["caption"].fillna("").astype(str)
+    names_ = table["scientific_name"]
+    naming = [name for name, text in zip(names_, captions) if name.lower() in text.lower()]
+    if naming:
+        return (f"names the image's own species in {len(naming)} of {len(table)} rows "
+                f"(e.g. {naming[0]!r})")
+    per_name = pd.DataFrame({"name": names_, "caption": captions})
+    sizes = per_name.groupby("name")["caption"].agg(["size", "nunique"])
+    names_per_caption = per_name.groupby("caption")["name"].nunique()
+    shared = per_name.drop_duplicates("name").set_index("name")["caption"]
+    constant = sizes[(sizes["size"] > 1) & (sizes["nunique"] == 1)].index
+    unique_to_name = [name for name in constant if names_per_caption[shared[name]] == 1]
+    if unique_to_name:
+        return (f"is one text per species for {len(unique_to_name)} of {int((sizes['size'] > 1).sum())} "
+                f"species of two or more images (e.g. every {unique_to_name[0]!r} image has "
+                f"the same caption, used by no other species)")
+    return None
+
+
+def caption_note(manifest: Manifest) -> str:
+    """A line on the captions for `data check`: which embeddings they serve."""
+    if "caption" not in manifest.table.columns:
+        return "captions: none (embedding=visual only)"
+    reason = label_revealing_captions(manifest.table)
+    if reason is None:
+        return "captions: written per image (every embedding may use them)"
+    return (f"captions: reveal the label (the caption {reason}): embedding=gallery_avg only; "
+            f"text, avg and concat are refused")
+
+
+def check_no_label_in_queries(manifest: Manifest, embedding: str) -> None:
+    """Refuse an embedding that would fuse a label-revealing caption into the queries."""
+    if embedding not in QUERY_TEXT_EMBEDDINGS or "caption" not in manifest.table.columns:
+        return
+    reason = label_revealing_captions(manifest.table)
+    if reason is not None:
+        raise DataError(
+            f"embedding={embedding} would put each test image's caption into its query, and the "
+            f"captions of {manifest.report.source} reveal the label: the caption {reason}. A query "
+            f"would then carry its own answer and score near 100% with any weights. Use "
+            f"embedding=gallery_avg (gallery images averaged with their caption, queries visual "
+            f"only) or embedding=visual; text, avg and concat need captions written from each "
+            f"image.")
 
 
 def _captions(manifest: Manifest, config: EvalConfig) -> list[str]:
@@ -134,64 +215,129 @@ def _captions(manifest: Manifest, config: EvalConfig) -> list[str]:
 
 def evaluation_table(vectors: torch.Tensor, table: pd.DataFrame, split: Split, *,
                      chunk_size: int = knn.DEFAULT_CHUNK_SIZE, device: torch.device | str = "cpu",
-                     seen_species: set[str] | None = None) -> pd.DataFrame:
-    """The per-taxa table for embeddings whose rows follow `table`.
+                     seen: Seen | None = None,
+                     gallery_vectors: torch.Tensor | None = None) -> pd.DataFrame:
+    """The per-taxa table for embeddings whose rows follow `table`: `vectors` as queries and
+    `gallery_vectors` (default: `vectors`) as gallery items.
 
-    With `seen_species` (training on a fraction of the classes), `All:seen` and `All:unseen`
-    rows restrict the queries to test images of species seen or not seen in training; the
-    gallery stays the whole train split.
+    With `seen` (training on a fraction of the classes), `All:seen` and `All:unseen` rows
+    restrict the queries to test images of classes seen or not seen in training; the gallery
+    stays the whole train split.
     """
+    both = (vectors, vectors if gallery_vectors is None else gallery_vectors)
     is_train = np.zeros(len(table), bool)
     is_train[split.train] = True
     is_test = np.zeros(len(table), bool)
     is_test[split.test] = True
+    is_seen = None if seen is None else table[seen.level].isin(seen.classes).to_numpy()
     rows = []
-    for scope in [*sorted(table["taxa"].unique()), ALL_TAXA]:
-        in_scope = np.ones(len(table), bool) if scope == ALL_TAXA else (table["taxa"] == scope).to_numpy()
-        for level in ALL_LEVELS if scope == ALL_TAXA else SCOPE_LEVELS:
-            rows.append(_row(scope, level, vectors, table[level], in_scope & is_train,
-                             in_scope & is_test, chunk_size, device))
-    if seen_species is not None:
-        seen = table["species"].isin(seen_species).to_numpy()
-        for name, queries in (("seen", seen), ("unseen", ~seen)):
-            for level in SCOPE_LEVELS:
-                rows.append(_row(f"{ALL_TAXA}:{name}", level, vectors, table[level], is_train,
-                                 is_test & queries, chunk_size, device))
+    for scope, level in table_cells(table["taxa"].unique(), seen is not None):
+        gallery, queries = _scope(scope, table, is_seen)
+        rows.append(_row(scope, level, both, table[level], gallery & is_train, queries & is_test,
+                         chunk_size, device))
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
-def _row(scope: str, level: str, vectors: torch.Tensor, labels: pd.Series, gallery: np.ndarray,
-         queries: np.ndarray, chunk_size: int, device) -> dict:
+def _scope(scope: str, table: pd.DataFrame, is_seen: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The rows that the gallery and the queries of one table row are drawn from."""
+    everything = np.ones(len(table), bool)
+    if scope == ALL_TAXA:
+        return everything, everything
+    if scope == f"{ALL_TAXA}:seen":
+        return everything, is_seen
+    if scope == f"{ALL_TAXA}:unseen":
+        return everything, ~is_seen
+    in_taxa = (table["taxa"] == scope).to_numpy()
+    return in_taxa, in_taxa
+
+
+def table_cells(taxa, with_seen: bool) -> list[tuple[str, str]]:
+    """The (taxa, level) rows of the table, in order: each taxa at species and genus level, `All`
+    at every level, then `All:seen` and `All:unseen` at species and genus level when training
+    used a fraction of the classes."""
+    cells = [(scope, level) for scope in sorted(taxa) for level in SCOPE_LEVELS]
+    cells += [(ALL_TAXA, level) for level in LEVELS]
+    if with_seen:
+        cells += [(f"{ALL_TAXA}:{name}", level) for name in ("seen", "unseen")
+                  for level in SCOPE_LEVELS]
+    return cells
+
+
+def check_metric_cell(key: str, taxa, with_seen: bool) -> None:
+    """Raise MetricNotInTable unless `key` (`<taxa>/<level>/<score>`) names a cell that the
+    table of these taxa will have."""
+    available = [names.table_key(scope, level, "") for scope, level in table_cells(taxa, with_seen)]
+    if key.rsplit("/", 1)[0] + "/" not in available:
+        shown = ", ".join(cell.rstrip("/") for cell in available)
+        raise MetricNotInTable(f"metric {key!r}: the evaluation table has no such row "
+                               f"(rows: {shown})")
+
+
+def table_cell(table: pd.DataFrame, key: str) -> float:
+    """The cell `<taxa>/<level>/<score>` of a per-taxa table (NaN where it is empty)."""
+    score = key.rsplit("/", 1)[1]
+    for row in table.itertuples(index=False):
+        if names.table_key(row.taxa, row.level, score) == key:
+            return float(getattr(row, score))
+    cells = ", ".join(f"{row.taxa}/{row.level}" for row in table.itertuples(index=False))
+    raise MetricNotInTable(f"metric {key!r}: the evaluation table has no such row (rows: {cells})")
+
+
+def _row(scope: str, level: str, vectors: tuple[torch.Tensor, torch.Tensor], labels: pd.Series,
+         gallery: np.ndarray, queries: np.ndarray, chunk_size: int, device) -> dict:
+    query_vectors, gallery_vectors = vectors
     known = labels.notna().to_numpy()
     codes = torch.as_tensor(pd.factorize(labels)[0], dtype=torch.long)
     gallery, queries = np.flatnonzero(gallery & known), np.flatnonzero(queries & known)
     chunk_size = max(1, min(chunk_size, BLOCK_BYTES // (8 * max(len(gallery), 1))))
-    result = knn.knn_metrics(vectors[queries], codes[queries], vectors[gallery], codes[gallery],
-                             chunk_size=chunk_size, device=device)
+    result = knn.knn_metrics(query_vectors[queries], codes[queries], gallery_vectors[gallery],
+                             codes[gallery], chunk_size=chunk_size, device=device)
     return {"taxa": scope, "level": level, "n_test": result.n_test, "n_classes": result.n_classes,
             "n_lone": result.n_lone, **result.metrics}
 
 
-def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | None = None,
-             split: Split | None = None, seen_species: set[str] | None = None) -> EvalResult:
-    """Embed the manifest (or reuse cached embeddings) and compute the per-taxa table.
-
-    `class_fraction` < 1 evaluates a seeded subset of the species, unless `seen_species` is given
-    (after training on a subset, every species is evaluated and the table splits seen/unseen)."""
-    device = resolve_device(config.device)
-    manifest = manifest or load_manifest(config.data)
-    if config.data.class_fraction < 1.0 and seen_species is None:
+def prepare_evaluation(config: EvalConfig) -> tuple[Manifest, Split]:
+    """The manifest (a `class_fraction` below 1 keeps a seeded subset of the species) and its
+    split, checked so that nothing is embedded for a request that cannot give a sound table: a
+    caption that would carry the label into a query, or a split with no test image."""
+    manifest = load_manifest(config.data)
+    check_no_label_in_queries(manifest, config.embedding)
+    if config.data.class_fraction < 1.0:
         manifest = _with_species(manifest, select_classes(manifest.table, config.data.class_fraction,
                                                           config.data.seed))
-    split = split or split_manifest(manifest.table, config.data.test_size, config.data.seed)
+    split = split_manifest(manifest.table, config.data.test_size, config.data.seed)
+    check_has_test_images(manifest, split)
+    return manifest, split
+
+
+def check_has_test_images(manifest: Manifest, split: Split) -> None:
+    """Refuse a split that gives the table no test image to score."""
+    if len(split.test) == 0:
+        grouped = " or one group" if GROUP_COLUMN in manifest.table.columns else ""
+        raise DataError(f"{manifest.report.source}: the split has no test image to score: every "
+                        f"class of its {len(manifest.table)} rows has a single image{grouped}, "
+                        f"and a class needs one image in train and one in test")
+
+
+def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | None = None,
+             split: Split | None = None, seen: Seen | None = None) -> EvalResult:
+    """Embed the manifest (or reuse cached embeddings) and compute the per-taxa table.
+
+    Without `manifest` and `split`, they come from `prepare_evaluation`. After training on a
+    subset of the classes, `seen` names them: every class is evaluated and the table gains
+    seen/unseen rows."""
+    device = resolve_device(config.device)
+    if manifest is None or split is None:
+        manifest, split = prepare_evaluation(config)
+    check_no_label_in_queries(manifest, config.embedding)
     encoder = encoder.to(device)
-    vectors, kept, img_per_s = _cached_embeddings(encoder, manifest, config, device)
-    if len(kept) < len(manifest.table):
-        manifest, split = _keep_rows(manifest, split, kept)
+    embeddings = _cached_embeddings(encoder, manifest, config, device)
+    if len(embeddings.kept) < len(manifest.table):
+        manifest, split = _keep_rows(manifest, split, embeddings.kept)
     start = time.perf_counter()
-    table = evaluation_table(vectors, manifest.table, split, chunk_size=config.chunk_size,
-                             device=device, seen_species=seen_species)
-    return EvalResult(table, split, manifest, time.perf_counter() - start, img_per_s)
+    table = evaluation_table(embeddings.queries, manifest.table, split, chunk_size=config.chunk_size,
+                             device=device, seen=seen, gallery_vectors=embeddings.gallery)
+    return EvalResult(table, split, manifest, time.perf_counter() - start, embeddings.img_per_s)
 
 
 def _with_species(manifest: Manifest, species: list[str]) -> Manifest:
@@ -207,23 +353,27 @@ def _keep_rows(manifest: Manifest, split: Split, kept: np.ndarray) -> tuple[Mani
     remap = lambda rows: np.sort(position[rows][position[rows] >= 0])  # noqa: E731
     table = manifest.table.iloc[kept].reset_index(drop=True)
     return (replace(manifest, table=table),
-            Split(remap(split.train), remap(split.test), split.train_only, split.seed, split.test_size))
+            replace(split, train=remap(split.train), test=remap(split.test)))
 
 
 def _cached_embeddings(encoder, manifest: Manifest, config: EvalConfig,
-                       device: torch.device) -> tuple[torch.Tensor, np.ndarray, float]:
+                       device: torch.device) -> Embeddings:
+    """Embeddings from the cache when the same weights embedded the same rows the same way
+    (images/s is then NaN), else embedded now and cached."""
     key = _cache_key(encoder, manifest, config)
     if key is None:
         return embed_manifest(encoder, manifest, config, device)
     folder = cache_dir() / "embeddings"
-    vectors_file, kept_file = folder / f"{key}.npy", folder / f"{key}.kept.npy"
-    if vectors_file.exists() and kept_file.exists():
-        return torch.from_numpy(np.load(vectors_file)), np.load(kept_file), float("nan")
-    vectors, kept, img_per_s = embed_manifest(encoder, manifest, config, device)
+    files = {part: folder / f"{key}.{part}.npy" for part in ("queries", "gallery", "kept")}
+    if all(path.exists() for path in files.values()):
+        queries, gallery, kept = (np.load(files[part]) for part in ("queries", "gallery", "kept"))
+        return Embeddings(torch.from_numpy(queries), torch.from_numpy(gallery), kept, float("nan"))
+    embeddings = embed_manifest(encoder, manifest, config, device)
     folder.mkdir(parents=True, exist_ok=True)
-    _save_atomic(vectors_file, vectors.numpy())
-    _save_atomic(kept_file, kept)
-    return vectors, kept, img_per_s
+    _save_atomic(files["queries"], embeddings.queries.numpy())
+    _save_atomic(files["gallery"], embeddings.gallery.numpy())
+    _save_atomic(files["kept"], embeddings.kept)
+    return embeddings
 
 
 def _cache_key(encoder, manifest: Manifest, config: EvalConfig) -> str | None:
@@ -255,12 +405,15 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def split_csv(result: EvalResult) -> str:
-    """The split as CSV (`image_id,split`), so any row of the table can be reproduced."""
+    """The split as CSV (`image_id,split`, and `group` when the split kept groups together), so
+    any row of the table can be reproduced."""
     table = result.manifest.table
-    lines = ["image_id,split"]
-    lines += [f"{table.at[i, 'image_id']},train" for i in result.split.train]
-    lines += [f"{table.at[i, 'image_id']},test" for i in result.split.test]
-    return "\n".join(lines) + "\n"
+    order = np.concatenate([result.split.train, result.split.test])
+    frame = table.iloc[order][["image_id"]].assign(
+        split=["train"] * len(result.split.train) + ["test"] * len(result.split.test))
+    if GROUP_COLUMN in table.columns:
+        frame[GROUP_COLUMN] = table[GROUP_COLUMN].iloc[order].to_numpy()
+    return frame.to_csv(index=False)
 
 
 def format_table(table: pd.DataFrame) -> str:

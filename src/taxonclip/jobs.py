@@ -23,10 +23,18 @@ def synth(out: str, **sizes: int) -> int:
 
 
 def check(data: DataConfig) -> int:
-    """Validate a manifest and print what it holds; invalid input raises a DataError."""
+    """Validate a manifest and print what it holds, what each level scores and trains on, and
+    what the split leaks (identical images, groups on both sides); invalid input, or a split
+    with nothing to score, raises a DataError."""
+    from taxonclip.data.audit import data_report
     from taxonclip.data.manifest import load_manifest
+    from taxonclip.data.splits import split_manifest
+    from taxonclip.evaluate import caption_note, check_has_test_images
 
-    print(load_manifest(data).report.summary())
+    manifest = load_manifest(data)
+    split = split_manifest(manifest.table, data.test_size, data.seed)
+    print(data_report(manifest, split, caption_note(manifest))[0])
+    check_has_test_images(manifest, split)
     return 0
 
 
@@ -45,17 +53,19 @@ def models() -> int:
 def evaluate(config: EvalConfig) -> int:
     """Evaluate one model on one dataset and log everything to MLflow."""
     from taxonclip import tracking
-    from taxonclip.data.manifest import load_manifest
-    from taxonclip.evaluate import evaluate as run_evaluation
+    from taxonclip.data.audit import report_for_run
     from taxonclip.distributed import resolve_device
-    from taxonclip.evaluate import format_table
+    from taxonclip.evaluate import evaluate as run_evaluation
+    from taxonclip.evaluate import format_table, prepare_evaluation
 
-    manifest = load_manifest(config.data)
-    encoder = tracking.load_encoder(config.model, str(resolve_device(config.device)))
+    manifest, split = prepare_evaluation(config)
+    report = report_for_run(manifest, split)
+    encoder = tracking.load_encoder(config.model, str(resolve_device(config.device)),
+                                    seed=config.data.seed)
     with tracking.tracked_run("eval", run_name=f"eval {config.model.name}") as run:
         run.log_params(to_params(config, EVAL_PARAMS))
-        run.log_text(manifest.report.summary(), "data/summary.txt")
-        result = run_evaluation(config, encoder, manifest)
+        run.log_text(report, names.DATA_SUMMARY)
+        result = run_evaluation(config, encoder, manifest, split)
         log_evaluation(run, result)
     print(format_table(result.table))
     print(where_to_look(run.run_id))

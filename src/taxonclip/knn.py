@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from taxonclip import names
 from taxonclip.errors import ConfigError, DataError
 
-METRICS = ("top1_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "macro_top1_cos", "map_at_r")
+METRICS = names.SCORES
 TOP_K = 5
 # queries compared with the whole gallery at a time: on CPUs, blocks of 512 x some thousand
 # gallery items stay in the processor's cache between the passes over them, and measured faster

@@ -48,15 +48,14 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 from optuna.trial import TrialState
 
 from taxonclip import names, tracking
-from taxonclip.config import LEVELS, SWEEP_PARAMS, TRAIN_PARAMS, SweepConfig, TrainConfig, from_params, to_params
-from taxonclip.errors import ConfigError, TaxonclipError, TrackingError
-from taxonclip.evaluate import EvalResult
-from taxonclip.knn import METRICS
+from taxonclip.config import SWEEP_PARAMS, TRAIN_PARAMS, SweepConfig, TrainConfig, from_params, to_params
+from taxonclip.errors import ConfigError, MetricNotInTable, TaxonclipError, TrackingError
+from taxonclip.evaluate import EvalResult, table_cell
 from taxonclip.train import run_training
 
 TOP_LEVEL_KEYS = ("name", "metric", "direction", "sampler", "pruner", "fixed", "search")
 DIRECTIONS = ("maximize", "minimize")
-DEFAULT_METRIC = names.eval_metric(names.ALL_TAXA, "species", "top1_cos")
+DEFAULT_METRIC = f"eval/{names.HEADLINE_METRIC}"
 SAMPLER_OPTIONS = {"tpe": ("seed", "n_startup_trials", "multivariate", "constant_liar"),
                    "random": ("seed",)}
 PRUNER_OPTIONS = {"median": ("n_startup_trials", "n_warmup_steps", "interval_steps"),
@@ -85,10 +84,6 @@ class TrialFailed(Exception):
     """A trial that raised: recorded FAILED while the study goes on."""
 
 
-class MetricNotInTable(ConfigError):
-    """The sweep metric names a taxa/level the evaluation table lacks: every trial would fail."""
-
-
 @dataclass(frozen=True)
 class Component:
     """A sampler or pruner: its type and the options its Optuna class takes."""
@@ -112,7 +107,9 @@ class SweepSpec:
 
     def train_config(self, suggested: Mapping[str, Any]) -> TrainConfig:
         """The training configuration of one trial: the fixed parameters and the suggested ones."""
-        return from_params(TrainConfig, {**self.fixed, **suggested}, TRAIN_PARAMS)
+        # the trial keeps its best checkpoint by the metric its study optimises
+        metric = self.metric.removeprefix("eval/")
+        return from_params(TrainConfig, {**self.fixed, **suggested, "metric": metric}, TRAIN_PARAMS)
 
 
 def _error(path: Path, key: str, message: str) -> ConfigError:
@@ -185,13 +182,11 @@ def check_study_name(name: str, where: str) -> str:
 
 
 def _metric(path: Path, key: Any) -> str:
-    parts = key.split("/") if isinstance(key, str) else []
-    valid = (len(parts) == 4 and parts[0] == "eval" and parts[1].strip() != ""
-             and parts[2] in LEVELS and parts[3] in METRICS)
-    if not valid:
+    prefix, _, cell = key.partition("/") if isinstance(key, str) else ("", "", "")
+    if prefix != "eval" or not names.is_table_key(cell):
         raise _error(path, "metric", f"{key!r} is not eval/<taxa>/<level>/<metric> with <level> "
-                                     f"one of {', '.join(LEVELS)} and <metric> one of "
-                                     f"{', '.join(METRICS)}")
+                                     f"one of {', '.join(names.LEVELS)} and <metric> one of "
+                                     f"{', '.join(names.SCORES)}")
     return key
 
 
@@ -223,6 +218,8 @@ def _check_training_param(where: str, name: str) -> None:
         raise ConfigError(f"{where}: not a training parameter")
     if name == "resume":
         raise ConfigError(f"{where}: every trial starts a run of its own; a sweep resumes none")
+    if name == "metric":
+        raise ConfigError(f"{where}: the sweep file's top-level `metric` sets it for every trial")
 
 
 def _fixed(path: Path, fixed: Any, overrides: Mapping[str, str], search: Mapping) -> dict[str, Any]:
@@ -339,12 +336,7 @@ def suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> A
 
 def metric_value(table: pd.DataFrame, key: str) -> float:
     """The cell of a per-taxa table named `eval/<taxa>/<level>/<metric>` (NaN where it is empty)."""
-    metric = key.rsplit("/", 1)[1]
-    for row in table.itertuples(index=False):
-        if names.eval_metric(row.taxa, row.level, metric) == key:
-            return float(getattr(row, metric))
-    cells = ", ".join(f"{row.taxa}/{row.level}" for row in table.itertuples(index=False))
-    raise MetricNotInTable(f"metric {key!r}: the evaluation table has no such row (rows: {cells})")
+    return table_cell(table, key.removeprefix("eval/"))
 
 
 # --- storage -----------------------------------------------------------------------------------

@@ -254,13 +254,13 @@ def _active(run_id: str) -> Iterator[None]:
         yield
 
 
-def load_encoder(model: ModelConfig, device: str = "cpu"):
-    """Build the encoder a `ModelConfig` names: a registry name, or a logged model URI
-    (`runs:/<run_id>/model`, `models:/<name>/<version or @alias>`)."""
+def load_encoder(model: ModelConfig, device: str = "cpu", seed: int = 0):
+    """Build the encoder a `ModelConfig` names: a registry name (`weights=none` drawn from
+    `seed`), or a logged model URI (`runs:/<run_id>/model`, `models:/<name>/<version or @alias>`)."""
     from taxonclip.models import create_model
 
     if not model.name.startswith(MODEL_URI_PREFIXES):
-        return create_model(model.name, model.weights, device=device)
+        return create_model(model.name, model.weights, device=device, seed=seed)
     import mlflow
 
     connect()

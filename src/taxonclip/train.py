@@ -31,11 +31,13 @@ from tqdm import tqdm
 from taxonclip import distributed as dist
 from taxonclip import names
 from taxonclip.config import TRAIN_PARAMS, TrainConfig, to_params
+from taxonclip.data.audit import report_for_run
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.splits import Split, select_classes, split_manifest
 from taxonclip.errors import ConfigError, DataError
-from taxonclip.evaluate import EvalResult, evaluate, split_csv
+from taxonclip.evaluate import (EvalResult, Seen, check_has_test_images, check_metric_cell,
+                                check_no_label_in_queries, evaluate, split_csv, table_cell)
 from taxonclip.losses import CombinedMarginLoss, PartialFC
 
 LOG_EVERY_STEPS = 50
@@ -58,32 +60,55 @@ class TrainState:
 
 @dataclass(frozen=True)
 class TrainData:
-    """The training rows, their class ids, and the class names in id order."""
+    """The training rows, their class ids, the class names in id order, and the classes kept
+    when training on a fraction of them."""
 
     manifest: Manifest
     split: Split
     rows: np.ndarray
     labels: np.ndarray
     classes: list[str]
-    seen_species: set[str] | None
+    seen: Seen | None
 
 
-def prepare_data(config: TrainConfig) -> TrainData:
-    """Load the manifest, split it, keep the selected classes, number the labels."""
+def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
+    """Load the manifest, split it, keep the train rows that have a label at `config.label`
+    (genus-only names count at genus level) and belong to the selected classes, number the
+    labels; refuse, before anything is built, a request that cannot train or score."""
     manifest = load_manifest(config.data)
+    check_no_label_in_queries(manifest, config.embedding)
     table = manifest.table
     split = split_manifest(table, config.data.test_size, config.data.seed)
-    kept_species = select_classes(table, config.data.class_fraction, config.data.seed)
-    rows = split.train[table["species"].iloc[split.train].isin(kept_species).to_numpy()]
-    if config.label == "genus":
-        rows = rows[table["genus"].iloc[rows].notna().to_numpy()]
-    names_of_rows = table[config.label].iloc[rows]
-    classes = sorted(names_of_rows.unique())
+    check_has_test_images(manifest, split)
+    label_of = table[config.label]
+    rows = split.train[label_of.iloc[split.train].notna().to_numpy()]
+    seen = None
+    if config.data.class_fraction < 1.0:
+        kept = select_classes(table, config.data.class_fraction, config.data.seed, config.label)
+        rows = rows[label_of.iloc[rows].isin(kept).to_numpy()]
+        seen = Seen(config.label, frozenset(kept))
     if len(rows) == 0:
         raise DataError(f"no training image has a {config.label} label in {manifest.report.source}")
-    labels = pd.Categorical(names_of_rows, categories=classes).codes.astype(np.int64)
-    seen = set(kept_species) if config.data.class_fraction < 1.0 else None
+    check_steps_per_epoch(len(rows), config, world_size)
+    check_metric_cell(config.metric, table["taxa"].unique(), seen is not None)
+    classes = sorted(label_of.iloc[rows].unique())
+    labels = pd.Categorical(label_of.iloc[rows], categories=classes).codes.astype(np.int64)
     return TrainData(manifest, split, rows, labels, classes, seen)
+
+
+def steps_per_epoch(images: int, config: TrainConfig, world_size: int) -> int:
+    """Optimiser steps in one epoch: full batches per process, `grad_accum` batches a step."""
+    return images // world_size // config.batch_size // config.grad_accum
+
+
+def check_steps_per_epoch(images: int, config: TrainConfig, world_size: int) -> None:
+    """Refuse a training that would take no optimiser step in an epoch."""
+    if steps_per_epoch(images, config, world_size) == 0:
+        needed = config.batch_size * config.grad_accum
+        raise ConfigError(f"{images} training images ({images // world_size} per process) make no "
+                          f"optimiser step: one step takes batch_size {config.batch_size} x "
+                          f"grad_accum {config.grad_accum} = {needed} images per process; lower "
+                          f"batch_size or grad_accum")
 
 
 class EpochSampler(Sampler[int]):
@@ -111,9 +136,6 @@ def make_loader(data: TrainData, encoder, config: TrainConfig, info: dist.DistIn
     paths = data.manifest.table["image_path"].iloc[data.rows].tolist()
     dataset = ImageDataset(paths, encoder.train_transform(), labels=data.labels.tolist())
     sampler = EpochSampler(len(dataset), config.data.seed, info.rank, info.world_size)
-    if len(sampler) < config.batch_size:
-        raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(sampler)} "
-                          f"training images per process")
     return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
                       num_workers=config.workers, pin_memory=info.device.type == "cuda",
                       persistent_workers=False)
@@ -287,11 +309,14 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None,
 
     info = dist.init_from_env(config.device)
     try:
-        data = prepare_data(config)
-        encoder = tracking.load_encoder(config.model, str(info.device))
+        data = prepare_data(config, info.world_size)
+        report = report_for_run(data.manifest, data.split) if info.is_main else ""
+        encoder = tracking.load_encoder(config.model, str(info.device), seed=config.data.seed)
         with tracking.tracked_run("train", main=info.is_main, resume_run_id=config.resume,
                                   parent_run_id=parent_run_id, tags=run_tags,
                                   run_name=f"train {config.model.name}") as run:
+            if not config.resume:
+                run.log_text(report, names.DATA_SUMMARY)
             return _train_in_run(config, data, encoder, run, info, on_epoch)
     finally:
         dist.shutdown()
@@ -300,8 +325,8 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None,
 def _train_in_run(config: TrainConfig, data: TrainData, encoder, run, info, on_epoch) -> EvalResult:
     seed_everything(config.data.seed)
     loader = make_loader(data, encoder, config, info)
-    steps_per_epoch = len(loader) // config.grad_accum
-    state = build_state(encoder, len(data.classes), config, steps_per_epoch, info.device)
+    steps = steps_per_epoch(len(data.rows), config, info.world_size)
+    state = build_state(encoder, len(data.classes), config, steps, info.device)
     forward = torch.compile(state.encoder) if config.compile else state.encoder
     skip_logged_until = _resume(state, config, run, info)
     if state.epoch == 0:
@@ -328,10 +353,10 @@ def _evaluate_epoch(state, config, data, run, info, on_epoch) -> EvalResult | No
     result = None
     if info.is_main:
         result = evaluate(config.eval_config(), state.encoder, data.manifest, data.split,
-                          seen_species=data.seen_species)
+                          seen=data.seen)
         run.log_eval_metrics(result.table, step=state.epoch)
         run.log_metrics({names.EVAL_EMBED_IMG_PER_S: result.img_per_s}, step=state.epoch)
-        metric = _headline(result)
+        metric = _selection_metric(result, config.metric)
         if metric > state.best_metric:
             state.best_metric, state.best_epoch = metric, state.epoch
         if on_epoch is not None:
@@ -341,10 +366,9 @@ def _evaluate_epoch(state, config, data, run, info, on_epoch) -> EvalResult | No
     return result
 
 
-def _headline(result: EvalResult) -> float:
-    table = result.table
-    row = table[(table["taxa"] == names.ALL_TAXA) & (table["level"] == "species")]
-    value = float(row["top1_cos"].iloc[0]) if len(row) else float("nan")
+def _selection_metric(result: EvalResult, key: str) -> float:
+    """The table cell `key` that picks the best checkpoint; an empty cell ranks lowest."""
+    value = table_cell(result.table, key)
     return value if math.isfinite(value) else -math.inf
 
 

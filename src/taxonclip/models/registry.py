@@ -10,6 +10,7 @@ A checkpoint stores `{"model": encoder.config(), "state_dict": encoder.state_dic
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,23 +139,33 @@ def get_spec(name: str) -> ModelSpec:
     return _SPECS[name]
 
 
-def create_model(name: str, weights: str = "pretrained",
-                 device: str | torch.device = "cpu") -> Encoder:
+def create_model(name: str, weights: str = "pretrained", device: str | torch.device = "cpu",
+                 seed: int = 0) -> Encoder:
     """The encoder `name` (see `list_models`) in fp32 and eval mode on `device`.
 
     `weights`: `pretrained` (OpenAI's for CLIP, UNICOM's, tiny's fixed seed-0 init; `openai` and
-    `unicom` are synonyms), `none` (random init from the current RNG), or the path of a file: an
-    OpenAI TorchScript archive, a plain state dict, or a taxonclip checkpoint of the same model.
+    `unicom` are synonyms), `none` (a random init drawn from `seed` alone, so every process and
+    every trial with one seed builds the same weights), or the path of a file: an OpenAI
+    TorchScript archive, a plain state dict, or a taxonclip checkpoint of the same model.
     """
-    return load_encoder(get_spec(name), weights).to(device).eval()
+    return load_encoder(get_spec(name), weights, seed).to(device).eval()
 
 
-def load_encoder(spec: ModelSpec, weights: str = "pretrained") -> Encoder:
-    """The encoder of any spec, also one outside the registry; `weights` as in `create_model`."""
+def is_published(source: str, weights: str) -> bool:
+    """Whether `weights` names the published weights of a model of `source` (`pretrained`)."""
+    return weights.strip().lower() in _weight_words(source)
+
+
+def load_encoder(spec: ModelSpec, weights: str = "pretrained", seed: int = 0) -> Encoder:
+    """The encoder of any spec, also one outside the registry; `weights` and `seed` as in
+    `create_model`."""
     word = weights.strip().lower()
     words = _weight_words(spec.source)
     if word == "none":
-        return _random_encoder(spec, "none")
+        with torch.random.fork_rng(devices=[]):
+            # a stream of its own, so that seed 0 is not tiny's published init
+            torch.manual_seed(zlib.crc32(f"init:{seed}".encode()))
+            return _random_encoder(spec, "none")
     if word in words:
         return _pretrained_encoder(spec)
     path = Path(weights).expanduser()
