@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import html
 import math
 import re
+import shlex
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
 from taxonclip import names, tracking
 from taxonclip.cli import main
-from taxonclip.compare import compare_runs, registry_name
+from taxonclip.compare import (add_gains, architecture, baseline_key, compare_runs,
+                               is_pretrained_baseline, normalised, registry_name)
 from taxonclip.config import CompareConfig
 from taxonclip.tracking import RunRecord
 from tests.conftest import REPO
@@ -23,12 +27,17 @@ REGISTERED = "taxonclip-tiny"  # the name `promote` gives tiny models
 METRIC = "All/species/top1_cos"
 TIE_BREAK = "All/species/mean_cos"
 TRAIN_ARGS = ["--model", "tiny", "--batch_size", "16", "--workers", "0", "--lr", "1e-3"]
+# The rule a baseline follows, spelled out here rather than imported, so that the tests check
+# compare's own list.
+SAME_AS_BASELINE = ("model", "data", "seed", "test_size", "class_fraction", "embedding")
 
 
 @pytest.fixture(scope="module")
 def populated(mlflow_server, specimens, tmp_path_factory) -> dict[str, str]:
-    """Two baselines, a fine-tuned run, a sweep of two trials and a run without a table, all in
-    one experiment of the session's server; returns the sweep's and the bare run's ids."""
+    """In one experiment of the session's server: the pretrained baseline of the tiny model, an
+    eval of it with `weights=none` and a pretrained eval on another seed (neither a baseline of the
+    runs on seed 0), a fine-tuned run, one on another test split (no baseline matches it), a sweep
+    of two trials and a run without a table; returns their run ids."""
     patch = pytest.MonkeyPatch()
     patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     patch.setenv("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
@@ -36,9 +45,16 @@ def populated(mlflow_server, specimens, tmp_path_factory) -> dict[str, str]:
     patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(mlflow_server)
     data = ["--data", str(specimens)]
-    assert main(["eval", "--model", "tiny", *data, "--workers", "0"]) == 0
-    assert main(["eval", "--model", "tiny", *data, "--seed", "1", "--workers", "0"]) == 0
+    ids = {}
+    for name, args in (("baseline", ["eval", "--model", "tiny", *data]),
+                       ("random", ["eval", "--model", "tiny", *data, "--weights", "none"]),
+                       ("other_seed", ["eval", "--model", "tiny", *data, "--seed", "1"])):
+        assert main([*args, "--workers", "0"]) == 0
+        ids[name] = _newest_run_id()
     assert main(["train", *TRAIN_ARGS, *data, "--epochs", "2", "--register_as", REGISTERED]) == 0
+    ids["trained"] = _newest_run_id()
+    assert main(["train", *TRAIN_ARGS, *data, "--epochs", "1", "--test_size", "0.3"]) == 0
+    ids["unmatched"] = _newest_run_id()
     storage = tmp_path_factory.mktemp("optuna") / "optuna.db"
     assert main(["sweep", "--sweep", str(REPO / "sweeps" / "margin_lr.yaml"), "--n_trials", "2",
                  "--storage", f"sqlite:///{storage}", "--study_name", "compare-m2",
@@ -50,8 +66,17 @@ def populated(mlflow_server, specimens, tmp_path_factory) -> dict[str, str]:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     [sweep] = client.search_runs([experiment.experiment_id],
                                  f"tags.`{names.TAG_ENTRY}` = 'sweep'")
-    yield {"parent": sweep.info.run_id, "bare": bare.run_id}
+    yield {**ids, "parent": sweep.info.run_id, "bare": bare.run_id}
     patch.undo()
+
+
+def _newest_run_id() -> str:
+    """The run started last in the test experiment."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    [run] = client.search_runs([experiment.experiment_id], max_results=1,
+                               order_by=["attributes.start_time DESC"])
+    return run.info.run_id
 
 
 def _scored_runs() -> list:
@@ -78,25 +103,112 @@ def test_ranking_follows_the_metric_read_back_through_the_client(populated):
         metric = run.data.metrics[names.eval_metric(*METRIC.split("/"))]
         assert comparison.board.at[run.info.run_id, METRIC] == pytest.approx(metric)
     kinds = comparison.board["kind"].value_counts().to_dict()
-    assert kinds == {"eval": 2, "train": 1, "sweep trial": 2}
+    assert kinds == {"eval": 3, "train": 2, "sweep trial": 2}
 
 
-def test_gain_is_the_difference_to_the_best_baseline_of_the_same_model_and_data(populated):
+def _is_baseline(run) -> bool:
+    """A pretrained baseline as the client shows it: an eval run of the tiny model's own weights
+    (every eval here names a registry model)."""
+    return run.data.tags[names.TAG_ENTRY] == "eval" and run.data.params["weights"] == "pretrained"
+
+
+def _expected_baseline(run, runs: list):
+    """The best-ranked baseline with the same parameters (all logged, in one spelling, by the
+    commands that made these runs), or None."""
+    same = [b for b in runs if _is_baseline(b) and all(
+        b.data.params[name] == run.data.params[name] for name in SAME_AS_BASELINE)]
+    return max(same, key=_order_key, default=None)
+
+
+def test_gain_is_the_difference_to_the_best_pretrained_baseline_of_the_same_params(populated):
     comparison = compare_runs(CompareConfig(experiments=EXPERIMENT))
     runs = _scored_runs()
     key = names.eval_metric(*METRIC.split("/"))
+    matched = 0
     for run in runs:
-        params = run.data.params
-        baselines = [b for b in runs if b.data.tags[names.TAG_ENTRY] == "eval"
-                     and (b.data.params["model"], b.data.params["data"]) ==
-                     (params["model"], params["data"])]
-        gain = comparison.board.at[run.info.run_id, "gain"]
-        if run.data.tags[names.TAG_ENTRY] == "eval":
-            assert math.isnan(gain)
+        row = comparison.board.loc[run.info.run_id]
+        best = None if _is_baseline(run) else _expected_baseline(run, runs)
+        if best is None:
+            assert math.isnan(row["gain"]) and pd.isna(row["baseline_run_id"])
+            assert (row["baseline_missing"] != "") == (not _is_baseline(run))
             continue
-        best = max(baselines, key=_order_key)
-        assert gain == pytest.approx(run.data.metrics[key] - best.data.metrics[key])
-        assert comparison.board.at[run.info.run_id, "baseline_run_id"] == best.info.run_id
+        matched += 1
+        assert row["gain"] == pytest.approx(run.data.metrics[key] - best.data.metrics[key])
+        assert row["baseline_run_id"] == best.info.run_id and row["baseline_missing"] == ""
+    # the train run, both trials and the weights=none eval
+    assert matched == 4
+
+
+def _cell_where_higher(wrong_id: str, right_id: str) -> str:
+    """The table cell (`taxa/level/score`) in which run `wrong_id` beats run `right_id` most."""
+    client = MlflowClient()
+    wrong, right = client.get_run(wrong_id).data.metrics, client.get_run(right_id).data.metrics
+    cells = [key for key in right if key.startswith("eval/") and len(key.split("/")) == 4
+             and key.rsplit("/", 1)[1] not in names.COUNT_COLUMNS]
+    best = max(sorted(cells), key=lambda cell: wrong[cell] - right[cell])
+    assert wrong[best] > right[best], f"run {wrong_id} scores below {right_id} in every cell"
+    return best.removeprefix("eval/")
+
+
+@pytest.mark.parametrize("wrong", ["random", "other_seed"])
+def test_baseline_is_the_matching_pretrained_eval_even_where_another_eval_ranks_higher(
+        populated, wrong):
+    # Ranked by a cell where the weights=none (or other-seed) eval beats the true baseline, so
+    # that taking it as the baseline would show.
+    metric = _cell_where_higher(populated[wrong], populated["baseline"])
+    board = compare_runs(CompareConfig(experiments=EXPERIMENT, metric=metric)).board
+    assert board.at[populated[wrong], "rank"] < board.at[populated["baseline"], "rank"]
+    matching = board[board["baseline_run_id"].notna()]
+    assert set(matching["baseline_run_id"]) == {populated["baseline"]}
+    assert populated["trained"] in matching.index and populated["other_seed"] not in matching.index
+    assert board.at[populated["trained"], "gain"] == pytest.approx(
+        board.at[populated["trained"], metric] - board.at[populated["baseline"], metric])
+
+
+def _printed_gain(block: list[str], run_id: str) -> str:
+    """The gain column (third, after rank and metric) of `run_id`'s row of a printed board."""
+    [row] = [line for line in block if run_id in line]
+    return row.split()[2]
+
+
+def test_side_by_side_gain_is_the_leaderboard_gain_of_the_same_run(populated, tmp_path, capsys):
+    assert main(["compare", "--experiments", EXPERIMENT, "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    [at] = [i for i, line in enumerate(lines) if "vs its pretrained baseline" in line]
+    tuned_id, base_id = re.findall(r"\(([0-9a-f]{32})\)", lines[at])
+    metric_cell = METRIC.rsplit("/", 1)[0]
+    [cell_row] = [line for line in lines[at + 2:] if line.split()[:1] == [metric_cell]]
+    heading = next(i for i, line in enumerate(lines) if "run(s) ranked by" in line)
+    board_block = lines[heading + 1:lines.index("", heading)]
+    assert cell_row.split()[-1] == _printed_gain(board_block, tuned_id)
+
+    runs = _scored_runs()
+    # the side-by-side shows a fine-tuned run: not an eval of a registry model (weights=none)
+    fine_tuned = [run for run in runs if run.data.tags[names.TAG_ENTRY] != "eval"
+                  or run.data.params["model"].startswith(("runs:/", "models:/"))]
+    with_baseline = [run for run in sorted(fine_tuned, key=_order_key, reverse=True)
+                     if _expected_baseline(run, runs) is not None]
+    assert tuned_id == with_baseline[0].info.run_id
+    assert base_id == _expected_baseline(with_baseline[0], runs).info.run_id
+
+
+def test_a_run_without_a_matching_baseline_has_no_gain_and_its_baseline_is_named(
+        populated, specimens, tmp_path, capsys):
+    command = (f"taxonclip eval --model tiny --data {shlex.quote(str(specimens))} --seed 0 "
+               f"--test_size 0.3 --class_fraction 1.0 --embedding visual")
+    board = compare_runs(CompareConfig(experiments=EXPERIMENT)).board
+    unmatched = board.loc[populated["unmatched"]]
+    assert math.isnan(unmatched["gain"]) and pd.isna(unmatched["baseline_run_id"])
+    assert unmatched["baseline_missing"] == command
+    assert (board["baseline_missing"] != "").sum() == 1
+
+    assert main(["compare", "--experiments", EXPERIMENT, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{command}  (1 run(s): #{unmatched['rank']})" in printed
+    report = (tmp_path / "report.md").read_text()
+    assert "## Missing baselines" in report and command in report
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Missing baselines</h2>" in page and html.escape(command) in page
 
 
 def test_report_is_self_contained_lists_skipped_runs_and_is_logged(populated, tmp_path, capsys):
@@ -119,7 +231,8 @@ def test_report_is_self_contained_lists_skipped_runs_and_is_logged(populated, tm
     client = MlflowClient()
     experiment = client.get_experiment_by_name(EXPERIMENT)
     [compare_run] = client.search_runs([experiment.experiment_id],
-                                       f"tags.`{names.TAG_ENTRY}` = 'compare'")
+                                       f"tags.`{names.TAG_ENTRY}` = 'compare'", max_results=1,
+                                       order_by=["attributes.start_time DESC"])
     logged = {a.path for a in client.list_artifacts(compare_run.info.run_id)}
     logged |= {a.path for a in client.list_artifacts(compare_run.info.run_id, "plots")}
     assert {"report.html", "report.md", "leaderboard.csv"} <= logged
@@ -175,3 +288,55 @@ def test_registered_name_is_register_as_else_the_sanitised_model():
     named = RunRecord("id", "0", "train", "FINISHED", 0, "train", None,
                       params={"model": "tiny", "register_as": "birds"})
     assert registry_name(named) == "birds"
+
+
+def _record(run_id: str, entry: str, **params: str) -> RunRecord:
+    """A run as `find_runs` reads it, with only an entry point and parameters."""
+    return RunRecord(run_id, "0", run_id, "FINISHED", 0, entry, None, params=params)
+
+
+def test_params_match_as_numbers_and_a_missing_one_as_the_config_default():
+    assert normalised("test_size", "0.20") == normalised("test_size", "0.2")
+    assert normalised("class_fraction", "1") == normalised("class_fraction", "1.0")
+    assert normalised("data", " /data/x ") == "/data/x"
+    runs = {"base": _record("base", "eval", model="tiny", weights="pretrained", data="synthetic",
+                            seed="0", test_size="0.2", class_fraction="1.0", embedding="visual"),
+            # data, seed and embedding missing: synthetic, 0 and visual
+            "tuned": _record("tuned", "train", model="tiny", test_size="0.20",
+                             class_fraction="1"),
+            "far": _record("far", "train", model=" tiny ", test_size="0.3")}
+    board = pd.DataFrame({"rank": [1, 2, 3], METRIC: [0.5, 0.4, 0.3]},
+                         index=["tuned", "far", "base"])
+    board = add_gains(board, runs, METRIC)
+    assert board.at["tuned", "baseline_run_id"] == "base"
+    assert board.at["tuned", "gain"] == pytest.approx(0.2)
+    assert pd.isna(board.at["far", "baseline_run_id"]) and math.isnan(board.at["far", "gain"])
+    assert board.at["far", "baseline_missing"] == (
+        "taxonclip eval --model tiny --data synthetic --seed 0 --test_size 0.3 "
+        "--class_fraction 1.0 --embedding visual")
+
+
+def test_only_an_eval_of_the_published_weights_is_a_pretrained_baseline():
+    def baseline(entry: str = "eval", **params: str) -> bool:
+        return is_pretrained_baseline(_record("id", entry, **params))
+
+    assert baseline(model="tiny", weights="pretrained") and baseline(model="tiny")
+    assert baseline(model="ViT-B/32", weights="openai")
+    assert baseline(model="unicom:ViT-B/32", weights="unicom")
+    assert not baseline(model="tiny", weights="none")
+    assert not baseline(model="tiny", weights="/weights/tiny.pt")
+    assert not baseline(model="ViT-B/32", weights="unicom")
+    assert not baseline("train", model="tiny", weights="pretrained")
+    assert not baseline(model="runs:/abc/model", weights="pretrained")
+
+
+def test_an_eval_of_a_logged_model_matches_on_its_source_runs_model():
+    runs = {"src": _record("src", "train", model="ViT-B/32", data="/x"),
+            "logged": _record("logged", "eval", model="runs:/src/model", data="/x"),
+            "registered": _record("registered", "eval", model="models:/birds@champion"),
+            "elsewhere": _record("elsewhere", "eval", model="runs:/not-compared/model")}
+    assert architecture(runs["logged"], runs) == "ViT-B/32"
+    base = _record("base", "eval", model="ViT-B/32", weights="openai", data="/x")
+    assert baseline_key(runs["logged"], runs) == baseline_key(base, runs)
+    assert baseline_key(runs["registered"], runs) is None
+    assert baseline_key(runs["elsewhere"], runs) is None

@@ -7,9 +7,15 @@ out; any other run without a readable table is listed as skipped.
 
 Runs are ranked by one cell of the table, `<taxa>/<level>/<metric>`, higher first (every score
 of the table is an accuracy or a retrieval score, a fraction the report shows in percent), ties
-broken by a second cell, then by the newer run. Pretrained baselines are the `eval` runs of a
-model name (not of a logged `runs:/` or `models:/` model); the gain of every other run is its
-metric minus that of the best-ranked baseline with the same `model` and `data` parameters.
+broken by a second cell, then by the newer run. A pretrained baseline is an `eval` run of a
+registry model name (not of a logged `runs:/` or `models:/` model) with its published weights
+(`weights=pretrained`, or its synonym `openai` or `unicom`; not `none`, nor a file). The gain of
+every other run is its metric minus that of the best-ranked baseline with the same `model`,
+`data`, `seed`, `test_size`, `class_fraction` and `embedding` parameters (BASELINE_MATCH),
+compared as values: numbers as numbers, a parameter a run lacks as the eval config's default.
+An eval of a logged `runs:/` model matches on the `model` of its source run when that run is
+compared. A run that no baseline matches has no gain, and the report gives the `taxonclip eval`
+command that would make its baseline.
 
 The report (CSV, Markdown, self-contained HTML, PNG plots) is written under `out` and logged as
 artifacts of a `compare` run. With `promote`, the registry alias `champion` moves to the model
@@ -24,19 +30,29 @@ import html
 import io
 import math
 import re
+import shlex
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from taxonclip import names, tracking
-from taxonclip.config import COMPARE_PARAMS, TRAIN_PARAMS, CompareConfig, to_params
-from taxonclip.errors import ConfigError, TrackingError
+from taxonclip.config import (COMPARE_PARAMS, EVAL_PARAMS, TRAIN_PARAMS, CompareConfig,
+                              EvalConfig, flat_fields, to_params)
+from taxonclip.errors import ConfigError, ModelError, TrackingError
 from taxonclip.tracking import RunRecord
 
 KIND_EVAL, KIND_TRAIN, KIND_TRIAL = "eval", "train", "sweep trial"
 LEFT_OUT_ENTRIES = ("compare", "sweep")
 KEY_PARAMS = ("margin_m2", "sample_rate", "lr", "class_fraction", "epochs", "embedding")
+# What a run shares with its pretrained baseline: the architecture, the images, the split and
+# the embedding, so that the gain is the fine-tuning's alone.
+BASELINE_MATCH = ("model", "data", "seed", "test_size", "class_fraction", "embedding")
+# A parameter a run lacks (logged before it existed) had the eval config's default, which is also
+# the train config's for every one of these.
+_EVAL_DEFAULTS = flat_fields(EvalConfig())
+PARAM_DEFAULTS = {name: _EVAL_DEFAULTS[EVAL_PARAMS[name]] for name in (*BASELINE_MATCH, "weights")}
 CHAMPION, CHALLENGER = "champion", "challenger"
 HTML_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:100em}"
               "table{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
@@ -89,7 +105,8 @@ def run_compare(config: CompareConfig) -> Path:
     """Rank the runs, print the leaderboard, write and log the report (and move the aliases when
     `config.promote`); returns the path of the HTML report."""
     comparison = compare_runs(config)
-    print(format_skipped(comparison.skipped) + format_board(comparison))
+    print(format_skipped(comparison.skipped) + format_board(comparison)
+          + format_missing(comparison.board))
     side = side_by_side(comparison)
     if side is not None:
         table, line = side
@@ -130,7 +147,8 @@ def compare_runs(config: CompareConfig) -> Comparison:
     check_key(values, config.tie_break, "tie_break")
     runs = {run.run_id: run for run in found if run.run_id in loaded}
     board, cells = rank(runs, values, config, experiments)
-    return Comparison(config, experiments, add_gains(board, config.metric), cells, runs, skipped)
+    board = add_gains(board, runs, config.metric)
+    return Comparison(config, experiments, board, cells, runs, skipped)
 
 
 def table_values(tables: pd.DataFrame) -> pd.DataFrame:
@@ -191,26 +209,126 @@ def describe(run: RunRecord, experiments: dict[str, str]) -> dict[str, object]:
             **{name: run.params.get(name, "") for name in KEY_PARAMS}}
 
 
-def pretrained(board: pd.DataFrame) -> pd.Series:
-    """Which runs are pretrained baselines: eval runs of a model name, not of a logged model."""
-    logged_model = board["model"].str.startswith(tracking.MODEL_URI_PREFIXES)
-    return (board["kind"] == KIND_EVAL) & ~logged_model
+def param_text(params: Mapping[str, str], name: str) -> str:
+    """A run's parameter as logged, stripped; the config default where the run lacks it."""
+    return str(params.get(name, PARAM_DEFAULTS[name])).strip()
 
 
-def add_gains(board: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Add `baseline_run_id` and `gain` (metric minus the baseline's) to every run that is not a
-    pretrained baseline."""
-    is_baseline = pretrained(board)
-    best_baseline: dict[tuple[str, str], str] = {}
-    for run_id, row in board[is_baseline].iterrows():
-        best_baseline.setdefault((row["model"], row["data"]), run_id)
-    baseline_ids = [None if is_baseline[run_id] else best_baseline.get((row["model"], row["data"]))
-                    for run_id, row in board.iterrows()]
+def normalised(name: str, text: str) -> float | str:
+    """A parameter's value as compared: a number where the config field is numeric ("0.20" and
+    "0.2", "1" and "1.0" are equal), else the stripped text."""
+    text = text.strip()
+    if isinstance(PARAM_DEFAULTS[name], (int, float)):
+        try:
+            return float(text)
+        except ValueError:
+            pass  # not a number: compared as the text it is
+    return text
+
+
+def architecture(run: RunRecord, runs: Mapping[str, RunRecord]) -> str | None:
+    """The registry name of a run's model: its `model` parameter, or for a `runs:/<run_id>/...`
+    model that of the source run when it is among `runs`; None when unknown (`models:/`)."""
+    model = param_text(run.params, "model")
+    if not model.startswith(tracking.MODEL_URI_PREFIXES):
+        return model
+    source = runs.get(source_run_id(model))
+    return None if source is None else architecture(source, runs)
+
+
+def source_run_id(model: str) -> str:
+    """The run id of a `runs:/<run_id>/<path>` model URI; "" for any other model."""
+    return model.removeprefix("runs:/").split("/", 1)[0] if model.startswith("runs:/") else ""
+
+
+def baseline_key(run: RunRecord, runs: Mapping[str, RunRecord]) -> tuple | None:
+    """The BASELINE_MATCH values, normalised, that the run's baseline must have (the model as its
+    architecture); None when the architecture is unknown."""
+    model = architecture(run, runs)
+    if model is None:
+        return None
+    return tuple(normalised(name, model if name == "model" else param_text(run.params, name))
+                 for name in BASELINE_MATCH)
+
+
+def is_pretrained_baseline(run: RunRecord) -> bool:
+    """Whether the run is an eval of a registry model with its published weights."""
+    # Imported here: the registry loads torch, which ranking runs needs nowhere else.
+    from taxonclip.models.registry import get_spec, is_published
+
+    model = param_text(run.params, "model")
+    if run_kind(run) != KIND_EVAL or model.startswith(tracking.MODEL_URI_PREFIXES):
+        return False
+    try:
+        source = get_spec(model).source
+    except ModelError:
+        return False  # a model name the registry no longer knows has no published weights
+    return is_published(source, param_text(run.params, "weights"))
+
+
+def baseline_command(key: tuple) -> str:
+    """The `taxonclip eval` command that makes the baseline of a baseline key (its weights are
+    the default, `pretrained`)."""
+    return "taxonclip eval " + " ".join(f"--{name} {shlex.quote(command_text(name, value))}"
+                                        for name, value in zip(BASELINE_MATCH, key))
+
+
+def command_text(name: str, value: float | str) -> str:
+    """A normalised parameter as the command line takes it: an integer field without `.0`."""
+    integer = isinstance(PARAM_DEFAULTS[name], int) and not isinstance(PARAM_DEFAULTS[name], bool)
+    if isinstance(value, float) and integer and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def missing_baseline(run: RunRecord, runs: Mapping[str, RunRecord]) -> str:
+    """What a run that no baseline matches lacks: the command that makes its baseline, or why
+    none can match."""
+    key = baseline_key(run, runs)
+    if key is None:
+        return (f"none: the architecture of {param_text(run.params, 'model')} is unknown "
+                f"(not a runs:/ model of a compared run)")
+    return baseline_command(key)
+
+
+def add_gains(board: pd.DataFrame, runs: Mapping[str, RunRecord], metric: str) -> pd.DataFrame:
+    """Add to every run that is not a pretrained baseline `baseline_run_id` (the best-ranked
+    baseline of the same BASELINE_MATCH values), `gain` (its metric minus the baseline's) and,
+    where none matches, `baseline_missing` (see `missing_baseline`)."""
+    is_baseline = {run_id: is_pretrained_baseline(runs[run_id]) for run_id in board.index}
+    keys = {run_id: baseline_key(runs[run_id], runs) for run_id in board.index}
+    best_baseline: dict[tuple, str] = {}
+    for run_id in board.index:  # best first, so the first baseline of a key is its best
+        if is_baseline[run_id]:
+            best_baseline.setdefault(keys[run_id], run_id)
+    baseline_ids = [None if is_baseline[run_id] else best_baseline.get(keys[run_id])
+                    for run_id in board.index]
     board = board.copy()
     board["baseline_run_id"] = baseline_ids
     board["gain"] = [board.at[run_id, metric] - board.at[base, metric] if base else math.nan
                      for run_id, base in zip(board.index, baseline_ids)]
+    board["baseline_missing"] = [
+        "" if is_baseline[run_id] or base else missing_baseline(runs[run_id], runs)
+        for run_id, base in zip(board.index, baseline_ids)]
     return board
+
+
+def matched_pair(board: pd.DataFrame) -> tuple[str, str] | None:
+    """The best-ranked fine-tuned run (a train run, a sweep trial or an eval of a logged model)
+    that has a matched baseline, and that baseline; None if none has."""
+    tuned = (board["kind"] != KIND_EVAL) | board["model"].str.startswith(tracking.MODEL_URI_PREFIXES)
+    matched = board.loc[tuned, "baseline_run_id"].dropna()
+    return None if matched.empty else (matched.index[0], matched.iloc[0])
+
+
+def missing_baselines(board: pd.DataFrame) -> pd.DataFrame:
+    """One row per missing baseline: how many ranked runs need it, their ranks, and the command
+    that makes it (or why none can match)."""
+    needing = board[board["baseline_missing"] != ""]
+    rows = [{"runs": len(group), "ranks": ", ".join(f"#{rank}" for rank in group["rank"]),
+             "missing baseline": missing}
+            for missing, group in needing.groupby("baseline_missing", sort=False)]
+    return pd.DataFrame(rows, columns=["runs", "ranks", "missing baseline"])
 
 
 def best_per_model(comparison: Comparison) -> pd.DataFrame:
@@ -220,21 +338,21 @@ def best_per_model(comparison: Comparison) -> pd.DataFrame:
 
 
 def side_by_side(comparison: Comparison) -> tuple[pd.DataFrame, str] | None:
-    """The metric per taxa x level of the best baseline and the best fine-tuned run, with the
-    gain, and a line naming both; None unless the board holds one of each."""
-    board = comparison.board
-    baselines, tuned = board[pretrained(board)], board[~pretrained(board)]
-    if baselines.empty or tuned.empty:
+    """The metric per taxa x level of the best-ranked run with a matched baseline and of that
+    baseline, with the gain (in the metric's cell, the run's `gain`), and a line naming both;
+    None when no run has a matched baseline."""
+    pair = matched_pair(comparison.board)
+    if pair is None:
         return None
-    base_id, tuned_id = baselines.index[0], tuned.index[0]
-    cells = comparison.cells
+    tuned_id, base_id = pair
+    board, cells = comparison.board, comparison.cells
     table = pd.DataFrame({"taxa/level": cells,
                           "baseline": board.loc[base_id, cells].astype(float).to_numpy(),
                           "fine-tuned": board.loc[tuned_id, cells].astype(float).to_numpy()})
     table["gain"] = table["fine-tuned"] - table["baseline"]
     metric_name = comparison.config.metric.rsplit("/", 1)[1]
-    line = (f"{metric_name}: best pretrained baseline {run_label(board, base_id)} vs best "
-            f"fine-tuned {run_label(board, tuned_id)}")
+    line = (f"{metric_name}: best-ranked fine-tuned run with a matched baseline "
+            f"{run_label(board, tuned_id)} vs its pretrained baseline {run_label(board, base_id)}")
     return table, line
 
 
@@ -284,6 +402,18 @@ def format_board(comparison: Comparison) -> str:
     heading = (f"{len(comparison.board)} run(s) ranked by {config.metric} (ties: "
                f"{config.tie_break}); top {len(shown)}:")
     return f"{heading}\n{display(shown).to_string(index=False)}"
+
+
+def format_missing(board: pd.DataFrame) -> str:
+    """The printed list of missing baselines, one line per command (empty when none)."""
+    missing = missing_baselines(board)
+    if missing.empty:
+        return ""
+    lines = [f"\n\n{missing['runs'].sum()} run(s) without a pretrained baseline of the same "
+             f"{', '.join(BASELINE_MATCH)} (no gain); missing:"]
+    lines += [f"  {row['missing baseline']}  ({row['runs']} run(s): {row['ranks']})"
+              for _, row in missing.iterrows()]
+    return "\n".join(lines)
 
 
 def format_skipped(skipped: pd.DataFrame) -> str:
@@ -347,15 +477,15 @@ def png(figure) -> bytes:
 
 
 def bars_plot(comparison: Comparison) -> Plot:
-    """Grouped bars: the metric in every taxa x level cell, one bar per top run (and the best
-    baseline, when it is not among them)."""
+    """Grouped bars: the metric in every taxa x level cell, one bar per top run (and the matched
+    baseline of the best-ranked run that has one, when it is not among them)."""
     from matplotlib.figure import Figure
 
     board, cells, config = comparison.board, comparison.cells, comparison.config
     shown = board.head(config.top)
-    baselines = board[pretrained(board)]
-    if not baselines.empty and baselines.index[0] not in shown.index:
-        shown = pd.concat([shown, baselines.head(1)])
+    pair = matched_pair(board)
+    if pair is not None and pair[1] not in shown.index:
+        shown = pd.concat([shown, board.loc[[pair[1]]]])
     figure = Figure(figsize=(max(6.0, 1.1 * len(cells) + 2), 4.5))
     axes = figure.add_subplot()
     width = 0.8 / len(shown)
@@ -449,15 +579,15 @@ def scatter_param(axes, texts: list[str], metric: list[float]) -> None:
 def report_sections(comparison: Comparison, plots: list[Plot],
                     promotions: list[Promotion]) -> list[Section]:
     """The report, in order: summary, leaderboard, best per model, baseline vs fine-tuned,
-    plots, promotions, skipped runs."""
+    missing baselines, plots, promotions, skipped runs."""
     config = comparison.config
     top = comparison.board.head(config.top).reset_index()
     summary = (f"{len(comparison.board)} run(s) from experiment(s) "
                f"{', '.join(comparison.experiments.values())}"
                f"{f' matching {config.filter!r}' if config.filter else ''}, ranked by "
                f"{config.metric} (ties: {config.tie_break}); {len(comparison.skipped)} skipped. "
-               f"Gain: the metric minus that of the best pretrained baseline (eval run) with the "
-               f"same model and data.")
+               f"Gain: the metric minus that of the best-ranked pretrained baseline (an eval run "
+               f"of the published weights) with the same {', '.join(BASELINE_MATCH)}.")
     sections = [Section("Leaderboard", summary,
                         display(top[summary_columns(config) + comparison.cells])),
                 Section("Best run per model", table=display(best_per_model(comparison)))]
@@ -465,6 +595,11 @@ def report_sections(comparison: Comparison, plots: list[Plot],
     if side is not None:
         table, line = side
         sections.append(Section("Baseline vs fine-tuned", line, display(table)))
+    missing = missing_baselines(comparison.board)
+    if not missing.empty:
+        text = (f"No pretrained baseline has the same {', '.join(BASELINE_MATCH)} as these runs, "
+                f"so they have no gain; each command makes the one they need.")
+        sections.append(Section("Missing baselines", text, display(missing)))
     sections += [Section(plot.title, plot=plot) for plot in plots]
     if promotions:
         sections.append(Section("Registry aliases",
