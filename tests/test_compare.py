@@ -12,12 +12,13 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxonclip import names, tracking
+from taxonclip import names
 from taxonclip.cli import main
 from taxonclip.compare import (add_gains, architecture, baseline_key, compare_runs,
                                is_pretrained_baseline, normalised, registry_name)
 from taxonclip.config import CompareConfig
-from taxonclip.tracking import RunRecord
+from taxonclip.tracking.queries import RunRecord
+from taxonclip.tracking.runs import tracked_run
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -60,7 +61,7 @@ def populated(mlflow_server, specimens, tmp_path_factory) -> dict[str, str]:
                  "--storage", f"sqlite:///{storage}", "--study_name", "compare-m2",
                  "-P", f"data={specimens}", "-P", "epochs=1", "-P", "batch_size=16",
                  "-P", "workers=0"]) == 0
-    with tracking.tracked_run("eval", run_name="no table") as bare:
+    with tracked_run("eval", run_name="no table") as bare:
         bare.log_params({"model": "tiny"})
     client = MlflowClient()
     experiment = client.get_experiment_by_name(EXPERIMENT)

@@ -209,6 +209,22 @@ def test_gallery_fusion_keeps_queries_visual_and_fuses_the_gallery(specimens, ti
     assert not result.table["top1_cos"].equals(visual_only["top1_cos"])
 
 
+def test_cached_text_embeddings_follow_the_captions(leeds, tiny, tmp_path, monkeypatch):
+    guide = pd.read_csv(leeds / "descriptions.csv")
+    other = tmp_path / "other.csv"
+    guide.assign(description=guide["commonName"]).to_csv(other, index=False)
+    monkeypatch.setenv("TAXONCLIP_CACHE", str(tmp_path / "cache"))
+    tiny_cached = create_model("tiny", "pretrained")
+    calls = []
+    real = evaluate_module.embed_manifest
+    monkeypatch.setattr(evaluate_module, "embed_manifest", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    for captions in (leeds / "descriptions.csv", other, leeds / "descriptions.csv"):
+        evaluate(_leeds_text_config(leeds, captions, cache=True), tiny_cached)
+
+    assert len(calls) == 2
+
+
 def test_second_evaluation_reuses_cached_embeddings(specimens, tiny, monkeypatch):
     config = EvalConfig(data=DataConfig(data=str(specimens)), workers=0, device="cpu",
                         cache_embeddings=True)

@@ -37,11 +37,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from taxonclip import names, tracking
+from taxonclip import names
 from taxonclip.config import (COMPARE_PARAMS, EVAL_PARAMS, TRAIN_PARAMS, CompareConfig,
                               EvalConfig, flat_fields, to_params)
 from taxonclip.errors import ConfigError, ModelError, TrackingError
-from taxonclip.tracking import RunRecord
+from taxonclip.tracking import queries
+from taxonclip.tracking.models import MODEL_URI_PREFIXES
+from taxonclip.tracking.queries import RunRecord
+from taxonclip.tracking.runs import markdown_table, metric_history, tracked_run
 
 KIND_EVAL, KIND_TRAIN, KIND_TRIAL = "eval", "train", "sweep trial"
 LEFT_OUT_ENTRIES = ("compare", "sweep")
@@ -111,7 +114,7 @@ def run_compare(config: CompareConfig) -> Path:
     if side is not None:
         table, line = side
         print(f"\n{line}\n{display(table).to_string(index=False)}")
-    with tracking.tracked_run("compare", run_name="compare") as run:
+    with tracked_run("compare", run_name="compare") as run:
         run.log_params(to_params(config, COMPARE_PARAMS))
         promotions = promote(comparison) if config.promote else []
         print(format_promotions(promotions, config.promote))
@@ -130,11 +133,11 @@ def compare_runs(config: CompareConfig) -> Comparison:
     """Query the runs, read their tables and rank them (nothing is logged)."""
     if config.top < 1:
         raise ConfigError(f"parameter 'top' must be at least 1, got {config.top}")
-    experiments = tracking.find_experiments(config.experiments)
-    found = [run for run in tracking.find_runs(list(experiments), config.filter)
+    experiments = queries.find_experiments(config.experiments)
+    found = [run for run in queries.find_runs(list(experiments), config.filter)
              if run.entry not in LEFT_OUT_ENTRIES]
     with_table = [run for run in found if names.PER_TAXA_TABLE in run.tables]
-    tables = tracking.load_tables(with_table, names.PER_TAXA_TABLE)
+    tables = queries.load_tables(with_table, names.PER_TAXA_TABLE)
     loaded = set(tables["run_id"])
     skipped = skipped_frame([run for run in found if run.run_id not in loaded])
     if not loaded:
@@ -230,7 +233,7 @@ def architecture(run: RunRecord, runs: Mapping[str, RunRecord]) -> str | None:
     """The registry name of a run's model: its `model` parameter, or for a `runs:/<run_id>/...`
     model that of the source run when it is among `runs`; None when unknown (`models:/`)."""
     model = param_text(run.params, "model")
-    if not model.startswith(tracking.MODEL_URI_PREFIXES):
+    if not model.startswith(MODEL_URI_PREFIXES):
         return model
     source = runs.get(source_run_id(model))
     return None if source is None else architecture(source, runs)
@@ -257,7 +260,7 @@ def is_pretrained_baseline(run: RunRecord) -> bool:
     from taxonclip.models.registry import get_spec, is_published
 
     model = param_text(run.params, "model")
-    if run_kind(run) != KIND_EVAL or model.startswith(tracking.MODEL_URI_PREFIXES):
+    if run_kind(run) != KIND_EVAL or model.startswith(MODEL_URI_PREFIXES):
         return False
     try:
         source = get_spec(model).source
@@ -316,7 +319,7 @@ def add_gains(board: pd.DataFrame, runs: Mapping[str, RunRecord], metric: str) -
 def matched_pair(board: pd.DataFrame) -> tuple[str, str] | None:
     """The best-ranked fine-tuned run (a train run, a sweep trial or an eval of a logged model)
     that has a matched baseline, and that baseline; None if none has."""
-    tuned = (board["kind"] != KIND_EVAL) | board["model"].str.startswith(tracking.MODEL_URI_PREFIXES)
+    tuned = (board["kind"] != KIND_EVAL) | board["model"].str.startswith(MODEL_URI_PREFIXES)
     matched = board.loc[tuned, "baseline_run_id"].dropna()
     return None if matched.empty else (matched.index[0], matched.iloc[0])
 
@@ -450,13 +453,13 @@ def promote(comparison: Comparison) -> list[Promotion]:
     """Set `champion` on the model version of the best run with a logged model and `challenger`
     on the runner-up, registering a run's model where it has no version yet."""
     experiment_ids = sorted({run.experiment_id for run in comparison.runs.values()})
-    logged = tracking.runs_with_logged_model(experiment_ids)
+    logged = queries.runs_with_logged_model(experiment_ids)
     candidates = [run_id for run_id in comparison.board.index if run_id in logged][:2]
     promotions = []
     for alias, run_id in zip((CHAMPION, CHALLENGER), candidates):
         name = registry_name(comparison.runs[run_id])
-        name, version = tracking.model_version_for_run(run_id, name)
-        tracking.set_model_alias(name, alias, version)
+        name, version = queries.model_version_for_run(run_id, name)
+        queries.set_model_alias(name, alias, version)
         promotions.append(Promotion(alias, run_id, name, version))
     return promotions
 
@@ -516,7 +519,7 @@ def curves_plot(comparison: Comparison) -> Plot | None:
     for run_id, row in tuned.iterrows():
         label = f"#{row['rank']} {row['run_name']} ({run_id[:8]})"
         for axes, key in ((loss_axes, names.TRAIN_LOSS), (metric_axes, metric_key)):
-            history = tracking.metric_history(run_id, key)
+            history = metric_history(run_id, key)
             scale = 100 if key == metric_key else 1
             axes.plot([step for step, _ in history], [scale * value for _, value in history],
                       marker=".", label=label)
@@ -618,7 +621,7 @@ def to_markdown(title: str, sections: list[Section]) -> str:
         if section.text:
             parts.append(f"{section.text}\n")
         if section.table is not None:
-            parts.append(tracking.markdown_table(section.table))
+            parts.append(markdown_table(section.table))
         if section.plot is not None:
             parts.append(f"![{section.plot.title}](plots/{section.plot.name})\n")
     return "\n".join(parts)

@@ -1,7 +1,7 @@
 """Everything `torch.distributed`: start from the environment `torchrun` sets, gather and reduce
 across ranks. Nothing happens at import; with no process group every helper is the one-process
 identity, so the same code runs on a laptop CPU and on N GPUs. Rank-0-only logging is
-`tracking.tracked_run(main=info.is_main)`: other ranks get a run whose calls do nothing."""
+`tracking.runs.tracked_run(main=info.is_main)`: other ranks get a run whose calls do nothing."""
 
 from __future__ import annotations
 

@@ -52,17 +52,18 @@ def models() -> int:
 
 def evaluate(config: EvalConfig) -> int:
     """Evaluate one model on one dataset and log everything to MLflow."""
-    from taxonclip import tracking
     from taxonclip.data.audit import report_for_run
     from taxonclip.distributed import resolve_device
     from taxonclip.evaluate import evaluate as run_evaluation
     from taxonclip.evaluate import format_table, prepare_evaluation
+    from taxonclip.tracking.models import resolve_model
+    from taxonclip.tracking.runs import tracked_run
 
     manifest, split = prepare_evaluation(config)
     report = report_for_run(manifest, split)
-    encoder = tracking.load_encoder(config.model, str(resolve_device(config.device)),
-                                    seed=config.data.seed)
-    with tracking.tracked_run("eval", run_name=f"eval {config.model.name}") as run:
+    encoder = resolve_model(config.model, str(resolve_device(config.device)),
+                            seed=config.data.seed)
+    with tracked_run("eval", run_name=f"eval {config.model.name}") as run:
         run.log_params(to_params(config, EVAL_PARAMS))
         run.log_text(report, names.DATA_SUMMARY)
         result = run_evaluation(config, encoder, manifest, split)
@@ -87,7 +88,7 @@ def log_evaluation(run, result) -> None:
 
 def where_to_look(run_id: str | None) -> str:
     """Where to see a run in the MLflow UI."""
-    from taxonclip.tracking import tracking_uri
+    from taxonclip.tracking.runs import tracking_uri
 
     uri = tracking_uri()
     if uri.startswith("http"):

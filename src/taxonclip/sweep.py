@@ -47,7 +47,9 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
                                   IntDistribution)
 from optuna.trial import TrialState
 
-from taxonclip import names, tracking
+from taxonclip import names
+from taxonclip.tracking import sweeps as sweep_runs
+from taxonclip.tracking.runs import Run, RunKilled, tracked_run, tracking_uri
 from taxonclip.config import SWEEP_PARAMS, TRAIN_PARAMS, SweepConfig, TrainConfig, from_params, to_params
 from taxonclip.errors import ConfigError, MetricNotInTable, TaxonclipError, TrackingError
 from taxonclip.evaluate import EvalResult, table_cell
@@ -455,23 +457,23 @@ class Objective:
             result = self.train(config, parent_run_id=self.parent_run_id,
                                 on_epoch=partial(self.report, trial), run_tags=tags)
             value = metric_value(result.table, self.spec.metric)
-        except tracking.RunKilled as pruned:
-            self._link(trial, tracking.child_run_id(self.parent_run_id, tags))
+        except RunKilled as pruned:
+            self._link(trial, sweep_runs.child_run_id(self.parent_run_id, tags))
             raise optuna.TrialPruned(str(pruned)) from None
         except Exception as error:
-            self._link(trial, tracking.record_failure(self.parent_run_id, tags, params, error))
+            self._link(trial, sweep_runs.record_failure(self.parent_run_id, tags, params, error))
             trial.set_user_attr(ERROR_ATTR, f"{type(error).__name__}: {error}"[:1000])
             if isinstance(error, MetricNotInTable):
                 raise
             raise TrialFailed(f"trial {trial.number}: {type(error).__name__}: {error}") from error
-        self._link(trial, tracking.child_run_id(self.parent_run_id, tags))
+        self._link(trial, sweep_runs.child_run_id(self.parent_run_id, tags))
         return value
 
     def report(self, trial: optuna.Trial, epoch: int, result: EvalResult) -> None:
         """Report the metric of one epoch's evaluation; end the run KILLED if the pruner says so."""
         trial.report(metric_value(result.table, self.spec.metric), epoch)
         if trial.should_prune():
-            raise tracking.RunKilled(f"pruned after epoch {epoch}")
+            raise RunKilled(f"pruned after epoch {epoch}")
 
     @staticmethod
     def _link(trial: optuna.Trial, run_id: str | None) -> None:
@@ -488,11 +490,11 @@ def run_sweep(config: SweepConfig, train: TrainFunction = run_training) -> optun
     """
     spec = load_sweep(config.sweep, config.overrides)
     study_name = check_study_name(config.study_name or spec.name, "--study_name")
-    storage_url = config.storage or default_storage(tracking.tracking_uri())
+    storage_url = config.storage or default_storage(tracking_uri())
     study = open_study(spec, study_name, storage_url)
     tags = {names.TAG_STUDY: study_name, names.TAG_STORAGE: redact(storage_url),
             names.TAG_METRIC: spec.metric, names.TAG_DIRECTION: spec.direction}
-    with tracking.tracked_run("sweep", run_name=f"sweep {study_name}", tags=tags) as run:
+    with tracked_run("sweep", run_name=f"sweep {study_name}", tags=tags) as run:
         run.log_params(_sweep_params(config, study_name, storage_url))
         run.log_artifact(spec.path, "sweep")
         objective = Objective(spec, study_name, run.run_id, train)
@@ -525,7 +527,7 @@ def _check_some_succeeded(study: optuna.Study, numbers: list[int]) -> None:
 
 # --- results -----------------------------------------------------------------------------------
 
-def log_summary(study: optuna.Study, spec: SweepSpec, run: tracking.Run) -> None:
+def log_summary(study: optuna.Study, spec: SweepSpec, run: Run) -> None:
     """On the sweep's run: the best trial's params (`best.<name>`), its metric (`best.<metric>`),
     a tag naming its child run, and the optimisation history and importance plots."""
     import matplotlib.pyplot as plt

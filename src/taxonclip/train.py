@@ -303,18 +303,19 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None,
     """Train and evaluate one model, logging to MLflow from rank 0; returns the final evaluation.
 
     `on_epoch(epoch, result)` is called on rank 0 after each evaluation (a sweep reports to its
-    pruner there; raising `tracking.RunKilled` ends the run as KILLED).
+    pruner there; raising `tracking.runs.RunKilled` ends the run as KILLED).
     """
-    from taxonclip import tracking
+    from taxonclip.tracking.models import resolve_model
+    from taxonclip.tracking.runs import tracked_run
 
     info = dist.init_from_env(config.device)
     try:
         data = prepare_data(config, info.world_size)
         report = report_for_run(data.manifest, data.split) if info.is_main else ""
-        encoder = tracking.load_encoder(config.model, str(info.device), seed=config.data.seed)
-        with tracking.tracked_run("train", main=info.is_main, resume_run_id=config.resume,
-                                  parent_run_id=parent_run_id, tags=run_tags,
-                                  run_name=f"train {config.model.name}") as run:
+        encoder = resolve_model(config.model, str(info.device), seed=config.data.seed)
+        with tracked_run("train", main=info.is_main, resume_run_id=config.resume,
+                         parent_run_id=parent_run_id, tags=run_tags,
+                         run_name=f"train {config.model.name}") as run:
             if not config.resume:
                 run.log_text(report, names.DATA_SUMMARY)
             return _train_in_run(config, data, encoder, run, info, on_epoch)
