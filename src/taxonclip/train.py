@@ -15,7 +15,9 @@ logged again.
 from __future__ import annotations
 
 import math
+import pickle
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from tqdm import tqdm
 
 from taxonclip import distributed as dist
 from taxonclip import names
-from taxonclip.config import TRAIN_PARAMS, TrainConfig, to_params
+from taxonclip.config import TRAIN_PARAMS, TrainConfig, flat_fields, from_params, to_params
 from taxonclip.data.audit import report_for_run
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import Manifest, load_manifest
@@ -39,6 +41,7 @@ from taxonclip.errors import ConfigError, DataError
 from taxonclip.evaluate import (EvalResult, Seen, check_has_test_images, check_metric_cell,
                                 check_no_label_in_queries, evaluate, split_csv, table_cell)
 from taxonclip.losses import CombinedMarginLoss, PartialFC
+from taxonclip.tracking.runs import NullRun, Run, table_metrics
 
 LOG_EVERY_STEPS = 50
 EpochCallback = Callable[[int, EvalResult], None]
@@ -192,42 +195,41 @@ def _grouped(loader, size: int):
             batch = []
 
 
-def train_epoch(state: TrainState, loader: DataLoader, config: TrainConfig, forward,
-                device: torch.device, run, info: dist.DistInfo, skip_logged_until: int) -> None:
+def train_epoch(state: TrainState, loader: DataLoader, forward, ctx: TrainContext) -> None:
     """One pass over the training data. Loss, lr and images/s are read back and logged every
     `LOG_EVERY_STEPS` steps (and at the end of the epoch), so the GPU never waits for the log."""
+    config = ctx.config
     loader.sampler.set_epoch(state.epoch)
     steps = len(loader) // config.grad_accum
     bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step",
-               disable=None if info.is_main else True)
+               disable=None if ctx.info.is_main else True)
     pending: list[tuple[int, float, torch.Tensor]] = []
     window_start = time.perf_counter()
     for micro_batches in _grouped(loader, config.grad_accum):
         lr = state.scheduler.get_last_lr()[0]
         pending.append((state.step + 1, lr,
-                        train_step(state, micro_batches, forward, device, config.grad_clip)))
+                        train_step(state, micro_batches, forward, ctx.device, config.grad_clip)))
         bar.update()
         if len(pending) == LOG_EVERY_STEPS:
-            _log_steps(pending, window_start, config, run, info, skip_logged_until, bar)
+            _log_steps(pending, window_start, ctx, bar)
             pending, window_start = [], time.perf_counter()
     if pending:
-        _log_steps(pending, window_start, config, run, info, skip_logged_until, bar)
+        _log_steps(pending, window_start, ctx, bar)
     bar.close()
     state.epoch += 1
 
 
-def _log_steps(pending, window_start: float, config: TrainConfig, run, info, skip_logged_until: int,
-               bar) -> None:
+def _log_steps(pending, window_start: float, ctx: TrainContext, bar) -> None:
     """Read a window of step losses back (one device sync), stop on a non-finite loss, log."""
     losses = torch.stack([loss for _, _, loss in pending]).tolist()
     for (step, _, _), loss in zip(pending, losses):
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}")
-    images = len(pending) * config.batch_size * config.grad_accum * info.world_size
+    images = len(pending) * ctx.config.batch_size * ctx.config.grad_accum * ctx.info.world_size
     img_per_s = images / max(time.perf_counter() - window_start, 1e-9)
-    run.log_metric_history([
+    ctx.run.log_metric_history([
         (step, {names.TRAIN_LOSS: loss, names.TRAIN_LR: lr, names.TRAIN_IMG_PER_S: img_per_s})
-        for (step, lr, _), loss in zip(pending, losses) if step > skip_logged_until])
+        for (step, lr, _), loss in zip(pending, losses) if step > ctx.logged.last_step])
     bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{pending[-1][1]:.2e}", img_s=f"{img_per_s:.0f}")
 
 
@@ -303,13 +305,16 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None,
     """Train and evaluate one model, logging to MLflow from rank 0; returns the final evaluation.
 
     `on_epoch(epoch, result)` is called on rank 0 after each evaluation (a sweep reports to its
-    pruner there; raising `tracking.runs.RunKilled` ends the run as KILLED).
+    pruner there; raising `tracking.runs.RunKilled` ends the run as KILLED). With
+    `config.resume`, the run's own parameters are used (see `resume_config`).
     """
     from taxonclip.tracking.models import resolve_model
     from taxonclip.tracking.runs import tracked_run
 
     info = dist.init_from_env(config.device)
     try:
+        if config.resume:
+            config = dist.broadcast_object(resume_config(config) if info.is_main else None)
         data = prepare_data(config, info.world_size)
         report = report_for_run(data.manifest, data.split) if info.is_main else ""
         encoder = resolve_model(config.model, str(info.device), seed=config.data.seed)
@@ -318,29 +323,94 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None,
                          run_name=f"train {config.model.name}") as run:
             if not config.resume:
                 run.log_text(report, names.DATA_SUMMARY)
-            return _train_in_run(config, data, encoder, run, info, on_epoch)
+            context = TrainContext(config, data, run, info, on_epoch)
+            return _train_in_run(context, encoder)
     finally:
         dist.shutdown()
 
 
-def _train_in_run(config: TrainConfig, data: TrainData, encoder, run, info, on_epoch) -> EvalResult:
+# What a resume may change: where and how fast the run computes, not what it computes.
+RESUME_MAY_CHANGE = ("resume", "device", "workers", "compile", "register_as")
+
+
+def resume_config(requested: TrainConfig) -> TrainConfig:
+    """The configuration a resume of run `requested.resume` continues with: the run's own
+    parameters, and from `requested` only those of RESUME_MAY_CHANGE.
+
+    Only an unfinished train run can be resumed. A parameter that `requested` sets to a value
+    other than its default and other than the run's own would change the result: refused,
+    naming it. (A parameter at its default counts as not given, since `mlflow run` passes every
+    parameter with its MLproject default.)"""
+    from taxonclip.tracking.queries import get_run
+
+    record = get_run(requested.resume)
+    if record.entry != "train" or record.status == "FINISHED":
+        kind = record.entry or "unknown"
+        raise ConfigError(
+            f"run {record.run_id} is a {record.status} {kind} run; only an unfinished train run "
+            f"can be resumed, and that run is left as it is. To train a finished model further, "
+            f"start a new run from it: taxonclip train --model runs:/{record.run_id}/model ...")
+    logged = {name: value for name, value in record.params.items() if name in TRAIN_PARAMS}
+    own = from_params(TrainConfig, {**logged, "resume": requested.resume}, TRAIN_PARAMS)
+    asked, kept, default = (flat_fields(c) for c in (requested, own, TrainConfig()))
+    for name, path in TRAIN_PARAMS.items():
+        if name in RESUME_MAY_CHANGE or asked[path] in (kept[path], default[path]):
+            continue
+        raise ConfigError(f"parameter {name!r} is {asked[path]!r}, but run {record.run_id} was "
+                          f"trained with {kept[path]!r}; a resume continues the run with its own "
+                          f"parameters (leave {name} out, or start a new run)")
+    changes = {name: to_params(requested, TRAIN_PARAMS)[name] for name in RESUME_MAY_CHANGE}
+    return from_params(TrainConfig, {**to_params(own, TRAIN_PARAMS), **changes}, TRAIN_PARAMS)
+
+
+@dataclass(frozen=True)
+class Logged:
+    """What a run already holds when it is resumed, so that nothing is logged twice: the last
+    step of the training curves, the last epoch with eval metrics, and whether the model is in."""
+
+    last_step: int = -1
+    last_eval_epoch: int = -1
+    has_model: bool = False
+
+
+@dataclass
+class TrainContext:
+    """What the epoch loop works with besides the state: the typed config, the data, the run it
+    logs to (a no-op run off rank 0), this process's place among the ranks, the per-epoch
+    callback, and what a resumed run had logged already."""
+
+    config: TrainConfig
+    data: TrainData
+    run: Run | NullRun
+    info: dist.DistInfo
+    on_epoch: EpochCallback | None = None
+    logged: Logged = Logged()
+
+    @property
+    def device(self) -> torch.device:
+        """The device this process trains on."""
+        return self.info.device
+
+
+def _train_in_run(ctx: TrainContext, encoder) -> EvalResult:
+    config = ctx.config
     seed_everything(config.data.seed)
-    loader = make_loader(data, encoder, config, info)
-    steps = steps_per_epoch(len(data.rows), config, info.world_size)
-    state = build_state(encoder, len(data.classes), config, steps, info.device)
+    loader = make_loader(ctx.data, encoder, config, ctx.info)
+    steps = steps_per_epoch(len(ctx.data.rows), config, ctx.info.world_size)
+    state = build_state(encoder, len(ctx.data.classes), config, steps, ctx.device)
     forward = torch.compile(state.encoder) if config.compile else state.encoder
-    skip_logged_until = _resume(state, config, run, info)
+    ctx.logged = _resume(state, ctx)
     if state.epoch == 0:
-        run.log_params({**to_params(config, TRAIN_PARAMS), **_sizes(state, data)})
+        ctx.run.log_params({**to_params(config, TRAIN_PARAMS), **_sizes(state, ctx.data)})
     result, first_epoch = None, state.epoch
     while state.epoch < config.epochs:
-        train_epoch(state, loader, config, forward, info.device, run, info, skip_logged_until)
+        train_epoch(state, loader, forward, ctx)
         if state.epoch % config.eval_every == 0 or state.epoch == config.epochs:
-            result = _evaluate_epoch(state, config, data, run, info, on_epoch)
-        _save_checkpoint(state, config, data.classes, run, info)
+            result = _evaluate_epoch(state, ctx)
+        _save_checkpoint(state, ctx)
     if state.epoch == first_epoch:  # resumed after the last epoch: evaluate once more
-        result = _evaluate_epoch(state, config, data, run, info, on_epoch)
-    _finish(state, config, data, result, run, info)
+        result = _evaluate_epoch(state, ctx)
+    _finish(state, ctx, result)
     return result
 
 
@@ -350,18 +420,22 @@ def _sizes(state: TrainState, data: TrainData) -> dict:
             "num_classes": len(data.classes), "train_images": len(data.rows)}
 
 
-def _evaluate_epoch(state, config, data, run, info, on_epoch) -> EvalResult | None:
+def _evaluate_epoch(state: TrainState, ctx: TrainContext) -> EvalResult | None:
+    """Evaluate on rank 0, log the epoch's metrics unless a resumed run holds them, and keep the
+    best epoch by `config.metric`."""
     result = None
-    if info.is_main:
-        result = evaluate(config.eval_config(), state.encoder, data.manifest, data.split,
-                          seen=data.seen)
-        run.log_eval_metrics(result.table, step=state.epoch)
-        run.log_metrics({names.EVAL_EMBED_IMG_PER_S: result.img_per_s}, step=state.epoch)
-        metric = _selection_metric(result, config.metric)
+    if ctx.info.is_main:
+        result = evaluate(ctx.config.eval_config(), state.encoder, ctx.data.manifest,
+                          ctx.data.split, seen=ctx.data.seen)
+        if state.epoch > ctx.logged.last_eval_epoch:
+            # one call, so that a kill leaves the epoch's metrics all logged or none
+            ctx.run.log_metrics({**table_metrics(result.table),
+                                 names.EVAL_EMBED_IMG_PER_S: result.img_per_s}, step=state.epoch)
+        metric = _selection_metric(result, ctx.config.metric)
         if metric > state.best_metric:
             state.best_metric, state.best_epoch = metric, state.epoch
-        if on_epoch is not None:
-            on_epoch(state.epoch, result)
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(state.epoch, result)
     best = dist.broadcast_object((state.best_metric, state.best_epoch))
     state.best_metric, state.best_epoch = best
     return result
@@ -377,19 +451,25 @@ def _checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:03d}.pt"
 
 
-def _save_checkpoint(state, config, classes, run, info) -> None:
-    saved = checkpoint(state, config, classes)
-    if not info.is_main:
+def _save_checkpoint(state: TrainState, ctx: TrainContext) -> None:
+    saved = checkpoint(state, ctx.config, ctx.data.classes)
+    if not ctx.info.is_main:
         return
     with _scratch() as folder:
         path = Path(folder) / _checkpoint_name(state.epoch)
         torch.save(saved, path)
-        run.log_artifact(path, names.CHECKPOINT_DIR)
+        ctx.run.log_artifact(path, names.CHECKPOINT_DIR)
+    _prune_checkpoints(state, ctx)
+
+
+def _prune_checkpoints(state: TrainState, ctx: TrainContext) -> None:
+    """Delete every checkpoint but the last `keep_checkpoints` and the best."""
     keep = {_checkpoint_name(state.best_epoch)}
-    keep |= {_checkpoint_name(e) for e in range(state.epoch - config.keep_checkpoints + 1, state.epoch + 1)}
-    for artifact in run.list_artifacts(names.CHECKPOINT_DIR):
+    keep |= {_checkpoint_name(e) for e in
+             range(state.epoch - ctx.config.keep_checkpoints + 1, state.epoch + 1)}
+    for artifact in ctx.run.list_artifacts(names.CHECKPOINT_DIR):
         if Path(artifact).name not in keep:
-            run.delete_artifact(artifact)
+            ctx.run.delete_artifact(artifact)
 
 
 def _scratch() -> tempfile.TemporaryDirectory:
@@ -397,42 +477,55 @@ def _scratch() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="taxonclip-")
 
 
-def _resume(state: TrainState, config: TrainConfig, run, info) -> int:
-    """Load the run's last checkpoint when resuming; returns the last step already logged."""
-    if not config.resume:
-        return -1
-    saved, last_logged = None, -1
-    if info.is_main:
-        saved = _last_checkpoint(run)
-        last_logged = run.last_step(names.TRAIN_LOSS)
-    saved, last_logged = dist.broadcast_object((saved, last_logged))
+def _resume(state: TrainState, ctx: TrainContext) -> Logged:
+    """Load the run's last readable checkpoint when resuming; returns what the run holds."""
+    if not ctx.config.resume:
+        return Logged()
+    saved, logged = None, Logged()
+    if ctx.info.is_main:
+        saved = _last_checkpoint(ctx.run)
+        logged = Logged(ctx.run.last_step(names.TRAIN_LOSS),
+                        ctx.run.last_step(names.EVAL_EMBED_IMG_PER_S), ctx.run.has_logged_model())
+    saved, logged = dist.broadcast_object((saved, logged))
     if saved is not None:
-        restore(state, saved, info)
-    return last_logged
+        restore(state, saved, ctx.info)
+    return logged
 
 
 def _last_checkpoint(run) -> dict | None:
+    """The newest checkpoint that loads; one that does not (a truncated upload) is passed over
+    with a warning for the one before it."""
     files = sorted(Path(p).name for p in run.list_artifacts(names.CHECKPOINT_DIR))
-    if not files:
-        return None
-    with _scratch() as folder:
-        path = run.download(f"{names.CHECKPOINT_DIR}/{files[-1]}", folder)
-        return torch.load(path, map_location="cpu", weights_only=True)
+    for name in reversed(files):
+        with _scratch() as folder:
+            path = run.download(f"{names.CHECKPOINT_DIR}/{name}", folder)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+                print(f"warning: checkpoint {name} of run {run.run_id} cannot be read "
+                      f"({type(error).__name__}: {error}); resuming from the one before it",
+                      file=sys.stderr)
+    return None
 
 
-def _finish(state, config, data, result, run, info) -> None:
-    """Final table, centroids with their class order, and the model (registered if asked)."""
+def _finish(state: TrainState, ctx: TrainContext, result: EvalResult) -> None:
+    """Final table, centroids with their class order, and the model (registered if asked);
+    each written so that a resume after a kill in the middle of it leaves no duplicate."""
     centres = state.head.full_centres().detach().cpu().numpy()
-    if not info.is_main:
+    if not ctx.info.is_main:
         return
+    run, data = ctx.run, ctx.data
     run.log_eval_table(result.table)
     run.log_text(split_csv(result), names.SPLIT_ARTIFACT)
     with _scratch() as folder:
         centroids, classes = Path(folder, names.CENTROIDS), Path(folder, names.CENTROID_CLASSES)
         centroids.parent.mkdir(parents=True)
         np.save(centroids, centres)
-        pd.DataFrame({"row": range(len(data.classes)), config.label: data.classes}).to_csv(classes, index=False)
+        pd.DataFrame({"row": range(len(data.classes)), ctx.config.label: data.classes}).to_csv(
+            classes, index=False)
         for path, artifact in ((centroids, names.CENTROIDS), (classes, names.CENTROID_CLASSES)):
             run.log_artifact(path, Path(artifact).parent.as_posix())
-    state.encoder.weights = f"runs:/{run.run_id}/{names.MODEL_ARTIFACT}"
-    run.log_model(state.encoder, register_as=config.register_as)
+    _prune_checkpoints(state, ctx)
+    if not ctx.logged.has_model:
+        state.encoder.weights = f"runs:/{run.run_id}/{names.MODEL_ARTIFACT}"
+        run.log_model(state.encoder, register_as=ctx.config.register_as)

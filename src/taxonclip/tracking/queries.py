@@ -61,6 +61,18 @@ def _experiment(client, name_or_id: str) -> tuple[str, str]:
     return experiment.experiment_id, experiment.name
 
 
+def get_run(run_id: str) -> RunRecord:
+    """One run by id; TrackingError when the server holds none of that id."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    connect()
+    try:
+        return _run_record(MlflowClient().get_run(run_id))
+    except MlflowException as exc:
+        raise TrackingError(f"no MLflow run {run_id!r} at {tracking_uri()}: {exc.message}") from None
+
+
 def find_runs(experiment_ids: list[str], filter_string: str | None = None) -> list[RunRecord]:
     """Every active run of the experiments that matches the MLflow search filter, newest first."""
     from mlflow.entities import ViewType

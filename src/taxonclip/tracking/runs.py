@@ -136,6 +136,14 @@ class Run:
         """Fetch one artifact of this run into `dst`."""
         return Path(self.client.download_artifacts(self.run_id, artifact_path, str(dst)))
 
+    def has_logged_model(self) -> bool:
+        """Whether the run already logged its `model` (a resume then logs it no more)."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        found = self.client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND "
+                                           f"name = '{names.MODEL_ARTIFACT}'", max_results=1)
+        return len(found) > 0
+
     def list_artifacts(self, folder: str) -> list[str]:
         """Paths of the files in one artifact folder."""
         return [f.path for f in self.client.list_artifacts(self.run_id, folder) if not f.is_dir]
@@ -145,9 +153,13 @@ class Run:
         self.log_metrics(table_metrics(table), step=step)
 
     def log_eval_table(self, table: pd.DataFrame) -> None:
-        """Log the per-taxa table as an MLflow table (`eval/per_taxa.json`), CSV and Markdown."""
+        """Log the per-taxa table as an MLflow table (`eval/per_taxa.json`), CSV and Markdown,
+        replacing any the run holds (MLflow appends the rows of a second table to the first)."""
         import mlflow
 
+        folder = Path(names.PER_TAXA_TABLE).parent.as_posix()
+        if names.PER_TAXA_TABLE in self.list_artifacts(folder):
+            self.delete_artifact(names.PER_TAXA_TABLE)
         mlflow.log_table(table, artifact_file=names.PER_TAXA_TABLE, run_id=self.run_id)
         self.log_text(table.to_csv(index=False), names.TABLE_CSV)
         self.log_text(markdown_table(table), names.TABLE_MARKDOWN)
