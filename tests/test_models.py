@@ -360,8 +360,21 @@ def test_pretrained_needs_published_weights():
 def test_unreadable_weights_file(tmp_path):
     path = tmp_path / "broken.pt"
     path.write_bytes(b"not a torch file")
-    with pytest.raises(ModelError, match=f"cannot read weights file {path}"):
+    with pytest.raises(ModelError, match=f"cannot read weights file {path}") as error:
         create_model("tiny", weights=str(path))
+    # torch's own text would advise weights_only=False, which runs whatever the file carries
+    assert "weights_only" not in str(error.value)
+
+
+def test_weights_file_of_pickled_objects_is_refused_in_our_words(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(tiny_clip(seed=6), path)
+    with pytest.raises(ModelError) as error:
+        create_model("tiny", weights=str(path))
+    message = str(error.value)
+    assert f"weights file {path} holds pickled Python objects (clip.model.CLIP)" in message
+    assert "taxonclip does not load" in message and "weights_only" not in message
+    assert "plain state dict or a taxonclip checkpoint" in message
 
 
 def test_state_dict_of_another_architecture_names_the_keys(tmp_path):

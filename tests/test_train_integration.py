@@ -9,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,8 +17,10 @@ from mlflow.tracking import MlflowClient
 
 from taxonclip import names
 from taxonclip.cli import main
+from taxonclip.config import ModelConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import split_manifest
+from taxonclip.tracking.models import resolve_model
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -66,9 +67,10 @@ def test_mlflow_run_train_logs_everything_and_learns(tracking, specimens, tmp_pa
 
     [version] = client.search_model_versions("name='tiny-integration'")
     assert version.run_id == run_id
-    encoder = mlflow.pytorch.load_model(f"runs:/{run_id}/{names.MODEL_ARTIFACT}")
+    encoder = resolve_model(ModelConfig(f"runs:/{run_id}/{names.MODEL_ARTIFACT}"))
     images = torch.randn(2, 3, 32, 32)
     assert encoder(images).shape == (2, 64)
+    assert encoder.weights == f"runs:/{run_id}/{names.MODEL_ARTIFACT}"
 
     table = client.load_table(run.info.experiment_id, names.PER_TAXA_TABLE, [run_id])
     trained = table[(table["taxa"] == "All") & (table["level"] == "species")]["top1_cos"].item()

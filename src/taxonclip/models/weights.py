@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -25,6 +27,9 @@ from taxonclip.errors import ModelError
 # Seconds without an answer before a download is given up: offline machines fail fast, not hang.
 DOWNLOAD_TIMEOUT_S = 20
 CHUNK_BYTES = 1 << 20
+# What `weights=` reads, named where a file is refused.
+WEIGHTS_FILE_KINDS = ("a plain state dict or a taxonclip checkpoint saved with torch.save, or an "
+                      "OpenAI TorchScript archive")
 
 
 @dataclass(frozen=True)
@@ -117,11 +122,31 @@ def read_weights_file(path: Path) -> dict[str, Any]:
                 return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load reports a damaged file under many exception types
-        raise ModelError(f"cannot read weights file {path}: "
-                         f"{type(error).__name__}: {error}") from None
+        raise unreadable_weights(path, error) from None
     if not isinstance(loaded, dict):
         raise ModelError(f"weights file {path} holds a {type(loaded).__name__}, not a state dict")
     return loaded
+
+
+def unreadable_weights(path: Path | str, error: Exception,
+                       accepted: str = WEIGHTS_FILE_KINDS) -> ModelError:
+    """The ModelError for a weights file that torch cannot load, saying which files are `accepted`.
+
+    Where torch's weights-only unpickler refused the file, its own text advises loading it with
+    `weights_only=False`, which would run whatever code the file carries: the message says in our
+    words what the file holds instead."""
+    text = str(error)
+    if not (isinstance(error, pickle.UnpicklingError) and "weights_only" in text):
+        return ModelError(f"cannot read weights file {path}: {type(error).__name__}: {error}")
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if refused:
+        return ModelError(f"weights file {path} holds pickled Python objects ({refused[1]}), "
+                          f"which taxonclip does not load, as unpickling them can run any code; "
+                          f"it loads {accepted}")
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    detail = found[1].strip() if found else "not only tensors and plain values"
+    return ModelError(f"cannot read weights file {path}: it is not a file of tensors written by "
+                      f"torch.save ({detail}); taxonclip loads {accepted}")
 
 
 def is_torchscript(path: Path) -> bool:

@@ -30,11 +30,12 @@ class EncoderModel(PythonModel):
         self.encoder = read_logged_encoder(Path(context.artifacts[CONFIG_ARTIFACT]),
                                            Path(context.artifacts[WEIGHTS_ARTIFACT]))
 
-    def predict(self, context, model_input, params=None):
-        """Embeddings, float32 (B, embed_dim) and not normalised, of a batch of images given as a
-        float32 numpy array or torch tensor (B, 3, input_size, input_size)."""
-        images = torch.as_tensor(np.asarray(model_input) if not torch.is_tensor(model_input)
-                                 else model_input, dtype=torch.float32)
+    # The hint is one from which MLflow infers nothing: the logged signature says the shapes.
+    def predict(self, context, model_input: np.ndarray, params=None):
+        """Embeddings, float32 (B, embed_dim) and not normalised, of a batch of images
+        (B, 3, input_size, input_size): a float32 numpy array (what the signature of the logged
+        model admits through `mlflow.pyfunc`), or a torch tensor where this is called directly."""
+        images = torch.as_tensor(model_input, dtype=torch.float32, device="cpu")
         with torch.inference_mode():
             return self.encoder(images).numpy()
 
