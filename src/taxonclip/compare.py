@@ -131,8 +131,6 @@ def run_compare(config: CompareConfig) -> Path:
 
 def compare_runs(config: CompareConfig) -> Comparison:
     """Query the runs, read their tables and rank them (nothing is logged)."""
-    if config.top < 1:
-        raise ConfigError(f"parameter 'top' must be at least 1, got {config.top}")
     experiments = queries.find_experiments(config.experiments)
     found = [run for run in queries.find_runs(list(experiments), config.filter)
              if run.entry not in LEFT_OUT_ENTRIES]

@@ -21,6 +21,15 @@ SYNTHETIC = "synthetic"
 EMBEDDINGS = ("visual", "text", "avg", "concat", "gallery_avg")
 MISSING_POLICIES = ("error", "skip")
 LABELS = ("species", "genus")
+# numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
+MAX_SEED = 2**32 - 1
+# The scale s of the margin loss lies in (0, 128]: UNICOM trains with 32, ArcFace with 64; a
+# much larger scale saturates the softmax (a one-hot output, no useful gradient), so it is a typo.
+MAX_MARGIN_SCALE = 128.0
+# Registered model names: MLflow refuses `/` and `:`; our registry queries quote names in filter
+# strings ('...'), and `models:/<name>@<alias>` splits a name at `@`.
+MODEL_NAME_FORBIDDEN = "/:'\"`@"
+MAX_MODEL_NAME = 256  # the registry's name column holds 256 characters
 
 
 def cache_dir() -> Path:
@@ -48,6 +57,7 @@ class DataConfig:
         _check_choice("missing", self.missing, MISSING_POLICIES)
         _check_range("test_size", self.test_size, 0.0, 1.0, low_open=True, high_open=True)
         _check_range("class_fraction", self.class_fraction, 0.0, 1.0, low_open=True)
+        _check_range("seed", self.seed, 0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,7 @@ class EvalConfig:
         _check_choice("embedding", self.embedding, EMBEDDINGS)
         _check_positive("batch_size", self.batch_size)
         _check_positive("chunk_size", self.chunk_size)
+        _check_at_least("workers", self.workers, 0)
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,13 @@ class TrainConfig:
         check_table_key("metric", self.metric)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "keep_checkpoints"):
             _check_positive(name, getattr(self, name))
+        _check_at_least("workers", self.workers, 0)
+        _check_finite("lr", self.lr, 0.0, inclusive=False)
+        _check_finite("lr_pfc_weight", self.lr_pfc_weight, 0.0, inclusive=False)
+        _check_finite("weight_decay", self.weight_decay, 0.0)
+        _check_finite("grad_clip", self.grad_clip, 0.0)  # 0: no clipping
+        if self.register_as is not None:
+            check_model_name("register_as", self.register_as)
 
     def eval_config(self) -> EvalConfig:
         """The evaluation run after each `eval_every` epochs: same data, split and batch size."""
@@ -144,6 +162,11 @@ class SweepConfig:
     study_name: str | None = None
     overrides: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _check_positive("n_trials", self.n_trials)
+        if self.timeout is not None:
+            _check_finite("timeout", self.timeout, 0.0, inclusive=False)
+
 
 @dataclass(frozen=True)
 class CompareConfig:
@@ -156,6 +179,11 @@ class CompareConfig:
     top: int = 10
     promote: bool = False
     out: str = "reports/compare"
+
+    def __post_init__(self) -> None:
+        check_table_key("metric", self.metric)
+        check_table_key("tie_break", self.tie_break)
+        _check_positive("top", self.top)
 
 
 def flat_fields(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -184,8 +212,11 @@ def coerce(cls: type, name: str, raw: Any) -> Any:
         return None
     if unset and (raw is None or base is not str or not raw.strip()):
         raise ConfigError(f"parameter {name!r} needs a value")
-    if not isinstance(raw, str) or base not in (bool, int, float):
+    if base not in (bool, int, float):
         return raw
+    # A sweep file gives YAML values (16.5 for an int field, true for a float one): spelled out,
+    # they go through the same parsing as a command line, so 16.0 is 16 and 16.5 is refused.
+    raw = raw if isinstance(raw, str) else str(raw)
     try:
         if base is bool:
             return _parse_bool(raw)
@@ -207,22 +238,26 @@ def _parse_bool(raw: str) -> bool:
 
 
 def check_margins(s: float, m1: float, m2: float, m3: float, filter: float) -> None:
-    """The margin loss parameters CombinedMarginLoss supports: s > 0, m1 = 1, ArcFace m2 in [0, π)
-    or CosFace m3 >= 0 (not both), filter in [0, 1)."""
-    if not s > 0:
-        raise ConfigError(f"loss parameter 's' (scale) must be positive, got {s}")
+    """The margin loss parameters CombinedMarginLoss supports: s in (0, MAX_MARGIN_SCALE], m1 = 1,
+    ArcFace m2 in [0, π) or CosFace m3 >= 0 and finite (not both), filter in [0, 1)."""
+    if not 0 < s <= MAX_MARGIN_SCALE:
+        raise ConfigError(f"parameter 'margin_s' (the loss's scale 's') must be in (0, "
+                          f"{MAX_MARGIN_SCALE:g}], got {s}")
     if m1 != 1.0:
-        raise ConfigError(f"loss parameter 'm1'={m1} is not supported: use m1=1 with 'm2' "
-                          "(ArcFace) or 'm3' (CosFace)")
+        raise ConfigError(f"parameter 'margin_m1'={m1} is not supported: use margin_m1=1 with "
+                          "margin_m2 (ArcFace) or margin_m3 (CosFace)")
     if not 0 <= m2 < math.pi:
-        raise ConfigError(f"loss parameter 'm2' (ArcFace angle margin) must be in [0, π), got {m2}")
-    if not m3 >= 0:
-        raise ConfigError(f"loss parameter 'm3' (CosFace margin) must be at least 0, got {m3}")
+        raise ConfigError(f"parameter 'margin_m2' (ArcFace angle margin) must be in [0, π), "
+                          f"got {m2}")
+    if not (m3 >= 0 and math.isfinite(m3)):
+        raise ConfigError(f"parameter 'margin_m3' (CosFace margin) must be a finite number at "
+                          f"least 0, got {m3}")
     if m2 > 0 and m3 > 0:
-        raise ConfigError(f"loss parameters 'm2'={m2} and 'm3'={m3} cannot both be set: "
-                          "choose ArcFace (m2) or CosFace (m3)")
+        raise ConfigError(f"parameters 'margin_m2'={m2} and 'margin_m3'={m3} cannot both be "
+                          "set: choose ArcFace (margin_m2) or CosFace (margin_m3)")
     if not 0 <= filter < 1:
-        raise ConfigError(f"loss parameter 'filter' (cosine threshold) must be in [0, 1), got {filter}")
+        raise ConfigError(f"parameter 'margin_filter' (cosine threshold) must be in [0, 1), "
+                          f"got {filter}")
 
 
 def check_table_key(name: str, key: str) -> None:
@@ -238,16 +273,45 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"parameter {name!r} is {value!r}; choose one of {', '.join(choices)}")
 
 
+def check_model_name(name: str, value: str) -> None:
+    """Raise ConfigError unless `value` can name a registered model: not blank, at most
+    MAX_MODEL_NAME characters, none of MODEL_NAME_FORBIDDEN, and not `.` nor starting with `..`
+    (MLflow treats a name as a path, and refuses one that would resolve to another)."""
+    bad = sorted(set(value) & set(MODEL_NAME_FORBIDDEN))
+    if not value.strip() or value == "." or value.startswith(".."):
+        problem = "is blank or only dots" if not value.strip(". ") else "starts with '..'"
+    elif bad:
+        problem = f"holds {' '.join(bad)}, which the model registry cannot take"
+    elif len(value) > MAX_MODEL_NAME:
+        problem = f"is {len(value)} characters long (at most {MAX_MODEL_NAME})"
+    else:
+        return
+    raise ConfigError(f"parameter {name!r} is {value!r}: a registered model name that {problem}; "
+                      f"use letters, digits, spaces, '-', '_' and '.'")
+
+
 def _check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"parameter {name!r} must be at least 1, got {value}")
+    _check_at_least(name, value, 1)
+
+
+def _check_at_least(name: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"parameter {name!r} must be at least {minimum}, got {value}")
+
+
+def _check_finite(name: str, value: float, minimum: float, inclusive: bool = True) -> None:
+    """Refuse nan, an infinity, and a value below `minimum` (or at it, unless `inclusive`)."""
+    above = value >= minimum if inclusive else value > minimum
+    if not (math.isfinite(value) and above):
+        bound = f"at least {minimum:g}" if inclusive else f"above {minimum:g}"
+        raise ConfigError(f"parameter {name!r} must be a finite number {bound}, got {value}")
 
 
 def _check_range(name: str, value: float, low: float, high: float,
                  low_open: bool = False, high_open: bool = False) -> None:
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
-    if too_low or too_high:
+    if math.isnan(value) or too_low or too_high:  # nan compares false with every bound
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ConfigError(f"parameter {name!r} must be in {lo}{low}, {high}{hi}, got {value}")
 

@@ -23,3 +23,15 @@ class TrackingError(TaxonclipError):
 
 class MetricNotInTable(ConfigError):
     """A metric names a taxa/level cell the evaluation table lacks: no run could report it."""
+
+
+class TrainingDiverged(TaxonclipError):
+    """The training loss became nan or infinite: the run cannot go on from there."""
+
+
+class UsageError(ConfigError):
+    """A command line that does not parse: an unknown parameter, a missing value."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog

@@ -215,6 +215,9 @@ def read_manifest(path: str | Path, image_column: str | None = None, name_column
         frames.append(frame)
         dropped_blank += blank
     table = pd.concat(frames, ignore_index=True)
+    if table.empty and not dropped_blank:
+        where = sources[0].file if len(sources) == 1 else f"the {len(sources)} manifests of {root}"
+        raise DataError(f"no rows in {where}: a header and no image listed under it")
     table["image_id"] = [_image_id(p, root) for p in table["image_path"]]
     if group_column:
         table[GROUP_COLUMN] = table[GROUP_COLUMN].fillna(table["image_id"])
@@ -227,7 +230,8 @@ def read_manifest(path: str | Path, image_column: str | None = None, name_column
         raise DataError(_missing_message(problems, len(table), root))
     table = table[~table["image_path"].isin(list(problems))].reset_index(drop=True)
     if table.empty:
-        raise DataError(f"no usable rows in {root}: every row has a blank name or a missing image")
+        raise DataError(f"no usable rows in {root}: {dropped_blank} with a blank name, "
+                        f"{len(problems)} with a missing or unreadable image")
     table = table[list(COLUMNS) + [c for c in table.columns if c not in COLUMNS]]
     report = ManifestReport(
         source=str(root if len(sources) > 1 else sources[0].file), rows=len(table),

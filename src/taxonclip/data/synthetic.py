@@ -105,10 +105,22 @@ def generate(out: str | Path, seed: int = 0, taxa: int = 3, genera: int = 4, spe
     root = Path(out)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise DataError(f"{root} is not an empty folder; choose a new or empty one")
+    _make_folder(root)
     for taxon_index, taxon in enumerate(BODY_PLANS[:taxa]):
         catalogue = taxonomy(seed, taxon_index, taxa, genera, species)
         _write_taxon(root / taxon, catalogue, seed, images, size)
     return root
+
+
+def _make_folder(root: Path) -> None:
+    """Create `root` and its parents, or raise a DataError naming what is in the way."""
+    in_the_way = next((p for p in root.parents if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise DataError(f"cannot write {root}: {in_the_way} is a file, not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot write {root}: {err.strerror or err}") from None
 
 
 def default_dataset() -> Path:

@@ -1,0 +1,88 @@
+"""The typed config refuses nonsense where it is built: every numeric parameter of every entry
+point refuses nan, the infinities and -1, naming itself; registered model names are checked
+before training; sweep values are parsed like command-line ones."""
+
+from __future__ import annotations
+
+import math
+from typing import get_args, get_type_hints
+
+import pytest
+
+from taxonclip import config as cfg
+from taxonclip.errors import ConfigError
+
+ENTRY_POINTS = {"train": (cfg.TrainConfig, cfg.TRAIN_PARAMS),
+                "eval": (cfg.EvalConfig, cfg.EVAL_PARAMS),
+                "sweep": (cfg.SweepConfig, cfg.SWEEP_PARAMS),
+                "compare": (cfg.CompareConfig, cfg.COMPARE_PARAMS)}
+
+
+def _field_type(cls: type, path: str) -> type:
+    """The declared type of the dotted field `path` of `cls`, without Optional."""
+    *parents, leaf = path.split(".")
+    for parent in parents:
+        cls = get_type_hints(cls)[parent]
+    declared = get_type_hints(cls)[leaf]
+    return next((a for a in get_args(declared) if a is not type(None)), declared)
+
+
+def _numeric_params() -> list[tuple[str, str]]:
+    """(entry point, parameter) for every int and float parameter (not the booleans)."""
+    return [(entry, name) for entry, (cls, mapping) in ENTRY_POINTS.items()
+            for name, path in mapping.items() if _field_type(cls, path) in (int, float)]
+
+
+def test_the_defaults_build():
+    for cls, _ in ENTRY_POINTS.values():
+        cls()
+
+
+@pytest.mark.parametrize("entry, name", _numeric_params())
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", "-1"])
+def test_every_numeric_parameter_refuses_nonsense_naming_itself(entry, name, raw):
+    cls, mapping = ENTRY_POINTS[entry]
+    with pytest.raises(ConfigError, match=f"'{name}'"):
+        cfg.from_params(cls, {name: raw}, mapping)
+
+
+@pytest.mark.parametrize("name, value", [("lr", "0"), ("lr_pfc_weight", "0"), ("margin_s", "0"),
+                                         ("margin_s", "128.5"), ("workers", "-1")])
+def test_bounds_are_refused(name, value):
+    with pytest.raises(ConfigError, match=f"'{name}'"):
+        cfg.from_params(cfg.TrainConfig, {name: value}, cfg.TRAIN_PARAMS)
+
+
+def test_the_edges_of_each_range_are_accepted():
+    config = cfg.from_params(cfg.TrainConfig, {"weight_decay": "0", "grad_clip": "0", "workers": "0",
+                                               "margin_s": "128", "seed": str(cfg.MAX_SEED)},
+                             cfg.TRAIN_PARAMS)
+    assert (config.loss.s, config.data.seed, config.workers) == (128.0, 2**32 - 1, 0)
+
+
+def test_cosface_takes_a_finite_margin_only():
+    with pytest.raises(ConfigError, match="'margin_m3'.*finite"):
+        cfg.from_params(cfg.TrainConfig, {"margin_m2": "0", "margin_m3": "inf"}, cfg.TRAIN_PARAMS)
+
+
+@pytest.mark.parametrize("name", ["a/b", "team:model", ".", "..", "...", "..x", " ", "it's",
+                                  'the "best"', "back`tick", "birds@champion", "x" * 257])
+def test_register_as_refuses_what_the_registry_cannot_take(name):
+    with pytest.raises(ConfigError, match="'register_as'"):
+        cfg.TrainConfig(register_as=name)
+
+
+@pytest.mark.parametrize("name", ["birds-b16", "birds b16", "v1.2_final", ".hidden", "Ünïcode"])
+def test_register_as_accepts_ordinary_names(name):
+    assert cfg.TrainConfig(register_as=name).register_as == name
+
+
+def test_sweep_values_are_parsed_like_command_line_ones():
+    build = lambda **values: cfg.from_params(cfg.TrainConfig, values, cfg.TRAIN_PARAMS)  # noqa: E731
+    assert build(batch_size=16.0).batch_size == 16
+    assert build(lr=1).lr == 1.0 and math.isclose(build(lr=3e-4).lr, 3e-4)
+    assert build(compile=1).compile is True
+    with pytest.raises(ConfigError, match="'batch_size': '16.5' is not an integer"):
+        build(batch_size=16.5)
+    with pytest.raises(ConfigError, match="'lr': 'True' is not a number"):
+        build(lr=True)
