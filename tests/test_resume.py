@@ -139,7 +139,15 @@ def _assert_record_whole(run_id: str, steps: int, folder: Path, expected: dict) 
         assert torch.equal(final[key], expected[key]), key
 
 
-@pytest.mark.parametrize("where", list(_kill_points(4)))
+# Four points run with the slow tests only, to keep `make test` short; one or more of those that
+# run in it lies inside each phase.
+SLOW_POINTS = ("mid-way through epoch 2", "while logging metrics", "after the upload, before pruning",
+               "during the model logging")
+
+
+@pytest.mark.parametrize("where", [
+    pytest.param(where, marks=pytest.mark.slow if where in SLOW_POINTS else ())
+    for where in _kill_points(4)])
 def test_sigkill_then_resume_gives_the_uninterrupted_run(where, killer, uninterrupted, specimens,
                                                          tracking, monkeypatch, tmp_path):
     steps = _steps_per_epoch(specimens)
@@ -197,6 +205,19 @@ def test_only_an_unfinished_train_run_can_be_resumed(uninterrupted, specimens, t
     for run_id, (status, metrics) in before.items():
         after = client.get_run(run_id)
         assert (after.info.status, dict(after.data.metrics)) == (status, metrics)
+
+
+def test_a_finished_model_trains_further_from_its_weights(uninterrupted, specimens, tracking,
+                                                          monkeypatch, capsys):
+    finished = _the_run("resume-straight").info.run_id
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "resume-further")
+    weights = f"runs:/{finished}/model"
+    assert main(["train", "--data", str(specimens), *ARGS[:-4], "--epochs", "1",
+                 "--weights", weights]) == 0
+    further = _the_run("resume-further")
+    assert further.info.run_id != finished and further.data.params["weights"] == weights
+    _refused(capsys, ["train", "--model", "ViT-B/32", "--weights", weights,
+                      "--data", str(specimens), "--batch_size", "16"], "are a tiny model")
 
 
 def test_a_resume_keeps_the_runs_own_parameters(killer, specimens, tracking, monkeypatch, capsys):

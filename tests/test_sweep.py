@@ -1,8 +1,11 @@
-"""Sweeps: the sweep files and their errors, storage URLs, and studies run against a real MLflow
-server (one parent run, a child per trial, pruned KILLED, failed FAILED, continued studies)."""
+"""Sweeps: the sweep files and their errors, storage URLs and tracking URIs whose passwords are
+never shown, and studies run against a real MLflow server (one parent run, a child per trial,
+pruned KILLED, failed FAILED with one line on stderr, continued studies)."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -22,11 +25,14 @@ from taxonclip import names
 from taxonclip.cli import main
 from taxonclip.config import SweepConfig, TrainConfig
 from taxonclip.errors import ConfigError, TaxonclipError
-from taxonclip.sweep import (MetricNotInTable, default_storage, load_sweep, make_pruner,
-                             make_sampler, metric_value, open_storage, open_study, redact,
-                             run_sweep, suggest)
+from taxonclip.jobs import where_to_look
+from taxonclip.sweep import (GRACE_BEATS, HEARTBEAT_ENV, HEARTBEAT_S, MetricNotInTable,
+                             dashboard_target, default_storage, heartbeat_timing, load_sweep,
+                             make_pruner, make_sampler, metric_value, open_storage, open_study,
+                             redact, run_sweep, suggest)
+from taxonclip.tracking.runs import redacted_uri
 from taxonclip.train import run_training
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 SHIPPED = sorted((REPO / "sweeps").glob("*.yaml"))
 METRIC = names.eval_metric(names.ALL_TAXA, "species", "top1_cos")
@@ -159,6 +165,77 @@ def test_redact_hides_passwords_only():
     assert redact("sqlite:///optuna.db") == "sqlite:///optuna.db"
 
 
+# Passwords that a naive URL parser splits wrongly, each unencoded in the URL.
+PASSWORDS = {"slash": "se/cr3t", "at": "p@ss", "colon": "a:b", "all three": "x/y@z:w"}
+
+
+def _slow_but_all_three(cases) -> list:
+    """The password cases of a test that takes seconds each: the one holding every character
+    runs in `make test`, the others with the slow tests."""
+    return [pytest.param(case, id=case, marks=() if case == "all three" else pytest.mark.slow)
+            for case in cases]
+
+
+@pytest.mark.parametrize("password", PASSWORDS.values(), ids=PASSWORDS)
+def test_redact_hides_passwords_holding_url_characters(password):
+    url = f"postgresql://ana:{password}@db.lab:5432/optuna"
+    assert redact(url) == "postgresql://ana:***@db.lab:5432/optuna"
+    assert dashboard_target(url).endswith("://ana:***@db.lab:5432/optuna")
+    assert redact(f"{url}?password={password}") == \
+        "postgresql://ana:***@db.lab:5432/optuna?password=***"
+
+
+def test_redact_hides_what_it_cannot_parse():
+    unparsable = "postgresql://ana:pw/x@db.lab:port/optuna"  # a port that is not a number
+    assert redact(unparsable) == "postgresql://***@db.lab:port/optuna"
+    with pytest.raises(ConfigError, match=r"'postgresql://\*\*\*@db.lab:port/optuna': not a "):
+        open_storage(unparsable)
+
+
+@pytest.mark.parametrize("case", _slow_but_all_three(PASSWORDS))
+def test_unreachable_storage_is_named_without_its_password(case, tmp_path, capsys):
+    password = PASSWORDS[case]
+    url = f"postgresql://ana:{password}@127.0.0.1:{free_port()}/optuna"
+    code = main(["sweep", "--sweep", str(_write(tmp_path, VALID)), "--storage", url])
+    printed = capsys.readouterr()
+    assert code == 1 and "postgresql://ana:***@127.0.0.1" in printed.err, printed.err
+    assert password not in printed.out + printed.err
+
+
+@pytest.mark.parametrize("password", PASSWORDS.values(), ids=PASSWORDS)
+def test_tracking_uri_credentials_are_hidden_in_messages(password, monkeypatch):
+    uri = f"http://ana:{password}@mlflow.lab:5000"
+    assert redacted_uri(uri) == "http://***@mlflow.lab:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert where_to_look("0123") == "MLflow run 0123: open http://***@mlflow.lab:5000 and pick " \
+                                    "the run to see it"
+    assert redacted_uri("sqlite:////home/ana@lab/mlflow.db") == "sqlite:////home/ana@lab/mlflow.db"
+
+
+@pytest.mark.parametrize("password", PASSWORDS.values(), ids=PASSWORDS)
+def test_unreachable_tracking_server_is_named_without_its_password(password, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ana:{password}@127.0.0.1:{free_port()}")
+    code = main(["sweep", "--sweep", str(_write(tmp_path, VALID)),
+                 "--storage", f"sqlite:///{tmp_path / 'optuna.db'}"])
+    printed = capsys.readouterr()
+    assert code == 1 and "tracking server at http://127.0.0.1:" in printed.err, printed.err
+    assert password not in printed.out + printed.err
+
+
+def test_heartbeat_interval_and_grace_period(tmp_path, monkeypatch):
+    monkeypatch.delenv(HEARTBEAT_ENV, raising=False)
+    assert heartbeat_timing() == (HEARTBEAT_S, GRACE_BEATS * HEARTBEAT_S)
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert storage.get_heartbeat_interval() == HEARTBEAT_S
+    monkeypatch.setenv(HEARTBEAT_ENV, "2")
+    assert heartbeat_timing() == (2, 2 * GRACE_BEATS)
+    for wrong in ("0", "1.5", "soon"):
+        monkeypatch.setenv(HEARTBEAT_ENV, wrong)
+        with pytest.raises(ConfigError, match=f"{HEARTBEAT_ENV}='{wrong}': give a whole number"):
+            heartbeat_timing()
+
+
 def test_open_storage_journal_file_and_unknown_scheme(tmp_path):
     journal = open_storage(f"journal:{tmp_path / 'study.log'}")
     study = optuna.create_study(study_name="j", storage=journal)
@@ -275,6 +352,33 @@ def test_mlflow_run_sweep_of_four_trials_links_four_children_to_one_parent(
             "plots/param_importances.png"} <= artifacts
 
 
+def _logged_text(runs: list) -> str:
+    """Every parameter and tag of some runs, as one string to search."""
+    return "\n".join(f"{key}={value}" for run in runs
+                     for key, value in {**run.data.params, **run.data.tags}.items())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", _slow_but_all_three(sorted(PASSWORDS)))
+def test_tracking_uri_with_credentials_is_used_and_never_shown(case, tracking, specimens,
+                                                                tmp_path):
+    # The test server takes any basic auth: a URI with credentials must reach it like one without.
+    password, study_name = PASSWORDS[case], f"tracked-{case.replace(' ', '-')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.replace("://", f"://ana:{password}@")}
+    overrides = [item for name, value in FAST.items() for item in ("-P", f"{name}={value}")]
+    command = [sys.executable, "-m", "taxonclip", "sweep", "--sweep", str(_write(tmp_path, VALID)),
+               "--n_trials", "1", "--study_name", study_name,
+               "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "-P", f"data={specimens}",
+               *overrides]
+    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert password not in done.stdout + done.stderr
+    parents, children = _runs_of(study_name)
+    assert [len(parents), len(children)] == [1, 1]
+    assert password not in _logged_text(parents + children)
+
+
 def _training_that(break_trial: dict[int, BaseException], before_run: set[int] = frozenset()):
     """run_training, except that trial N raises break_trial[N] from its epoch hook (inside its
     MLflow run), or raises before its run starts when N is in `before_run`."""
@@ -293,11 +397,17 @@ def _training_that(break_trial: dict[int, BaseException], before_run: set[int] =
 
 
 @pytest.mark.integration
-def test_failed_trials_are_recorded_and_the_study_goes_on(tracking, specimens, tmp_path):
+def test_failed_trials_are_recorded_and_the_study_goes_on(tracking, specimens, tmp_path, capsys):
     sweep = _write(tmp_path, VALID)
     out_of_memory = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     train = _training_that({0: out_of_memory}, before_run={1})
-    study = run_sweep(_config(tmp_path, sweep, specimens, 3, "failing"), train=train)
+    optuna_log = logging.StreamHandler(io.StringIO())  # what Optuna's own handler gets to print
+    logging.getLogger("optuna").addHandler(optuna_log)
+    try:
+        study = run_sweep(_config(tmp_path, sweep, specimens, 3, "failing"), train=train)
+    finally:
+        logging.getLogger("optuna").removeHandler(optuna_log)
+    stderr = capsys.readouterr().err
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
     parents, children = _runs_of("failing")
@@ -310,7 +420,13 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tracking, specimens, t
         error_file = client.download_artifacts(child.info.run_id, names.ERROR_ARTIFACT, str(tmp_path))
         error_text = Path(error_file).read_text()
         assert "Traceback" in error_text and expected in error_text
+        assert f"Trial {number} failed with parameters" in error_text  # Optuna's log of it
         assert study.trials[number].user_attrs["mlflow_run_id"] == child.info.run_id
+        summary = [line for line in stderr.splitlines()
+                   if line.startswith(f"trial {number} failed")]
+        assert len(summary) == 1 and expected in summary[0] and child.info.run_id in summary[0]
+    assert "Traceback" not in stderr
+    assert "because of the following error" not in optuna_log.stream.getvalue()
     assert _child_of_trial(children, 2).info.status == "FINISHED"
     assert parents[0].info.status == "FINISHED" and parents[0].data.params["best.trial"] == "2"
 

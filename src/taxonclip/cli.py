@@ -12,7 +12,19 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from taxonclip import config as cfg
-from taxonclip.errors import TaxonclipError
+from taxonclip.errors import TaxonclipError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are UsageErrors, so that a command line that does not
+    parse ends like any other bad input: one message, exit status 1 (argparse would print the
+    usage and exit 2)."""
+
+    def error(self, message: str):
+        # argparse reads a value such as -inf or -1e-5 as an option, and then misses the value
+        hint = (" (write a value that starts with '-' as --name=VALUE)"
+                if message.endswith("expected one argument") else "")
+        raise UsageError(self.prog, f"{message}{hint}; `{self.prog} --help` lists the parameters")
 
 
 def _add_params(parser: argparse.ArgumentParser, mapping: Mapping[str, str], cls: type) -> None:
@@ -30,7 +42,7 @@ def _given(args: argparse.Namespace, mapping: Mapping[str, str]) -> dict[str, st
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `taxonclip` command."""
-    parser = argparse.ArgumentParser(prog="taxonclip", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="taxonclip", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="generate or check a dataset")
@@ -45,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(check, {k: v for k, v in cfg.DATA_PARAMS.items() if k != "data"}, cfg.EvalConfig)
 
     commands.add_parser("models", help="list the model names")
+
+    sync = commands.add_parser("sync", help="send a run's spool to the tracking server once it is back")
+    sync.add_argument("folder", help="the spool folder a run named when the server was unreachable")
 
     _add_params(commands.add_parser("eval", help="evaluate a model (nearest-neighbour metrics)"),
                 cfg.EVAL_PARAMS, cfg.EvalConfig)
@@ -65,12 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = _parse(argv)
+    except UsageError as exc:
+        print(f"{exc.prog}: error: {exc}", file=sys.stderr)
+        return 1
     try:
         return _dispatch(args)
     except TaxonclipError as exc:
         print(f"taxonclip {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 1
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed command line; a parameter the command does not take is a UsageError naming
+    the command (argparse itself would name only `taxonclip`)."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        words = ("taxonclip", args.command, getattr(args, "data_command", None))
+        prog = " ".join(word for word in words if word)
+        raise UsageError(prog, f"unknown parameter(s) {' '.join(unknown)}; `{prog} --help` lists "
+                               f"the parameters")
+    return args
 
 
 def _message(exc: TaxonclipError) -> str:
@@ -93,6 +124,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return jobs.check(cfg.from_params(cfg.EvalConfig, params, cfg.EVAL_PARAMS).data)
     if args.command == "models":
         return jobs.models()
+    if args.command == "sync":
+        return jobs.sync(args.folder)
     if args.command == "eval":
         return jobs.evaluate(cfg.from_params(cfg.EvalConfig, _given(args, cfg.EVAL_PARAMS),
                                              cfg.EVAL_PARAMS))

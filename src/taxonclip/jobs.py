@@ -50,6 +50,16 @@ def models() -> int:
     return 0
 
 
+def sync(folder: str) -> int:
+    """Send what a run's spool holds (kept while the tracking server was unreachable)."""
+    from taxonclip.tracking.runs import sync_spool
+
+    run_id, count = sync_spool(Path(folder))
+    print(f"sent {count} queued call(s) of run {run_id}")
+    print(where_to_look(run_id))
+    return 0
+
+
 def evaluate(config: EvalConfig) -> int:
     """Evaluate one model on one dataset and log everything to MLflow."""
     from taxonclip.data.audit import report_for_run
@@ -88,9 +98,9 @@ def log_evaluation(run, result) -> None:
 
 def where_to_look(run_id: str | None) -> str:
     """Where to see a run in the MLflow UI."""
-    from taxonclip.tracking.runs import tracking_uri
+    from taxonclip.tracking.runs import redacted_uri, tracking_uri
 
-    uri = tracking_uri()
+    uri = redacted_uri(tracking_uri())
     if uri.startswith("http"):
         return f"MLflow run {run_id}: open {uri} and pick the run to see it"
     return (f"MLflow run {run_id} in {uri}: see it with `mlflow ui --backend-store-uri {uri}` "

@@ -19,8 +19,16 @@ and the searched ones (training parameters go by their `train` entry-point names
 Every trial trains through `taxonclip.train.run_training`, in a child MLflow run of the one run
 each `sweep` invocation starts, and reports the metric after every evaluation so the pruner can
 stop it (the child run then ends KILLED). A trial that raises (out of memory, NaN loss, ...) ends
-FAILED, its error in the child run (tag `taxonclip.error`, artifact `error.txt`), and the study
-goes on. `n_trials` counts the trials of one invocation: every worker runs that many.
+FAILED, its error in the child run (tag `taxonclip.error`, artifact `error.txt`, which also
+takes Optuna's log of the failure, leaving one line on stderr), and the study goes on. `n_trials`
+counts the trials of one invocation: every worker runs that many.
+
+A sweep whose process died (SIGKILL, a lost machine) leaves its trial RUNNING and its runs
+RUNNING. Database storages keep a heartbeat of every running trial, and each sweep's run keeps
+one in its `taxonclip.heartbeat` tag; every invocation, before its first trial (and Optuna before
+each trial), fails the trials and ends KILLED the runs silent for the grace period, saying why in
+the tag `taxonclip.killed_reason`. A journal file keeps no heartbeat: there a RUNNING trial is
+failed once the sweep run that started it is found dead.
 
 The seed of the sampler holds for a study stored in SQLite (one worker), offset by the trials the
 study already holds so that a continued study does not repeat them; workers sharing PostgreSQL,
@@ -30,22 +38,29 @@ the same values.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import re
+import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import optuna
 import pandas as pd
 import yaml
 from optuna.distributions import (BaseDistribution, CategoricalDistribution, FloatDistribution,
                                   IntDistribution)
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 from taxonclip import names
 from taxonclip.tracking import sweeps as sweep_runs
@@ -67,19 +82,33 @@ PRUNER_OPTIONS = {"median": ("n_startup_trials", "n_warmup_steps", "interval_ste
 DISTRIBUTION_KEYS = {"float": ("low", "high", "log", "step"), "int": ("low", "high", "log", "step"),
                      "categorical": ("choices",)}
 SHARED_STORAGE_PREFIXES = ("postgresql", "mysql", "journal:")
+DATABASE_PREFIXES = ("postgresql", "mysql")
 JOURNAL_PREFIX = "journal:"
+SQLITE_PREFIX = "sqlite:///"
+QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)  # as MySQL URLs may hold it
 OPTUNA_DB = "optuna.db"
-# Workers on other machines mark a trial FAILED once its worker has been silent this long.
-HEARTBEAT_S, GRACE_S = 60, 300
+# A running trial records a heartbeat in a database storage, and a running sweep in its MLflow
+# run, every HEARTBEAT_S seconds; one silent for GRACE_BEATS beats has lost its process. Tests
+# shorten the beat with the environment variable HEARTBEAT_ENV (whole seconds).
+HEARTBEAT_S = 60
+GRACE_BEATS = 5
+HEARTBEAT_ENV = "TAXONCLIP_SWEEP_HEARTBEAT_S"
 # Workers opening a fresh PostgreSQL database at once race to create Optuna's tables.
 STORAGE_ATTEMPTS = 3
 
 RUN_ID_ATTR = "mlflow_run_id"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
 ERROR_ATTR = "error"
 METRIC_ATTR = "metric"
+# The logger of Optuna's "Trial N failed ... because of the following error" and its traceback,
+# and the function that logs them (private to Optuna: renamed, their lines pass untouched).
+OPTUNA_TRIAL_LOGGER = "optuna.study._optimize"
+OPTUNA_FAILURE_FUNCTION = "_log_failed_trial"
 
 TrainFunction = Callable[..., EvalResult]
 """Called like `taxonclip.train.run_training(config, parent_run_id=, on_epoch=, run_tags=)`."""
+StaleTrialCallback = Callable[[optuna.Study, FrozenTrial], None]
+"""Called by Optuna for each trial it failed because its heartbeat went stale."""
 
 
 class TrialFailed(Exception):
@@ -345,15 +374,51 @@ def metric_value(table: pd.DataFrame, key: str) -> float:
 
 def default_storage(tracking_uri: str) -> str:
     """`optuna.db` beside a SQLite MLflow store, else `sqlite:///optuna.db` in this folder."""
-    if tracking_uri.startswith("sqlite:///"):
+    if tracking_uri.startswith(SQLITE_PREFIX):
         return f"{tracking_uri.rsplit('/', 1)[0]}/{OPTUNA_DB}"
-    return f"sqlite:///{OPTUNA_DB}"
+    return f"{SQLITE_PREFIX}{OPTUNA_DB}"
 
 
 def redact(url: str) -> str:
-    """The storage URL with any password replaced by `***`."""
-    url = re.sub(r"^([a-z0-9+]+://[^:/@]*):[^@/]*@", r"\1:***@", url, flags=re.IGNORECASE)
-    return re.sub(r"(password=)[^&]*", r"\1***", url, flags=re.IGNORECASE)
+    """The storage URL fit for a message, param or tag: its password, and a `password=` option,
+    replaced by `***`. A journal file or SQLite database is a path, shown as it is."""
+    if url.startswith((JOURNAL_PREFIX, SQLITE_PREFIX)):
+        return url
+    # The option first: an `@` in its value would end the credentials there.
+    url = QUERY_PASSWORD.sub(r"\1***", url)
+    try:
+        shown = _parse_database_url(url).render_as_string(hide_password=True)
+    except ConfigError:
+        return _masked(url)
+    return QUERY_PASSWORD.sub(r"\1***", shown)  # SQLAlchemy percent-encodes the `***`
+
+
+def _masked(url: str) -> str:
+    """A storage URL that does not parse, everything before its last `@` (the credentials, if
+    any, end there at the latest) shown as `***`."""
+    head, at, address = url.rpartition("@")
+    if not at:
+        return url
+    scheme, separator, _ = head.partition("://")
+    return f"{scheme}://***@{address}" if separator else f"***@{address}"
+
+
+def _parse_database_url(url: str) -> URL:
+    """SQLAlchemy's URL of a database storage. SQLAlchemy ends a password at its first `@`; here
+    the credentials run from `://` to the last `@` (a host, port or database name holds none), so
+    a password may hold `/`, `@` and `:` unencoded, or percent-encoded as SQLAlchemy wants."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        raise ConfigError(f"storage {_masked(url)!r}: not a database URL (no scheme://)")
+    credentials, at, address = rest.rpartition("@")
+    try:
+        parsed = make_url(f"{scheme}://{address}")
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
+        raise ConfigError(f"storage {_masked(url)!r}: not a database URL ({exc})") from None
+    if not at:
+        return parsed
+    user, has_password, password = credentials.partition(":")
+    return parsed.set(username=unquote(user), password=unquote(password) if has_password else None)
 
 
 def is_shared(url: str) -> bool:
@@ -361,35 +426,67 @@ def is_shared(url: str) -> bool:
     return url.startswith(SHARED_STORAGE_PREFIXES)
 
 
-def open_storage(url: str) -> str | optuna.storages.BaseStorage:
+def heartbeat_timing() -> tuple[int, int]:
+    """(heartbeat interval, grace period) in seconds: HEARTBEAT_S, or the HEARTBEAT_ENV variable."""
+    text = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not text:
+        return HEARTBEAT_S, GRACE_BEATS * HEARTBEAT_S
+    if not text.isdigit() or int(text) == 0:
+        raise ConfigError(f"{HEARTBEAT_ENV}={text!r}: give a whole number of seconds above 0")
+    return int(text), GRACE_BEATS * int(text)
+
+
+def open_storage(url: str, on_stale: StaleTrialCallback | None = None,
+                 ) -> optuna.storages.BaseStorage:
     """The Optuna storage of a URL: `sqlite:///FILE`, `postgresql://...`, `mysql://...` or
-    `journal:FILE` (a journal file on a disk every worker mounts)."""
+    `journal:FILE` (a journal file on a disk every worker mounts).
+
+    A database storage records a heartbeat of each running trial; Optuna fails a trial silent
+    for the grace period, then calls `on_stale(study, trial)`. Optuna 5's journal storage keeps
+    no heartbeat (`Reconciler` covers it)."""
     if url.startswith(JOURNAL_PREFIX):
         backend = optuna.storages.journal.JournalFileBackend(url[len(JOURNAL_PREFIX):])
         return optuna.storages.JournalStorage(backend)
-    if url.startswith(("postgresql", "mysql")):
+    if url.startswith((SQLITE_PREFIX, *DATABASE_PREFIXES)):
+        interval_s, grace_s = heartbeat_timing()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(_with_driver(url), heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
-    if url.startswith("sqlite:///"):
-        return url
+            return optuna.storages.RDBStorage(
+                _engine_url(url), heartbeat_interval=interval_s, grace_period=grace_s,
+                heartbeat_stale_trial_callback=on_stale)
     raise ConfigError(f"storage {redact(url)!r}: use sqlite:///FILE, postgresql://USER@HOST/DB, "
                       f"mysql://USER@HOST/DB or journal:FILE")
 
 
-def _with_driver(url: str) -> str:
+def _engine_url(url: str) -> str:
+    """The URL SQLAlchemy connects to: a PostgreSQL or MySQL one re-encoded (its password
+    percent-encoded) with a driver that is installed."""
+    if url.startswith(SQLITE_PREFIX):
+        return url
+    return _with_driver(_parse_database_url(url)).render_as_string(hide_password=False)
+
+
+def _with_driver(url: URL) -> URL:
     """`postgresql://` names no driver, and SQLAlchemy 2.1 then wants psycopg 3: use psycopg2
     (the project's `postgres` extra) where only that one is installed."""
-    bare = "postgresql://"
-    if url.startswith(bare) and find_spec("psycopg") is None and find_spec("psycopg2") is not None:
-        return f"postgresql+psycopg2://{url[len(bare):]}"
+    if url.drivername == "postgresql" and find_spec("psycopg") is None and \
+            find_spec("psycopg2") is not None:
+        return url.set(drivername="postgresql+psycopg2")
     return url
 
 
-def open_study(spec: SweepSpec, study_name: str, storage_url: str) -> optuna.Study:
-    """Create the study, or load it when it exists (another worker, an earlier invocation)."""
-    study = _create_study(spec, study_name, storage_url)
+def dashboard_target(url: str) -> str:
+    """What `optuna-dashboard` opens for a storage, without the password."""
+    if url.startswith(JOURNAL_PREFIX):
+        return url[len(JOURNAL_PREFIX):]
+    return redact(_engine_url(url))
+
+
+def open_study(spec: SweepSpec, study_name: str, storage_url: str,
+               on_stale: StaleTrialCallback | None = None) -> optuna.Study:
+    """Create the study, or load it when it exists (another worker, an earlier invocation);
+    `on_stale` as for `open_storage`."""
+    study = _create_study(spec, study_name, storage_url, on_stale)
     _check_same_objective(study, spec, study_name)
     seed = spec.sampler.options.get("seed")
     if is_shared(storage_url):
@@ -400,12 +497,14 @@ def open_study(spec: SweepSpec, study_name: str, storage_url: str) -> optuna.Stu
     return study
 
 
-def _create_study(spec: SweepSpec, study_name: str, storage_url: str) -> optuna.Study:
+def _create_study(spec: SweepSpec, study_name: str, storage_url: str,
+                  on_stale: StaleTrialCallback | None) -> optuna.Study:
     for attempt in range(STORAGE_ATTEMPTS):
         if attempt:
             time.sleep(attempt)
         try:
-            return optuna.create_study(study_name=study_name, storage=open_storage(storage_url),
+            storage = open_storage(storage_url, on_stale)
+            return optuna.create_study(study_name=study_name, storage=storage,
                                        direction=spec.direction, pruner=make_pruner(spec.pruner),
                                        load_if_exists=True)
         except TaxonclipError:
@@ -435,21 +534,30 @@ def _check_same_objective(study: optuna.Study, spec: SweepSpec, study_name: str)
 
 # --- trials ------------------------------------------------------------------------------------
 
+def trial_tags(study_name: str, number: int) -> dict[str, str]:
+    """The tags of a trial's child run, which find it under its sweep's run."""
+    return {names.TAG_ENTRY: "train", names.TAG_STUDY: study_name, names.TAG_TRIAL: str(number)}
+
+
 @dataclass
 class Objective:
-    """One trial: train the suggested configuration in a child run of the sweep's run."""
+    """One trial: train the suggested configuration in a child run of the sweep's run.
+
+    `failures` holds, by trial number, the run and one-line error of each trial that raised."""
 
     spec: SweepSpec
     study_name: str
     parent_run_id: str
     train: TrainFunction
     trial_numbers: list[int] = field(default_factory=list)
+    failures: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     def __call__(self, trial: optuna.Trial) -> float:
         self.trial_numbers.append(trial.number)
+        # How a sweep that finds this trial RUNNING after this process died finds its run.
+        trial.set_user_attr(PARENT_RUN_ATTR, self.parent_run_id)
         suggested = {name: suggest(trial, name, d) for name, d in self.spec.search.items()}
-        tags = {names.TAG_ENTRY: "train", names.TAG_STUDY: self.study_name,
-                names.TAG_TRIAL: str(trial.number)}
+        tags = trial_tags(self.study_name, trial.number)
         params: Mapping[str, Any] = suggested
         try:
             config = self.spec.train_config(suggested)
@@ -461,8 +569,10 @@ class Objective:
             self._link(trial, sweep_runs.child_run_id(self.parent_run_id, tags))
             raise optuna.TrialPruned(str(pruned)) from None
         except Exception as error:
-            self._link(trial, sweep_runs.record_failure(self.parent_run_id, tags, params, error))
+            run_id = sweep_runs.record_failure(self.parent_run_id, tags, params, error)
+            self._link(trial, run_id)
             trial.set_user_attr(ERROR_ATTR, f"{type(error).__name__}: {error}"[:1000])
+            self.failures[trial.number] = (run_id, f"{type(error).__name__}: {_first_line(error)}")
             if isinstance(error, MetricNotInTable):
                 raise
             raise TrialFailed(f"trial {trial.number}: {type(error).__name__}: {error}") from error
@@ -481,6 +591,121 @@ class Objective:
             trial.set_user_attr(RUN_ID_ATTR, run_id)
 
 
+class FailureLog(logging.Filter):
+    """Moves Optuna's log of a trial that failed in `objective` (its message and traceback) into
+    the trial's error artifact, and prints one line on stderr in its place."""
+
+    def __init__(self, objective: Objective):
+        super().__init__()
+        self.objective = objective
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False (drop it) for Optuna's lines on a failed trial whose run holds the error."""
+        numbers = self.objective.trial_numbers
+        # Optuna logs a trial's failure right after its objective returns, before the next trial.
+        failure = self.objective.failures.get(numbers[-1]) if numbers else None
+        if record.funcName != OPTUNA_FAILURE_FUNCTION or failure is None:
+            return True
+        if record.exc_info:  # the first of Optuna's two lines; the other only says "value None"
+            run_id, error = failure
+            try:
+                Run(run_id).log_text(logging.Formatter().format(record), names.ERROR_ARTIFACT)
+            except Exception:  # the artifact holds the error's traceback already: show Optuna's
+                return True
+            print(f"trial {numbers[-1]} failed: {error} (traceback: {names.ERROR_ARTIFACT} of "
+                  f"MLflow run {run_id})", file=sys.stderr)
+        return False
+
+
+@contextlib.contextmanager
+def failures_logged_to_runs(objective: Objective) -> Iterator[None]:
+    """Within the block, `FailureLog` filters Optuna's log of the trials."""
+    logger = logging.getLogger(OPTUNA_TRIAL_LOGGER)
+    log = FailureLog(objective)
+    logger.addFilter(log)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log)
+
+
+# --- dead sweeps -------------------------------------------------------------------------------
+
+@dataclass
+class Reconciler:
+    """Closes what sweeps of a study whose process died (SIGKILL, a lost machine) left RUNNING.
+
+    A trial in a database storage is dead once its heartbeat is older than the grace period:
+    Optuna fails it and calls `stale_trial`. A sweep run is dead once its heartbeat tag is that
+    old; on another machine a live sweep's tag stays fresh, so only dead ones are ended (the
+    workers' clocks must agree to well within the grace period). A journal file keeps no
+    heartbeat of trials: a RUNNING trial there is dead once the sweep run that started it is.
+    """
+
+    study_name: str
+    grace_s: int
+    trials_beat: bool
+    started: str = field(default_factory=sweep_runs.utc_now)
+    run_id: str | None = None  # this invocation's sweep run, once started
+
+    def reason(self, detail: str) -> str:
+        """The `taxonclip.killed_reason` of a run this invocation ends."""
+        return (f"its process stopped sending heartbeats ({detail}); reconciled by the sweep "
+                f"started at {self.started} (MLflow run {self.run_id})")
+
+    def reconcile(self, study: optuna.Study) -> None:
+        """Before this invocation's first trial: fail the dead trials, end the dead runs KILLED."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # calls stale_trial for each
+        dead = self.end_dead_sweeps()
+        if not self.trials_beat:
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if trial.user_attrs.get(PARENT_RUN_ATTR) in dead:
+                    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+                    self._end_trial_run(trial)
+
+    def stale_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's callback for a trial it failed as heartbeat-stale: end its run KILLED, and
+        the sweep run that died with it."""
+        self._end_trial_run(trial)
+        try:
+            self.end_dead_sweeps()
+        except Exception as exc:  # leftovers of another process must not stop this sweep
+            print(f"warning: dead sweep runs of study {self.study_name!r} not ended: "
+                  f"{_first_line(exc)}", file=sys.stderr)
+
+    def _end_trial_run(self, trial: FrozenTrial) -> None:
+        """End the run of a trial just failed for a dead process KILLED, and say so."""
+        outcome = ""
+        try:
+            run_id = self._run_of(trial)
+            reason = self.reason(f"trial {trial.number}: none for over {self.grace_s} s")
+            if run_id is not None and sweep_runs.end_killed(run_id, reason):
+                outcome = f"; its MLflow run {run_id} ended KILLED"
+        except Exception as exc:  # leftovers of another process must not stop this sweep
+            outcome = f"; its MLflow run not ended: {_first_line(exc)}"
+        print(f"study {self.study_name!r}: trial {trial.number} had lost its process and is "
+              f"FAILED{outcome}")
+
+    def end_dead_sweeps(self) -> set[str]:
+        """End the study's dead sweep runs KILLED; returns their ids."""
+        dead = sweep_runs.dead_sweep_runs(self.study_name, self.grace_s, self.run_id)
+        for run_id, last_beat in dead.items():
+            if sweep_runs.end_killed(run_id, self.reason(f"the last at {last_beat}")):
+                print(f"study {self.study_name!r}: sweep run {run_id} had sent no heartbeat "
+                      f"since {last_beat}; ended KILLED")
+        return set(dead)
+
+    def _run_of(self, trial: FrozenTrial) -> str | None:
+        """A trial's MLflow run: its `mlflow_run_id` attribute, set as the trial ends, else the
+        run with its tags under the sweep run that started it."""
+        parent_run_id = trial.user_attrs.get(PARENT_RUN_ATTR)
+        if RUN_ID_ATTR in trial.user_attrs or parent_run_id is None:
+            return trial.user_attrs.get(RUN_ID_ATTR)
+        return sweep_runs.child_run_id(parent_run_id, trial_tags(self.study_name, trial.number))
+
+
 def run_sweep(config: SweepConfig, train: TrainFunction = run_training) -> optuna.Study:
     """Run `config.n_trials` trials of the study named by the sweep file (or `study_name`),
     creating it or continuing it, in one MLflow parent run; returns the study.
@@ -491,15 +716,22 @@ def run_sweep(config: SweepConfig, train: TrainFunction = run_training) -> optun
     spec = load_sweep(config.sweep, config.overrides)
     study_name = check_study_name(config.study_name or spec.name, "--study_name")
     storage_url = config.storage or default_storage(tracking_uri())
-    study = open_study(spec, study_name, storage_url)
+    interval_s, grace_s = heartbeat_timing()
+    reconciler = Reconciler(study_name, grace_s,
+                            trials_beat=not storage_url.startswith(JOURNAL_PREFIX))
+    study = open_study(spec, study_name, storage_url, on_stale=reconciler.stale_trial)
     tags = {names.TAG_STUDY: study_name, names.TAG_STORAGE: redact(storage_url),
             names.TAG_METRIC: spec.metric, names.TAG_DIRECTION: spec.direction}
-    with tracked_run("sweep", run_name=f"sweep {study_name}", tags=tags) as run:
+    with (tracked_run("sweep", run_name=f"sweep {study_name}", tags=tags) as run,
+          sweep_runs.heartbeat(run.run_id, interval_s)):
+        reconciler.run_id = run.run_id
         run.log_params(_sweep_params(config, study_name, storage_url))
         run.log_artifact(spec.path, "sweep")
+        reconciler.reconcile(study)
         objective = Objective(spec, study_name, run.run_id, train)
-        study.optimize(objective, n_trials=config.n_trials, timeout=config.timeout,
-                       catch=(TrialFailed,), gc_after_trial=True)
+        with failures_logged_to_runs(objective):
+            study.optimize(objective, n_trials=config.n_trials, timeout=config.timeout,
+                           catch=(TrialFailed,), gc_after_trial=True)
         log_summary(study, spec, run)
         print(summary(study, objective.trial_numbers, spec.metric, storage_url))
         _check_some_succeeded(study, objective.trial_numbers)
@@ -581,5 +813,5 @@ def summary(study: optuna.Study, numbers: list[int], metric: str, storage_url: s
         best = study.best_trial
         lines.append(f"best: trial {best.number}, {metric} = {best.value:.4f}, {best.params} "
                      f"(MLflow run {best.user_attrs.get(RUN_ID_ATTR, '?')})")
-    lines.append(f"watch the study: optuna-dashboard {redact(_with_driver(storage_url))}")
+    lines.append(f"watch the study: optuna-dashboard {dashboard_target(storage_url)}")
     return "\n".join(lines)

@@ -37,7 +37,7 @@ from taxonclip.data.audit import report_for_run
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.splits import Split, select_classes, split_manifest
-from taxonclip.errors import ConfigError, DataError
+from taxonclip.errors import ConfigError, DataError, TrainingDiverged
 from taxonclip.evaluate import (EvalResult, Seen, check_has_test_images, check_metric_cell,
                                 check_no_label_in_queries, evaluate, split_csv, table_cell)
 from taxonclip.losses import CombinedMarginLoss, PartialFC
@@ -144,6 +144,20 @@ def make_loader(data: TrainData, encoder, config: TrainConfig, info: dist.DistIn
                       persistent_workers=False)
 
 
+WARMUP_FRACTION = 0.1  # OneCycleLR's pct_start, as in UNICOM's recipe
+
+
+def warmup_fraction(total_steps: int) -> float:
+    """OneCycleLR's pct_start for a schedule of `total_steps`: WARMUP_FRACTION, except where that
+    leaves the warm-up phase zero-length."""
+    # torch's warm-up phase ends at step pct_start * total_steps - 1, and it divides by that
+    # length: 0.1 of exactly 10 steps ends it at step 0 (ZeroDivisionError). There it ends at
+    # step 1 instead, as 0.1 of 20 steps does, and the anneal phase runs from step 1 to step 9.
+    if WARMUP_FRACTION * total_steps == 1:
+        return 2 / total_steps
+    return WARMUP_FRACTION
+
+
 def build_state(encoder, num_classes: int, config: TrainConfig, steps_per_epoch: int,
                 device: torch.device) -> TrainState:
     """Model, PartialFC head, AdamW with two groups and OneCycleLR with per-group max_lr."""
@@ -157,9 +171,10 @@ def build_state(encoder, num_classes: int, config: TrainConfig, steps_per_epoch:
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
     # A scalar max_lr would give the centres the backbone's rate: pass one per group.
+    total_steps = max(1, steps_per_epoch * config.epochs)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[config.lr, config.lr * config.lr_pfc_weight],
-        total_steps=max(1, steps_per_epoch * config.epochs), pct_start=0.1)
+        total_steps=total_steps, pct_start=warmup_fraction(total_steps))
     return TrainState(encoder, head, optimizer, scheduler)
 
 
@@ -224,7 +239,10 @@ def _log_steps(pending, window_start: float, ctx: TrainContext, bar) -> None:
     losses = torch.stack([loss for _, _, loss in pending]).tolist()
     for (step, _, _), loss in zip(pending, losses):
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}")
+            raise TrainingDiverged(
+                f"the training loss is {loss} at step {step}: training diverged; lower lr (now "
+                f"{ctx.config.lr:g}), set grad_clip (e.g. 1.0), or check the data for broken "
+                f"images or wrong labels")
     images = len(pending) * ctx.config.batch_size * ctx.config.grad_accum * ctx.info.world_size
     img_per_s = images / max(time.perf_counter() - window_start, 1e-9)
     ctx.run.log_metric_history([
@@ -349,7 +367,8 @@ def resume_config(requested: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"run {record.run_id} is a {record.status} {kind} run; only an unfinished train run "
             f"can be resumed, and that run is left as it is. To train a finished model further, "
-            f"start a new run from it: taxonclip train --model runs:/{record.run_id}/model ...")
+            f"start a new run from its weights: taxonclip train --model "
+            f"{record.params.get('model', '<model>')} --weights runs:/{record.run_id}/model ...")
     logged = {name: value for name, value in record.params.items() if name in TRAIN_PARAMS}
     own = from_params(TrainConfig, {**logged, "resume": requested.resume}, TRAIN_PARAMS)
     asked, kept, default = (flat_fields(c) for c in (requested, own, TrainConfig()))
@@ -455,10 +474,10 @@ def _save_checkpoint(state: TrainState, ctx: TrainContext) -> None:
     saved = checkpoint(state, ctx.config, ctx.data.classes)
     if not ctx.info.is_main:
         return
-    with _scratch() as folder:
-        path = Path(folder) / _checkpoint_name(state.epoch)
-        torch.save(saved, path)
-        ctx.run.log_artifact(path, names.CHECKPOINT_DIR)
+    # written to the run's spool first: the local copy stays until its upload succeeds
+    path = ctx.run.staging(_checkpoint_name(state.epoch))
+    torch.save(saved, path)
+    ctx.run.log_artifact(path, names.CHECKPOINT_DIR)
     _prune_checkpoints(state, ctx)
 
 
@@ -467,9 +486,7 @@ def _prune_checkpoints(state: TrainState, ctx: TrainContext) -> None:
     keep = {_checkpoint_name(state.best_epoch)}
     keep |= {_checkpoint_name(e) for e in
              range(state.epoch - ctx.config.keep_checkpoints + 1, state.epoch + 1)}
-    for artifact in ctx.run.list_artifacts(names.CHECKPOINT_DIR):
-        if Path(artifact).name not in keep:
-            ctx.run.delete_artifact(artifact)
+    ctx.run.prune_artifacts(names.CHECKPOINT_DIR, keep)
 
 
 def _scratch() -> tempfile.TemporaryDirectory:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from taxonclip import names
 from taxonclip.errors import TrackingError
-from taxonclip.tracking.runs import connect, tracking_uri
+from taxonclip.tracking.runs import connect, redacted_uri, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def _experiment(client, name_or_id: str) -> tuple[str, str]:
             experiment = None
     if experiment is None or experiment.lifecycle_stage != "active":
         raise TrackingError(f"no active MLflow experiment named or numbered {name_or_id!r} at "
-                            f"{tracking_uri()}")
+                            f"{redacted_uri(tracking_uri())}")
     return experiment.experiment_id, experiment.name
 
 
@@ -70,7 +70,8 @@ def get_run(run_id: str) -> RunRecord:
     try:
         return _run_record(MlflowClient().get_run(run_id))
     except MlflowException as exc:
-        raise TrackingError(f"no MLflow run {run_id!r} at {tracking_uri()}: {exc.message}") from None
+        raise TrackingError(f"no MLflow run {run_id!r} at {redacted_uri(tracking_uri())}: "
+                            f"{exc.message}") from None
 
 
 def find_runs(experiment_ids: list[str], filter_string: str | None = None) -> list[RunRecord]:

@@ -7,11 +7,14 @@ nothing, so training code logs unconditionally and stays free of rank checks.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import os
+import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -21,8 +24,15 @@ import pandas as pd
 
 from taxonclip import names
 from taxonclip.errors import TrackingError
+from taxonclip.tracking.spool import Spool
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# MLflow's HTTP retries, unless the user sets them: its own defaults retry a lost server for
+# minutes in silence; the spool takes over after a few seconds instead.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+HEALTH_TIMEOUT_S = 5.0  # asking a server whether it is there, after a call failed
 
 
 def tracking_uri() -> str:
@@ -31,25 +41,68 @@ def tracking_uri() -> str:
 
 
 def connect() -> str:
-    """Point MLflow at the tracking URI and fail fast, with one message, if a server is unreachable."""
+    """Point MLflow at the tracking URI and fail fast, with one message, if a server is unreachable.
+
+    A server URI's `user:password@` moves to MLflow's MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD (its basic auth, inherited by the processes this one starts): MLflow
+    prints its tracking URI (`View run ... at`) and puts it into error messages."""
     import mlflow
 
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        _check_server(uri)
+        for name, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        uri, credentials = _split_credentials(uri)
+        _check_server(uri, credentials)
+        if credentials is not None:
+            user, password = credentials
+            os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
     mlflow.set_tracking_uri(uri)
     return uri
 
 
-def _check_server(uri: str, timeout: float = 10.0) -> None:
+def redacted_uri(uri: str) -> str:
+    """`uri` fit for a message: any `user:password@` (or `user@`) before its host becomes `***@`."""
+    scheme, separator, rest = uri.partition("://")
+    _, at, address = rest.rpartition("@")
+    if not (separator and at) or rest.startswith("/"):  # `sqlite:////a@b/mlflow.db` names a path
+        return uri
+    return f"{scheme}://***@{address}"
+
+
+def _split_credentials(uri: str) -> tuple[str, tuple[str, str] | None]:
+    """A server URI without its `user:password@`, and those two percent-decoded (None where it
+    has none). They run from `://` to the last `@`, so a password may hold `/`, `@` and `:`."""
+    scheme, _, rest = uri.partition("://")
+    credentials, at, address = rest.rpartition("@")
+    if not at:
+        return uri, None
+    user, _, password = credentials.partition(":")
+    return f"{scheme}://{address}", (urllib.parse.unquote(user), urllib.parse.unquote(password))
+
+
+def _check_server(uri: str, credentials: tuple[str, str] | None, timeout: float = 10.0) -> None:
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health")
+    if credentials is not None:  # a proxy in front of the server may guard /health too
+        token = base64.b64encode(":".join(credentials).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read()
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise TrackingError(
-            f"cannot reach the MLflow tracking server at {uri} ({reason}); start it "
+            f"cannot reach the MLflow tracking server at {redacted_uri(uri)} ({reason}); start it "
             f"(`make server`) or set MLFLOW_TRACKING_URI to a reachable server") from None
+
+
+def server_answers(uri: str) -> bool:
+    """Whether the tracking server at `uri` answers its health check now."""
+    try:
+        _check_server(*_split_credentials(uri), timeout=HEALTH_TIMEOUT_S)
+    except TrackingError:
+        return False
+    return True
 
 
 class NullRun:
@@ -62,13 +115,21 @@ class NullRun:
 
 
 class Run:
-    """One MLflow run, with the logging calls the project makes."""
+    """One MLflow run, with the logging calls the project makes.
 
-    def __init__(self, run_id: str):
+    Every call that writes goes through `_send`: while the tracking server cannot be reached it
+    waits in the run's spool (`tracking/spool.py`) and training goes on; the next call that
+    reaches the server first sends what waits, in order. Reads (`last_step`, `list_artifacts`)
+    need the server."""
+
+    def __init__(self, run_id: str, spool: Spool | None = None):
         from mlflow.tracking import MlflowClient
 
         self.run_id = run_id
         self.client = MlflowClient()
+        self.spool = spool or Spool.of_run(run_id)
+        self.queued = len(self.spool.pending())
+        self._outage_said = False
 
     def logged_params(self) -> dict[str, str]:
         """Parameters the run already holds (from `mlflow run`, or before a resume)."""
@@ -76,12 +137,7 @@ class Run:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log parameters, keeping any the run already holds in the string form it received them."""
-        from mlflow.entities import Param
-
-        held = self.logged_params()
-        fresh = [Param(key, _param_text(value)) for key, value in params.items() if key not in held]
-        for start in range(0, len(fresh), 100):
-            self.client.log_batch(self.run_id, params=fresh[start:start + 100])
+        self._send("params", params={key: _param_text(value) for key, value in params.items()})
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log several metrics of one step in one call."""
@@ -89,13 +145,9 @@ class Run:
 
     def log_metric_history(self, history: list[tuple[int, Mapping[str, float]]]) -> None:
         """Log buffered per-step metrics [(step, {key: value})] in as few calls as possible."""
-        from mlflow.entities import Metric
-
-        now = _now_ms()
-        batch = [Metric(key, float(value), now, step)
-                 for step, metrics in history for key, value in metrics.items()]
-        for start in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+        self._send("metrics", timestamp=_now_ms(),
+                   history=[[step, {key: float(value) for key, value in metrics.items()}]
+                            for step, metrics in history])
 
     def last_step(self, key: str) -> int:
         """The highest step logged for `key`, or -1: a resumed run logs only later steps."""
@@ -103,30 +155,32 @@ class Run:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags."""
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        self._send("tags", tags={key: str(value) for key, value in tags.items()})
+
+    def staging(self, name: str) -> Path:
+        """A path in the run's spool to write a file to before `log_artifact` uploads it: a
+        checkpoint then has a copy on the local disk until its upload succeeds."""
+        return self.spool.staging(name)
 
     def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None:
         """Upload one local file or folder into the run's artifacts."""
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_dir)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_dir)
+        self._send("artifact", path=str(path), artifact_dir=artifact_dir)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Write `text` as an artifact file."""
-        self.client.log_text(self.run_id, text, artifact_file)
+        self._send("text", text=text, artifact_file=artifact_file)
 
     def log_figure(self, figure, artifact_file: str) -> None:
-        """Save a matplotlib figure as an artifact image."""
+        """Save a matplotlib figure as an artifact image (a sweep's summary plots)."""
         self.client.log_figure(self.run_id, figure, artifact_file)
 
     def delete_artifact(self, artifact_path: str) -> None:
-        """Remove one artifact (an old checkpoint)."""
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        """Remove one artifact."""
+        self._send("delete", artifact_path=artifact_path)
 
-        get_artifact_repository(self._artifact_uri).delete_artifacts(artifact_path)
+    def prune_artifacts(self, folder: str, keep: set[str]) -> None:
+        """Remove every file of an artifact folder whose name is not in `keep` (old checkpoints)."""
+        self._send("prune", folder=folder, keep=sorted(keep))
 
     @functools.cached_property
     def _artifact_uri(self) -> str:
@@ -155,20 +209,159 @@ class Run:
     def log_eval_table(self, table: pd.DataFrame) -> None:
         """Log the per-taxa table as an MLflow table (`eval/per_taxa.json`), CSV and Markdown,
         replacing any the run holds (MLflow appends the rows of a second table to the first)."""
+        self._send("table", table=table.to_json(orient="split", index=False))
+        self.log_text(table.to_csv(index=False), names.TABLE_CSV)
+        self.log_text(markdown_table(table), names.TABLE_MARKDOWN)
+
+    def log_model(self, encoder, register_as: str | None = None) -> None:
+        """Log the encoder as the run's `model` (see `tracking.models.log_model`)."""
+        self._send("model", encoder=encoder, register_as=register_as)
+
+    def end(self, status: str) -> None:
+        """End the run with `status` (FINISHED, FAILED or KILLED)."""
+        self._send("end", status=status)
+
+    def _send(self, call: str, **args: Any) -> None:
+        """Make one call now, or queue it when the server is away (or others still wait)."""
+        record = {"call": call, **args}
+        if self.queued and not self.resend():
+            self._queue(record)
+            return
+        try:
+            self._apply(record)
+        except Exception as error:  # MLflow raises many types for one lost connection
+            if not self._server_away(error):
+                raise
+            self._queue(record)
+
+    def resend(self) -> bool:
+        """Send the queued calls, oldest first; False while the server is still away."""
+        if not self.queued:
+            return True
+        if self.spool.waiting():
+            return False
+        sent = 0
+        for record in self.spool.pending():
+            try:
+                self._apply(record)
+            except Exception as error:  # as in _send
+                if not self._server_away(error):
+                    raise
+                return False
+            self.spool.drop_first()
+            self.queued, sent = self.queued - 1, sent + 1
+        self.spool.remove_if_empty()
+        print(f"tracking server back: sent the {sent} queued call(s) of run {self.run_id}",
+              file=sys.stderr)
+        self._outage_said = False
+        return True
+
+    def _queue(self, record: dict) -> None:
+        if record["call"] == "artifact":
+            record["path"] = str(self.spool.keep(record["path"]))
+            print(f"tracking server unreachable: {Path(record['path']).name} kept in "
+                  f"{self.spool.folder} until it can be uploaded", file=sys.stderr)
+        if record["call"] == "model":
+            record = self._spooled_model(record)
+        self.spool.add(record)
+        self.queued += 1
+
+    def _server_away(self, error: BaseException) -> bool:
+        """Whether `error` came from a tracking server that does not answer (then say so once
+        per outage); False for any other error, which the caller raises."""
+        uri = tracking_uri()
+        if not uri.startswith(("http://", "https://")) or server_answers(uri):
+            return False
+        self.spool.wait_before_retry()
+        if not self._outage_said:
+            print(f"tracking server {redacted_uri(uri)} unreachable ({type(error).__name__}); "
+                  f"run {self.run_id}: {self.queued + 1} call(s) queued in {self.spool.folder}; "
+                  f"training goes on", file=sys.stderr)
+            self._outage_said = True
+        return True
+
+    def _apply(self, record: dict) -> None:
+        args = {key: value for key, value in record.items() if key != "call"}
+        getattr(self, f"_write_{record['call']}")(**args)
+
+    def _write_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        held = self.logged_params()
+        fresh = [Param(key, value) for key, value in params.items() if key not in held]
+        for start in range(0, len(fresh), 100):
+            self.client.log_batch(self.run_id, params=fresh[start:start + 100])
+
+    def _write_metrics(self, history: list, timestamp: int) -> None:
+        from mlflow.entities import Metric
+
+        batch = [Metric(key, value, timestamp, step)
+                 for step, metrics in history for key, value in metrics.items()]
+        for start in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+
+    def _write_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def _write_artifact(self, path: str, artifact_dir: str | None) -> None:
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, path, artifact_dir)
+        else:
+            self.client.log_artifact(self.run_id, path, artifact_dir)
+        self.spool.release(path)
+
+    def _write_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def _write_delete(self, artifact_path: str) -> None:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        get_artifact_repository(self._artifact_uri).delete_artifacts(artifact_path)
+
+    def _write_prune(self, folder: str, keep: list[str]) -> None:
+        for artifact in self.list_artifacts(folder):
+            if Path(artifact).name not in keep:
+                self._write_delete(artifact)
+
+    def _write_table(self, table: str) -> None:
+        import io
+
         import mlflow
 
         folder = Path(names.PER_TAXA_TABLE).parent.as_posix()
         if names.PER_TAXA_TABLE in self.list_artifacts(folder):
-            self.delete_artifact(names.PER_TAXA_TABLE)
-        mlflow.log_table(table, artifact_file=names.PER_TAXA_TABLE, run_id=self.run_id)
-        self.log_text(table.to_csv(index=False), names.TABLE_CSV)
-        self.log_text(markdown_table(table), names.TABLE_MARKDOWN)
+            self._write_delete(names.PER_TAXA_TABLE)
+        frame = pd.read_json(io.StringIO(table), orient="split")
+        mlflow.log_table(frame, artifact_file=names.PER_TAXA_TABLE, run_id=self.run_id)
 
-    def log_model(self, encoder, register_as: str | None = None) -> str:
-        """Log the encoder as the run's `model` (see `tracking.models.log_model`)."""
-        from taxonclip.tracking.models import log_model
+    def _spooled_model(self, record: dict) -> dict:
+        """The model call with its encoder written into the spool as a logged model's files."""
+        from taxonclip.tracking.models import write_encoder_files
 
-        return log_model(self.run_id, encoder, register_as)
+        folder = self.spool.staging("model")
+        folder.mkdir()
+        write_encoder_files(record["encoder"], folder)
+        return {"call": "model", "folder": str(folder), "register_as": record["register_as"]}
+
+    def _write_model(self, register_as: str | None, encoder=None, folder: str | None = None) -> None:
+        from taxonclip.tracking.models import (CONFIG_FILE, WEIGHTS_FILE, log_model,
+                                               read_logged_encoder)
+
+        if encoder is None:
+            encoder = read_logged_encoder(Path(folder) / CONFIG_FILE, Path(folder) / WEIGHTS_FILE)
+        log_model(self.run_id, encoder, register_as)
+        if folder is not None:
+            self.spool.release(folder)
+
+    def _write_end(self, status: str) -> None:
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == self.run_id:
+            mlflow.end_run(status)
+        else:
+            self.client.set_terminated(self.run_id, status)
 
 
 def table_metrics(table: pd.DataFrame) -> dict[str, float]:
@@ -219,18 +412,55 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
                                         {names.TAG_ENTRY: entry, **(tags or {})}.items()})
     except Exception as exc:
         raise TrackingError(f"cannot start or resume the MLflow run {run_id or ''} at "
-                            f"{tracking_uri()}: {exc}") from None
+                            f"{redacted_uri(tracking_uri())}: {exc}") from None
     if launched and launched != active.info.run_id:
         _point_to_resumed(launched, active.info.run_id)
+    run = Run(active.info.run_id)
+    run.resend()  # what an earlier process of this run left in its spool goes first
     status = "FAILED"
     try:
-        yield Run(active.info.run_id)
+        yield run
         status = "FINISHED"
     except (KeyboardInterrupt, RunKilled):
         status = "KILLED"
         raise
     finally:
-        mlflow.end_run(status)
+        run.end(status)
+        _settle_spool(run, raise_error=status == "FINISHED")
+
+
+def _settle_spool(run: Run, raise_error: bool) -> None:
+    """At the end of a run, give an absent server one more chance; if calls still wait, say
+    where they are kept and how to send them (an error when the run itself went well)."""
+    if not run.queued:
+        return
+    time.sleep(max(0.0, run.spool.retry_at - time.monotonic()))
+    if run.resend():
+        return
+    message = (f"the tracking server at {redacted_uri(tracking_uri())} is unreachable: "
+               f"{run.queued} call(s) of run {run.run_id} (metrics, checkpoints, the model, its "
+               f"end) are kept in {run.spool.folder}; once the server is back, send them with: "
+               f"taxonclip sync {run.spool.folder}")
+    if raise_error:
+        raise TrackingError(message)
+    print(f"error: {message}", file=sys.stderr)
+
+
+def sync_spool(folder: Path) -> tuple[str, int]:
+    """Send what the spool `folder` (named by its run id) holds; returns the run id and how many
+    calls went. TrackingError when there is nothing to send or the server is still away."""
+    folder = Path(folder)
+    spool = Spool(folder)
+    if not spool.pending():
+        raise TrackingError(f"{folder} holds no queued calls of a run (a spool folder is named "
+                            f"by its run id and holds {spool.queue_file.name})")
+    connect()
+    run = Run(folder.name, spool)
+    count = run.queued
+    if not run.resend():
+        raise TrackingError(f"the tracking server at {redacted_uri(tracking_uri())} is still "
+                            f"unreachable; {run.queued} call(s) wait in {folder}")
+    return run.run_id, count
 
 
 def _point_to_resumed(launched: str, resumed: str) -> None:
