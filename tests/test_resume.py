@@ -229,8 +229,9 @@ def test_a_resume_keeps_the_runs_own_parameters(killer, specimens, tracking, mon
              "parameter 'lr' is 0.5, but run")
     _refused(capsys, ["train", "--resume", run_id, "--epochs", "7"], "parameter 'epochs'")
     assert MlflowClient().get_run(run_id).info.status == "RUNNING"
-    # the same values, and the ones a resume may change, are accepted
-    assert main(["train", "--resume", run_id, "--lr", "3e-3", "--workers", "0",
-                 "--device", "cpu"]) == 0
+    # the same values, defaults (as `mlflow run` passes every one) and the parameters a resume
+    # may change are accepted
+    assert main(["train", "--resume", run_id, "--lr", "3e-3", "--epochs", "32", "--batch_size",
+                 "128", "--workers", "0", "--device", "cpu"]) == 0
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["epochs"] == str(EPOCHS)
