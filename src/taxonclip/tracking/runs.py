@@ -310,6 +310,8 @@ class Run:
         else:
             self.client.log_artifact(self.run_id, path, artifact_dir)
         self.spool.release(path)
+        if not self.queued:  # a checkpoint staged and sent at once leaves no folder behind
+            self.spool.remove_if_empty()
 
     def _write_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
