@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from taxonclip import config as cfg
 from taxonclip.errors import TaxonclipError, UsageError
 
+SYNTH_FORMATS = ("vlm4bio", "bioscan5m")
+
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are UsageErrors, so that a command line that does not
@@ -47,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="generate or check a dataset")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    synth = data_commands.add_parser("synth", help="write generated specimens (VLM4Bio layout)")
+    synth = data_commands.add_parser("synth", help="write generated specimens (VLM4Bio layout, "
+                                                   "or a small BIOSCAN-5M-format set)")
     synth.add_argument("--out", required=True, help="folder to write")
+    synth.add_argument("--format", choices=SYNTH_FORMATS, default=SYNTH_FORMATS[0],
+                       help=f"default: {SYNTH_FORMATS[0]} (bioscan5m has a fixed shape: it "
+                            f"takes only --seed and --size)")
     for name, default in (("seed", 0), ("taxa", 3), ("genera", 4), ("species", 5),
                           ("images", 30), ("size", 64)):
         synth.add_argument(f"--{name}", type=int, default=default, help=f"default: {default}")
@@ -116,6 +122,8 @@ def _message(exc: TaxonclipError) -> str:
 def _dispatch(args: argparse.Namespace) -> int:
     from taxonclip import jobs
 
+    if args.command == "data" and args.data_command == "synth" and args.format == "bioscan5m":
+        return jobs.synth_bioscan(args.out, seed=args.seed, size=args.size)
     if args.command == "data" and args.data_command == "synth":
         return jobs.synth(args.out, seed=args.seed, taxa=args.taxa, genera=args.genera,
                           species=args.species, images=args.images, size=args.size)

@@ -20,7 +20,12 @@ SYNTHETIC = "synthetic"
 # queries visual only (the one fusion that is sound with one caption per species)
 EMBEDDINGS = ("visual", "text", "avg", "concat", "gallery_avg")
 MISSING_POLICIES = ("error", "skip")
-LABELS = ("species", "genus")
+# every rank a table can have; which of them a dataset has is checked against its manifest
+# (`check_label`), since only the data knows its ranks
+LABELS = tuple(level for level in names.KNOWN_LEVELS if level != "taxa")
+# seeded: the seeded stratified split of `splits.split_manifest`; official: the dataset's own
+# partitions (a `split` column, as BIOSCAN-5M has; see `splits.official_split`)
+SPLITS = ("seeded", "official")
 # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
 MAX_SEED = 2**32 - 1
 # The scale s of the margin loss lies in (0, 128]: UNICOM trains with 32, ArcFace with 64; a
@@ -52,9 +57,15 @@ class DataConfig:
     test_size: float = 0.2
     seed: int = 0
     class_fraction: float = 1.0
+    split: str = "seeded"
 
     def __post_init__(self) -> None:
         _check_choice("missing", self.missing, MISSING_POLICIES)
+        _check_choice("split", self.split, SPLITS)
+        if self.split == "official" and self.class_fraction < 1.0:
+            raise ConfigError("parameters 'split'=official and 'class_fraction' below 1 both "
+                              "choose the seen classes (the official partitions hold unseen "
+                              "species already); use one of them")
         _check_range("test_size", self.test_size, 0.0, 1.0, low_open=True, high_open=True)
         _check_range("class_fraction", self.class_fraction, 0.0, 1.0, low_open=True)
         _check_range("seed", self.seed, 0, MAX_SEED)
@@ -260,11 +271,18 @@ def check_margins(s: float, m1: float, m2: float, m3: float, filter: float) -> N
                           f"got {filter}")
 
 
+def check_label(label: str, levels: names.Levels, source: object) -> None:
+    """Raise ConfigError unless the data read from `source` has the rank `label` to train on."""
+    if label not in levels.labels:
+        raise ConfigError(f"parameter 'label' is {label!r}, but {source} has the ranks "
+                          f"{', '.join(levels.labels)}; choose one of them")
+
+
 def check_table_key(name: str, key: str) -> None:
     """Raise ConfigError unless `key` names a per-taxa table cell `<taxa>/<level>/<score>`."""
     if not names.is_table_key(key):
         raise ConfigError(f"parameter {name!r} is {key!r}; use <taxa>/<level>/<score> with <level> "
-                          f"one of {', '.join(names.LEVELS)} and <score> one of "
+                          f"one of {', '.join(names.KNOWN_LEVELS)} and <score> one of "
                           f"{', '.join(names.SCORES)}, e.g. {names.HEADLINE_METRIC}")
 
 
@@ -323,7 +341,7 @@ DATA_PARAMS = {
     "class_fraction": "data.class_fraction", "missing": "data.missing",
     "image_column": "data.image_column", "name_column": "data.name_column",
     "taxa": "data.taxa", "caption_column": "data.caption_column", "captions": "data.captions",
-    "group_column": "data.group_column",
+    "group_column": "data.group_column", "split": "data.split",
 }
 EVAL_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,

@@ -1,8 +1,11 @@
 """Embed images in batches, score nearest neighbours per taxa and level, build the per-taxa table.
 
-The table has one row per (taxa, level): each taxa alone at species and genus level, and `All`
-at species, genus and taxa level. Queries are the test split, the gallery the train split of the
-same scope, both from one seeded split shared by every row.
+The table has one row per (taxa, level), its levels those of the data (`names.Levels`): for a
+VLM4Bio table each taxa alone at species and genus level, and `All` at species, genus and taxa
+level; for BIOSCAN-5M each order at the ranks below it and `All` at every rank from phylum to
+species. A row without a label at a level is left out of that level only. Queries are the test
+split, the gallery the train split of the same scope, both from one split shared by every row
+(seeded, or the dataset's official partitions, which also give `All:seen`/`All:unseen` rows).
 
 Text never carries the answer into a query. A caption that is a function of the label (one text
 per species, or one that names its species) may shape the gallery (`gallery_avg`), never a
@@ -28,14 +31,14 @@ from taxonclip import knn
 from taxonclip.config import EvalConfig, cache_dir
 from taxonclip.data.images import ImageDataset, collate_skipping
 from taxonclip.data.manifest import Manifest, load_manifest
-from taxonclip.data.splits import GROUP_COLUMN, Split, select_classes, split_manifest
+from taxonclip.data.splits import (GROUP_COLUMN, PARTITION_COLUMN, QUERY_PARTITIONS,
+                                   SEEN_PARTITIONS, Split, make_split, select_classes)
 from taxonclip.distributed import resolve_device
 from taxonclip import names
 from taxonclip.errors import DataError, MetricNotInTable, ModelError
-from taxonclip.names import ALL_TAXA, COUNT_COLUMNS, LEVELS
+from taxonclip.names import ALL_TAXA, COUNT_COLUMNS, VLM4BIO_LEVELS, Levels
 
 TABLE_COLUMNS = ("taxa", "level", *COUNT_COLUMNS, *knn.METRICS)
-SCOPE_LEVELS = ("species", "genus")
 # The similarity blocks of one chunk of queries stay under this, however large the gallery.
 BLOCK_BYTES = 1 << 30
 QUERY_TEXT_EMBEDDINGS = ("text", "avg", "concat")  # the modes that put a caption into a query
@@ -45,10 +48,20 @@ GALLERY_TEXT_EMBEDDINGS = ("gallery_avg",)  # captions on the gallery side only
 @dataclass(frozen=True)
 class Seen:
     """The classes a model was trained on (a `class_fraction` below 1), at the level of its
-    label: the table then gains `All:seen` and `All:unseen` rows."""
+    label, or the seen partitions of an official split (`level` is then the partition column):
+    the table then gains `All:seen` and `All:unseen` rows."""
 
     level: str
     classes: frozenset[str]
+
+
+# an official split's seen queries are those of the partitions whose species train holds
+OFFICIAL_SEEN = Seen(PARTITION_COLUMN, frozenset(SEEN_PARTITIONS))
+
+
+def seen_of_split(split: Split) -> Seen | None:
+    """The seen/unseen rows that the split itself defines (an official one), else None."""
+    return OFFICIAL_SEEN if split.protocol == "official" else None
 
 
 @dataclass(frozen=True)
@@ -215,10 +228,11 @@ def _captions(manifest: Manifest, config: EvalConfig) -> list[str]:
 
 def evaluation_table(vectors: torch.Tensor, table: pd.DataFrame, split: Split, *,
                      chunk_size: int = knn.DEFAULT_CHUNK_SIZE, device: torch.device | str = "cpu",
-                     seen: Seen | None = None,
-                     gallery_vectors: torch.Tensor | None = None) -> pd.DataFrame:
+                     seen: Seen | None = None, gallery_vectors: torch.Tensor | None = None,
+                     levels: Levels = VLM4BIO_LEVELS) -> pd.DataFrame:
     """The per-taxa table for embeddings whose rows follow `table`: `vectors` as queries and
-    `gallery_vectors` (default: `vectors`) as gallery items.
+    `gallery_vectors` (default: `vectors`) as gallery items, at the table's `levels` (each a
+    column of `table`).
 
     With `seen` (training on a fraction of the classes), `All:seen` and `All:unseen` rows
     restrict the queries to test images of classes seen or not seen in training; the gallery
@@ -231,7 +245,7 @@ def evaluation_table(vectors: torch.Tensor, table: pd.DataFrame, split: Split, *
     is_test[split.test] = True
     is_seen = None if seen is None else table[seen.level].isin(seen.classes).to_numpy()
     rows = []
-    for scope, level in table_cells(table["taxa"].unique(), seen is not None):
+    for scope, level in table_cells(table["taxa"].unique(), seen is not None, levels):
         gallery, queries = _scope(scope, table, is_seen)
         rows.append(_row(scope, level, both, table[level], gallery & is_train, queries & is_test,
                          chunk_size, device))
@@ -251,22 +265,25 @@ def _scope(scope: str, table: pd.DataFrame, is_seen: np.ndarray | None) -> tuple
     return in_taxa, in_taxa
 
 
-def table_cells(taxa, with_seen: bool) -> list[tuple[str, str]]:
-    """The (taxa, level) rows of the table, in order: each taxa at species and genus level, `All`
-    at every level, then `All:seen` and `All:unseen` at species and genus level when training
-    used a fraction of the classes."""
-    cells = [(scope, level) for scope in sorted(taxa) for level in SCOPE_LEVELS]
-    cells += [(ALL_TAXA, level) for level in LEVELS]
+def table_cells(taxa, with_seen: bool,
+                levels: Levels = VLM4BIO_LEVELS) -> list[tuple[str, str]]:
+    """The (taxa, level) rows of the table, in order: each taxa at the levels within a taxa
+    (species and genus for VLM4Bio), `All` at every level, then `All:seen` and `All:unseen` at
+    the levels within a taxa when training used a fraction of the classes or the split is
+    official."""
+    cells = [(scope, level) for scope in sorted(taxa) for level in levels.within_taxa]
+    cells += [(ALL_TAXA, level) for level in levels.scored]
     if with_seen:
         cells += [(f"{ALL_TAXA}:{name}", level) for name in ("seen", "unseen")
-                  for level in SCOPE_LEVELS]
+                  for level in levels.within_taxa]
     return cells
 
 
-def check_metric_cell(key: str, taxa, with_seen: bool) -> None:
+def check_metric_cell(key: str, taxa, with_seen: bool, levels: Levels = VLM4BIO_LEVELS) -> None:
     """Raise MetricNotInTable unless `key` (`<taxa>/<level>/<score>`) names a cell that the
-    table of these taxa will have."""
-    available = [names.table_key(scope, level, "") for scope, level in table_cells(taxa, with_seen)]
+    table of these taxa and levels will have."""
+    available = [names.table_key(scope, level, "")
+                 for scope, level in table_cells(taxa, with_seen, levels)]
     if key.rsplit("/", 1)[0] + "/" not in available:
         shown = ", ".join(cell.rstrip("/") for cell in available)
         raise MetricNotInTable(f"metric {key!r}: the evaluation table has no such row "
@@ -305,13 +322,16 @@ def prepare_evaluation(config: EvalConfig) -> tuple[Manifest, Split]:
     if config.data.class_fraction < 1.0:
         manifest = _with_species(manifest, select_classes(manifest.table, config.data.class_fraction,
                                                           config.data.seed))
-    split = split_manifest(manifest.table, config.data.test_size, config.data.seed)
+    split = make_split(manifest.table, config.data)
     check_has_test_images(manifest, split)
     return manifest, split
 
 
 def check_has_test_images(manifest: Manifest, split: Split) -> None:
     """Refuse a split that gives the table no test image to score."""
+    if len(split.test) == 0 and split.protocol == "official":
+        raise DataError(f"{manifest.report.source}: no row of the query partitions "
+                        f"({', '.join(QUERY_PARTITIONS)}) in column {PARTITION_COLUMN!r}")
     if len(split.test) == 0:
         grouped = " or one group" if GROUP_COLUMN in manifest.table.columns else ""
         raise DataError(f"{manifest.report.source}: the split has no test image to score: every "
@@ -325,7 +345,7 @@ def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | 
 
     Without `manifest` and `split`, they come from `prepare_evaluation`. After training on a
     subset of the classes, `seen` names them: every class is evaluated and the table gains
-    seen/unseen rows."""
+    seen/unseen rows, as it does for an official split's seen and unseen partitions."""
     device = resolve_device(config.device)
     if manifest is None or split is None:
         manifest, split = prepare_evaluation(config)
@@ -336,7 +356,8 @@ def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | 
         manifest, split = _keep_rows(manifest, split, embeddings.kept)
     start = time.perf_counter()
     table = evaluation_table(embeddings.queries, manifest.table, split, chunk_size=config.chunk_size,
-                             device=device, seen=seen, gallery_vectors=embeddings.gallery)
+                             device=device, seen=seen or seen_of_split(split),
+                             gallery_vectors=embeddings.gallery, levels=manifest.levels)
     return EvalResult(table, split, manifest, time.perf_counter() - start, embeddings.img_per_s)
 
 
@@ -352,8 +373,9 @@ def _keep_rows(manifest: Manifest, split: Split, kept: np.ndarray) -> tuple[Mani
     position[kept] = np.arange(len(kept))
     remap = lambda rows: np.sort(position[rows][position[rows] >= 0])  # noqa: E731
     table = manifest.table.iloc[kept].reset_index(drop=True)
-    return (replace(manifest, table=table),
-            replace(split, train=remap(split.train), test=remap(split.test)))
+    trainable = None if split.trainable is None else remap(split.trainable)
+    return (replace(manifest, table=table), replace(split, train=remap(split.train),
+                                                    test=remap(split.test), trainable=trainable))
 
 
 def _cached_embeddings(encoder, manifest: Manifest, config: EvalConfig,

@@ -22,17 +22,28 @@ def synth(out: str, **sizes: int) -> int:
     return 0
 
 
+def synth_bioscan(out: str, seed: int, size: int) -> int:
+    """Write the small BIOSCAN-5M-format set and print its summary."""
+    from taxonclip.data.bioscan import write_fixture
+    from taxonclip.data.manifest import read_manifest
+
+    root = write_fixture(out, seed=seed, size=size)
+    print(f"wrote {root}")
+    print(read_manifest(root).report.summary())
+    return 0
+
+
 def check(data: DataConfig) -> int:
     """Validate a manifest and print what it holds, what each level scores and trains on, and
     what the split leaks (identical images, groups on both sides); invalid input, or a split
     with nothing to score, raises a DataError."""
     from taxonclip.data.audit import data_report
     from taxonclip.data.manifest import load_manifest
-    from taxonclip.data.splits import split_manifest
+    from taxonclip.data.splits import make_split
     from taxonclip.evaluate import caption_note, check_has_test_images
 
     manifest = load_manifest(data)
-    split = split_manifest(manifest.table, data.test_size, data.seed)
+    split = make_split(manifest.table, data)
     print(data_report(manifest, split, caption_note(manifest))[0])
     check_has_test_images(manifest, split)
     return 0

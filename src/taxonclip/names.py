@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 TRAIN_LOSS = "train/loss"
 TRAIN_LR = "train/lr"
@@ -36,7 +37,11 @@ TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 ERROR_ARTIFACT = "error.txt"
 
 ALL_TAXA = "All"
-LEVELS = ("species", "genus", "taxa")
+LEVELS = ("species", "genus", "taxa")  # the levels of a VLM4Bio table (and of any generic manifest)
+# BIOSCAN-5M's rank columns, high to low as its metadata orders them
+BIOSCAN_RANKS = ("phylum", "class", "order", "family", "subfamily", "genus", "species")
+# every level a table can have: the <level> of a metric key and the possible training labels
+KNOWN_LEVELS = (*LEVELS, *(rank for rank in BIOSCAN_RANKS if rank not in LEVELS))
 COUNT_COLUMNS = ("n_test", "n_classes", "n_lone")  # the per-taxa table's counts; the rest are scores
 SCORES = ("top1_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "macro_top1_cos", "map_at_r")
 # The cell that picks the best checkpoint, that sweeps optimise and that compare ranks by, unless
@@ -70,5 +75,27 @@ def eval_metric(taxa: str, level: str, metric: str) -> str:
 def is_table_key(key: object) -> bool:
     """Whether `key` has the form `<taxa>/<level>/<score>` of a per-taxa table cell."""
     parts = key.split("/") if isinstance(key, str) else []
-    return (len(parts) == 3 and parts[0].strip() != "" and parts[1] in LEVELS
+    return (len(parts) == 3 and parts[0].strip() != "" and parts[1] in KNOWN_LEVELS
             and parts[2] in SCORES)
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The levels of one table, the one source of what it scores and trains on: `scored`, in
+    the table's order, are its rows for `All` (each a column of the table); `within_taxa` are the
+    finer ones, scored per taxa and for `All:seen`/`All:unseen`; `labels` are those `label=` may
+    train on (every rank; not the `taxa` column, which is no rank)."""
+
+    scored: tuple[str, ...]
+    within_taxa: tuple[str, ...]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The levels a model can be trained to tell apart."""
+        return tuple(level for level in self.scored if level != "taxa")
+
+
+VLM4BIO_LEVELS = Levels(scored=LEVELS, within_taxa=("species", "genus"))
+# a BIOSCAN-5M table's taxa are its orders, so the per-taxa rows score the ranks below order
+BIOSCAN_LEVELS = Levels(scored=BIOSCAN_RANKS,
+                        within_taxa=BIOSCAN_RANKS[BIOSCAN_RANKS.index("order") + 1:])

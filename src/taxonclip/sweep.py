@@ -216,7 +216,7 @@ def _metric(path: Path, key: Any) -> str:
     prefix, _, cell = key.partition("/") if isinstance(key, str) else ("", "", "")
     if prefix != "eval" or not names.is_table_key(cell):
         raise _error(path, "metric", f"{key!r} is not eval/<taxa>/<level>/<metric> with <level> "
-                                     f"one of {', '.join(names.LEVELS)} and <metric> one of "
+                                     f"one of {', '.join(names.KNOWN_LEVELS)} and <metric> one of "
                                      f"{', '.join(names.SCORES)}")
     return key
 

@@ -32,14 +32,16 @@ from tqdm import tqdm
 
 from taxonclip import distributed as dist
 from taxonclip import names
-from taxonclip.config import TRAIN_PARAMS, TrainConfig, flat_fields, from_params, to_params
+from taxonclip.config import (TRAIN_PARAMS, TrainConfig, check_label, flat_fields, from_params,
+                              to_params)
 from taxonclip.data.audit import report_for_run
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import Manifest, load_manifest
-from taxonclip.data.splits import Split, select_classes, split_manifest
+from taxonclip.data.splits import Split, make_split, select_classes
 from taxonclip.errors import ConfigError, DataError, TrainingDiverged
 from taxonclip.evaluate import (EvalResult, Seen, check_has_test_images, check_metric_cell,
-                                check_no_label_in_queries, evaluate, split_csv, table_cell)
+                                check_no_label_in_queries, evaluate, seen_of_split, split_csv,
+                                table_cell)
 from taxonclip.losses import CombinedMarginLoss, PartialFC
 from taxonclip.tracking.runs import NullRun, Run, table_metrics
 
@@ -63,8 +65,8 @@ class TrainState:
 
 @dataclass(frozen=True)
 class TrainData:
-    """The training rows, their class ids, the class names in id order, and the classes kept
-    when training on a fraction of them."""
+    """The training rows, their class ids, the class names in id order, and the seen classes
+    (those kept when training on a fraction of them, or an official split's seen partitions)."""
 
     manifest: Manifest
     split: Split
@@ -75,17 +77,19 @@ class TrainData:
 
 
 def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
-    """Load the manifest, split it, keep the train rows that have a label at `config.label`
-    (genus-only names count at genus level) and belong to the selected classes, number the
-    labels; refuse, before anything is built, a request that cannot train or score."""
+    """Load the manifest, split it, keep the training rows that have a label at `config.label`
+    (any rank of the data; genus-only names count at genus level) and belong to the selected
+    classes, number the labels; refuse, before anything is built, a request that cannot train
+    or score."""
     manifest = load_manifest(config.data)
+    check_label(config.label, manifest.levels, manifest.report.source)
     check_no_label_in_queries(manifest, config.embedding)
     table = manifest.table
-    split = split_manifest(table, config.data.test_size, config.data.seed)
+    split = make_split(table, config.data)
     check_has_test_images(manifest, split)
     label_of = table[config.label]
-    rows = split.train[label_of.iloc[split.train].notna().to_numpy()]
-    seen = None
+    rows = split.training_rows[label_of.iloc[split.training_rows].notna().to_numpy()]
+    seen = seen_of_split(split)
     if config.data.class_fraction < 1.0:
         kept = select_classes(table, config.data.class_fraction, config.data.seed, config.label)
         rows = rows[label_of.iloc[rows].isin(kept).to_numpy()]
@@ -93,7 +97,7 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     if len(rows) == 0:
         raise DataError(f"no training image has a {config.label} label in {manifest.report.source}")
     check_steps_per_epoch(len(rows), config, world_size)
-    check_metric_cell(config.metric, table["taxa"].unique(), seen is not None)
+    check_metric_cell(config.metric, table["taxa"].unique(), seen is not None, manifest.levels)
     classes = sorted(label_of.iloc[rows].unique())
     labels = pd.Categorical(label_of.iloc[rows], categories=classes).codes.astype(np.int64)
     return TrainData(manifest, split, rows, labels, classes, seen)

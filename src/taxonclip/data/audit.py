@@ -75,7 +75,8 @@ def data_report(manifest: Manifest, split: Split, caption_note: str = "") -> tup
     """What `data check` prints and every run logs: the manifest's summary, what each level
     scores and trains on, a note on the captions, and the leakage audit (also returned)."""
     audit = audit_split(manifest.table, split)
-    parts = [manifest.report.summary(), level_summary(manifest.table, split), caption_note,
+    parts = [manifest.report.summary(), level_summary(manifest.table, split, manifest.levels),
+             caption_note,
              audit.summary()]
     return "\n".join(part for part in parts if part), audit
 

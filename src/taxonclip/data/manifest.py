@@ -1,7 +1,7 @@
 """Read image manifests into one validated table: one row per image with its absolute path, its
 cleaned scientific name and the species, genus and taxa levels derived from it.
 
-Three layouts are accepted:
+Four layouts are accepted:
 
 - a VLM4Bio folder: `<root>/<Group>/metadata/*.csv` with images in `<root>/<Group>/images/`; the
   taxa of a row is its group folder's name (or the `taxa=` argument). When a group holds several
@@ -12,6 +12,8 @@ Three layouts are accepted:
   from the `taxa=` argument, else a `taxa` column, else the manifest folder's name. A manifest
   inside a `<Group>/metadata/` folder is read as one VLM4Bio group.
 - a folder holding one `metadata.csv`, `manifest.csv`, `metadata.parquet` or `manifest.parquet`.
+- BIOSCAN-5M: its metadata file, or a folder holding it, with its images in the official layout
+  (read by `taxonclip.data.bioscan`; its levels are the ranks phylum to species).
 
 `image_id` is the image's path relative to the dataset root (the VLM4Bio folder or the manifest's
 folder): unique and stable, it keys the saved split and embedding caches. Columns other than the
@@ -61,7 +63,8 @@ _INVISIBLE = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\u
 @dataclass(frozen=True)
 class ManifestReport:
     """What reading a manifest kept, dropped and found wrong. `rows` and the class counts
-    describe the kept table; `missing` lists every missing or unreadable image path."""
+    describe the kept table; `missing` lists every missing or unreadable image path. For a
+    BIOSCAN-5M table (`ranked`), a blank name is a row without an order."""
 
     source: str
     rows: int
@@ -74,6 +77,7 @@ class ManifestReport:
     n_taxa: int = 0
     above_genus: int = 0
     dropped_repeated: int = 0
+    ranked: bool = False  # the ranks come from rank columns (BIOSCAN-5M), not from the name
 
     def summary(self) -> str:
         """A few lines for people: counts of rows and classes, dropped rows and missing images."""
@@ -85,12 +89,17 @@ class ManifestReport:
             f"dropped (blank name): {self.dropped_blank}",
             f"dropped (image listed again under the same name): {self.dropped_repeated}",
             f"kept without a species epithet: {self.no_epithet}",
-            f"  named to genus only (e.g. 'Danaus sp.'): {genus_only}: scored at genus and taxa "
-            f"level, trained on with label=genus",
-            f"  named above genus (e.g. a family): {self.above_genus}: scored at taxa level "
-            f"only, never trained on",
-            f"missing or unreadable images: {len(self.missing)} (policy {self.policy})",
         ]
+        if self.ranked:
+            lines.append(f"  of them without a genus: {self.above_genus}: each row is scored "
+                         f"and trained on at the ranks it has (see per level)")
+        else:
+            lines += [
+                f"  named to genus only (e.g. 'Danaus sp.'): {genus_only}: scored at genus and "
+                f"taxa level, trained on with label=genus",
+                f"  named above genus (e.g. a family): {self.above_genus}: scored at taxa level "
+                f"only, never trained on"]
+        lines.append(f"missing or unreadable images: {len(self.missing)} (policy {self.policy})")
         lines += [f"  {path}" for path in self.missing[:SHOWN]]
         if len(self.missing) > SHOWN:
             lines.append(f"  and {len(self.missing) - SHOWN} more")
@@ -100,11 +109,13 @@ class ManifestReport:
 @dataclass(frozen=True)
 class Manifest:
     """The validated table (columns `COLUMNS` then any extra ones, index 0..n-1), the report of
-    how it was read, and the dataset root that `image_id` is relative to."""
+    how it was read, the dataset root that `image_id` is relative to, and the levels the table
+    has (what it scores and trains on: `names.Levels`)."""
 
     table: pd.DataFrame
     report: ManifestReport
     root: Path
+    levels: names.Levels = names.VLM4BIO_LEVELS
 
     @property
     def n_species(self) -> int:
@@ -207,6 +218,11 @@ def read_manifest(path: str | Path, image_column: str | None = None, name_column
     if missing not in MISSING_POLICIES:
         raise ConfigError(f"parameter 'missing' is {missing!r}; "
                           f"choose one of {', '.join(MISSING_POLICIES)}")
+    from taxonclip.data import bioscan  # it builds on this module's checks
+
+    metadata = bioscan.metadata_file(Path(path).expanduser())
+    if metadata is not None:
+        return bioscan.read_bioscan(metadata, missing)
     root, sources = _find_sources(Path(path).expanduser())
     frames, dropped_blank = [], 0
     for source in sources:
@@ -225,9 +241,9 @@ def read_manifest(path: str | Path, image_column: str | None = None, name_column
     table = _drop_repeated_images(table, root)
     dropped_repeated = listed - len(table)
     check_taxa_names(table["taxa"], root)
-    problems = _unreadable_images(table["image_path"])
+    problems = unreadable_images(table["image_path"])
     if problems and missing == "error":
-        raise DataError(_missing_message(problems, len(table), root))
+        raise DataError(missing_message(problems, len(table), root))
     table = table[~table["image_path"].isin(list(problems))].reset_index(drop=True)
     if table.empty:
         raise DataError(f"no usable rows in {root}: {dropped_blank} with a blank name, "
@@ -446,7 +462,7 @@ def _drop_repeated_images(table: pd.DataFrame, root: Path) -> pd.DataFrame:
     return table.drop_duplicates("image_id").reset_index(drop=True)
 
 
-def _unreadable_images(paths: pd.Series) -> dict[str, str]:
+def unreadable_images(paths: pd.Series) -> dict[str, str]:
     """Path -> reason for every image that is absent or whose header PIL cannot read."""
     with ThreadPoolExecutor(CHECK_THREADS) as pool:
         reasons = pool.map(_header_problem, paths)
@@ -463,7 +479,7 @@ def _header_problem(path: str) -> str | None:
         return str(err) or type(err).__name__
 
 
-def _missing_message(problems: dict[str, str], rows: int, root: Path) -> str:
+def missing_message(problems: dict[str, str], rows: int, root: Path) -> str:
     lines = [f"{len(problems)} of {rows} images listed in {root} are missing or unreadable:"]
     lines += [f"  {path}: {reason}" for path, reason in list(problems.items())[:SHOWN]]
     if len(problems) > SHOWN:

@@ -1,4 +1,5 @@
-"""The seeded train/test split, stratified by species, and the seeded choice of a class subset.
+"""The seeded train/test split, stratified by species, the official split of a dataset's own
+partitions, and the seeded choice of a class subset.
 
 Both draw from one numpy generator per class, seeded by the run's seed and the class name, so a
 class's draw does not depend on which other classes or rows the table holds: the same seed gives
@@ -9,6 +10,12 @@ groups instead, so that frames of one clip or photos of one specimen never sit o
 the nearest neighbour of a test frame would otherwise be the same fish a frame later. Its
 seeded order is a key per group from the seed and the group's id, so it too does not depend on
 row order; a group holding two classes ties their splits together.
+
+The official split (`split=official`) follows the partitions of a `split` column, with
+BIOSCAN-5M's retrieval protocol: the gallery is train + key_unseen, the queries test +
+test_unseen, training uses train only (key_unseen holds the unseen species' keys, never trained
+on), and val, val_unseen, pretrain and other_heldout take no part. Queries of the seen
+partitions (train, val, test) give the table's `All:seen` rows, the others `All:unseen`.
 """
 
 from __future__ import annotations
@@ -19,11 +26,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from taxonclip.config import LABELS
+from taxonclip.config import DataConfig
 from taxonclip.errors import ConfigError, DataError
-from taxonclip.names import LEVELS
+from taxonclip.names import Levels
 
 GROUP_COLUMN = "group"
+PARTITION_COLUMN = "split"  # a dataset's own partition of each row (BIOSCAN-5M's column)
+GALLERY_PARTITIONS = ("train", "key_unseen")
+QUERY_PARTITIONS = ("test", "test_unseen")
+TRAINING_PARTITIONS = ("train",)
+SEEN_PARTITIONS = ("train", "val", "test")  # the unseen ones hold species never in train
 
 # separate streams for the split, the class choice and the group order, so one seed does not
 # correlate them
@@ -34,8 +46,10 @@ _GROUP_STREAM = 3
 
 @dataclass(frozen=True)
 class Split:
-    """Row positions (sorted) of the train and test images of a manifest table; `grouped` says
-    whether whole groups (the table's `group` column) were kept on one side."""
+    """Row positions (sorted) of the train (gallery) and test (query) images of a manifest
+    table; `grouped` says whether whole groups (the table's `group` column) were kept on one
+    side. `protocol` is `seeded` or `official`; an official split may keep gallery rows out of
+    training (`trainable`: the rows training uses; None means all of `train`)."""
 
     train: np.ndarray
     test: np.ndarray
@@ -43,10 +57,38 @@ class Split:
     seed: int
     test_size: float
     grouped: bool = False
+    protocol: str = "seeded"
+    trainable: np.ndarray | None = None
+
+    @property
+    def training_rows(self) -> np.ndarray:
+        """The rows a model may be trained on."""
+        return self.train if self.trainable is None else self.trainable
 
     def test_ids(self, table: pd.DataFrame) -> list[str]:
         """The `image_id` of every test row, in row order."""
         return table["image_id"].iloc[self.test].tolist()
+
+
+def make_split(table: pd.DataFrame, data: DataConfig) -> Split:
+    """The split that `data.split` names: seeded (`split_manifest`) or official."""
+    if data.split == "official":
+        return official_split(table)
+    return split_manifest(table, data.test_size, data.seed)
+
+
+def official_split(table: pd.DataFrame) -> Split:
+    """The split of the table's own partitions (the `split` column): gallery, queries and
+    training rows as the module docstring says."""
+    if PARTITION_COLUMN not in table.columns:
+        raise DataError(f"split=official needs a {PARTITION_COLUMN!r} column naming each row's "
+                        f"partition (as BIOSCAN-5M has); the table has "
+                        f"{', '.join(map(str, table.columns))}; use split=seeded")
+    partition = table[PARTITION_COLUMN]
+    rows_of = lambda names: np.flatnonzero(partition.isin(names).to_numpy())  # noqa: E731
+    return Split(train=rows_of(GALLERY_PARTITIONS), test=rows_of(QUERY_PARTITIONS), train_only=0,
+                 seed=0, test_size=0.0, protocol="official",
+                 trainable=rows_of(TRAINING_PARTITIONS))
 
 
 def stratum(table: pd.DataFrame) -> pd.Series:
@@ -255,20 +297,32 @@ def _check_seed(seed: int) -> None:
         raise ConfigError(f"parameter 'seed' must be at least 0, got {seed}")
 
 
-def level_summary(table: pd.DataFrame, split: Split) -> str:
+def level_summary(table: pd.DataFrame, split: Split, levels: Levels) -> str:
     """What each level of the table scores and trains on: its classes, and its labelled rows in
     train (what `label=<level>` trains on) and in test (what the table scores, but for lone
-    queries, whose class has no train image)."""
+    queries, whose class has no train image). A row without a level's label counts only at the
+    levels it has."""
     lines = ["per level: classes, labelled rows in train (label=<level> trains on them) and in "
              "test (scored)"]
-    for level in LEVELS:
+    for level in levels.scored:
         labels = table[level]
-        train, test = labels.iloc[split.train].dropna(), labels.iloc[split.test].dropna()
-        lone = int((~test.isin(set(train))).sum())
-        role = "" if level in LABELS else "; a scored level, not a training label"
+        train = labels.iloc[split.training_rows].dropna()
+        test = labels.iloc[split.test].dropna()
+        lone = int((~test.isin(set(labels.iloc[split.train].dropna()))).sum())
+        role = "" if level in levels.labels else "; a scored level, not a training label"
         lines.append(f"  {level}: {labels.nunique()} classes, {int(labels.notna().sum())} rows: "
                      f"{len(train)} train, {len(test)} test ({lone} lone{role})")
-    lines.append(f"split: seed {split.seed}, test_size {split.test_size}, "
-                 f"{'groups kept on one side' if split.grouped else 'no groups'}; "
-                 f"{split.train_only} classes too small to split stay in train")
+    lines.append(_split_line(split))
     return "\n".join(lines)
+
+
+def _split_line(split: Split) -> str:
+    """How the split was made, in one line."""
+    if split.protocol == "official":
+        return (f"split: official partitions: gallery {' + '.join(GALLERY_PARTITIONS)} "
+                f"({len(split.train)} rows), queries {' + '.join(QUERY_PARTITIONS)} "
+                f"({len(split.test)} rows), training {' + '.join(TRAINING_PARTITIONS)} "
+                f"({len(split.training_rows)} rows)")
+    return (f"split: seed {split.seed}, test_size {split.test_size}, "
+            f"{'groups kept on one side' if split.grouped else 'no groups'}; "
+            f"{split.train_only} classes too small to split stay in train")
