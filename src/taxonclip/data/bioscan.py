@@ -26,8 +26,7 @@ import pandas as pd
 
 from taxonclip import names
 from taxonclip.data.manifest import (COLUMNS, Manifest, ManifestReport, _listed, _read_table,
-                                     check_taxa_names, clean_name, missing_message,
-                                     unreadable_images)
+                                     check_taxa_names, clean_name, drop_unreadable)
 from taxonclip.data.synthetic import _make_folder, render, taxonomy
 from taxonclip.errors import DataError
 
@@ -68,10 +67,7 @@ def read_bioscan(file: Path, missing: str) -> Manifest:
     root = _dataset_root(file)
     table = _table(raw, ranks, _image_package(file), root, file)
     check_taxa_names(table["taxa"], file)
-    problems = unreadable_images(table["image_path"])
-    if problems and missing == "error":
-        raise DataError(missing_message(problems, len(table), root))
-    table = table[~table["image_path"].isin(list(problems))].reset_index(drop=True)
+    table, problems = drop_unreadable(table, missing, root)
     if table.empty:
         raise DataError(f"no usable rows in {file}: {int((~placed).sum())} without an order, "
                         f"{len(problems)} with a missing or unreadable image")

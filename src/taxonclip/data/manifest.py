@@ -241,10 +241,7 @@ def read_manifest(path: str | Path, image_column: str | None = None, name_column
     table = _drop_repeated_images(table, root)
     dropped_repeated = listed - len(table)
     check_taxa_names(table["taxa"], root)
-    problems = unreadable_images(table["image_path"])
-    if problems and missing == "error":
-        raise DataError(missing_message(problems, len(table), root))
-    table = table[~table["image_path"].isin(list(problems))].reset_index(drop=True)
+    table, problems = drop_unreadable(table, missing, root)
     if table.empty:
         raise DataError(f"no usable rows in {root}: {dropped_blank} with a blank name, "
                         f"{len(problems)} with a missing or unreadable image")
@@ -462,7 +459,17 @@ def _drop_repeated_images(table: pd.DataFrame, root: Path) -> pd.DataFrame:
     return table.drop_duplicates("image_id").reset_index(drop=True)
 
 
-def unreadable_images(paths: pd.Series) -> dict[str, str]:
+def drop_unreadable(table: pd.DataFrame, missing: str,
+                    root: Path) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The table without its missing or unreadable images, and those images with the reason;
+    under `missing="error"` any such image raises a DataError listing them instead."""
+    problems = _unreadable_images(table["image_path"])
+    if problems and missing == "error":
+        raise DataError(_missing_message(problems, len(table), root))
+    return table[~table["image_path"].isin(list(problems))].reset_index(drop=True), problems
+
+
+def _unreadable_images(paths: pd.Series) -> dict[str, str]:
     """Path -> reason for every image that is absent or whose header PIL cannot read."""
     with ThreadPoolExecutor(CHECK_THREADS) as pool:
         reasons = pool.map(_header_problem, paths)
@@ -479,7 +486,7 @@ def _header_problem(path: str) -> str | None:
         return str(err) or type(err).__name__
 
 
-def missing_message(problems: dict[str, str], rows: int, root: Path) -> str:
+def _missing_message(problems: dict[str, str], rows: int, root: Path) -> str:
     lines = [f"{len(problems)} of {rows} images listed in {root} are missing or unreadable:"]
     lines += [f"  {path}: {reason}" for path, reason in list(problems.items())[:SHOWN]]
     if len(problems) > SHOWN:
