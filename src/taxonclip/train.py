@@ -338,7 +338,9 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None,
         if config.resume:
             config = dist.broadcast_object(resume_config(config) if info.is_main else None)
         data = prepare_data(config, info.world_size)
-        report = report_for_run(data.manifest, data.split) if info.is_main else ""
+        # a resumed run logged its data report when it started
+        fresh_run = info.is_main and not config.resume
+        report = report_for_run(data.manifest, data.split) if fresh_run else ""
         encoder = resolve_model(config.model, str(info.device), seed=config.data.seed)
         with tracked_run("train", main=info.is_main, resume_run_id=config.resume,
                          parent_run_id=parent_run_id, tags=run_tags,
