@@ -58,7 +58,7 @@ def ours(model: str, batch_size: int, classes: int, device: torch.device, compil
     """The taxonclip step: bf16 autocast on CUDA, fused AdamW, PartialFC with margin loss."""
     encoder = create_model(model, "none", device=device)
     config = TrainConfig(batch_size=batch_size, lr=1e-5, loss=LossConfig(sample_rate=1.0))
-    state = build_state(encoder, classes, config, steps_per_epoch=10_000, device=device)
+    state = build_state(encoder, classes, config, total_steps=10_000 * config.epochs, device=device)
     forward = torch.compile(state.encoder) if compile_model else state.encoder
 
     def step(batch):

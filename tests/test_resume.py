@@ -17,8 +17,11 @@ from mlflow.tracking import MlflowClient
 
 from taxonclip import names
 from taxonclip.cli import main
+from taxonclip.config import TRAIN_PARAMS, TrainConfig, from_params
 from taxonclip.data.manifest import read_manifest
+from taxonclip.data.prepare import PrepareSettings, prepare
 from taxonclip.data.splits import split_manifest
+from taxonclip.train import prepare_data
 
 pytestmark = pytest.mark.integration
 
@@ -115,11 +118,11 @@ def uninterrupted(mlflow_server, specimens, tmp_path_factory):
     return weights
 
 
-def _assert_record_whole(run_id: str, steps: int, folder: Path, expected: dict) -> None:
+def _assert_record_whole(run_id: str, total_steps: int, folder: Path, expected: dict) -> None:
     client = MlflowClient()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    for key, wanted in ((names.TRAIN_LOSS, range(1, EPOCHS * steps + 1)),
+    for key, wanted in ((names.TRAIN_LOSS, range(1, total_steps + 1)),
                         (names.eval_metric("All", "species", "top1_cos"), range(1, EPOCHS + 1))):
         logged = Counter(m.step for m in client.get_metric_history(run_id, key))
         assert logged == Counter(wanted), f"{key}: steps duplicated or lost: {sorted(logged.items())}"
@@ -159,7 +162,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(where, killer, uninterr
     killed = _the_run(experiment)
     assert killed.info.status == "RUNNING"
     assert main(["train", "--resume", killed.info.run_id, "--workers", "0"]) == 0
-    _assert_record_whole(killed.info.run_id, steps, tmp_path, uninterrupted)
+    _assert_record_whole(killed.info.run_id, EPOCHS * steps, tmp_path, uninterrupted)
 
 
 def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(killer, uninterrupted, specimens,
@@ -235,3 +238,25 @@ def test_a_resume_keeps_the_runs_own_parameters(killer, specimens, tracking, mon
                  "128", "--workers", "0", "--device", "cpu"]) == 0
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["epochs"] == str(EPOCHS)
+
+
+def test_sigkill_then_resume_from_shards_gives_the_uninterrupted_run(killer, specimens, tracking,
+                                                                     monkeypatch, tmp_path, capsys):
+    folder = tmp_path / "prepared"
+    prepare(read_manifest(specimens), folder, PrepareSettings(size=32, shard_size=12), workers=1,
+            progress=False)
+    args = [*ARGS[:ARGS.index("--workers")], "--workers", "2", *ARGS[ARGS.index("--workers") + 2:]]
+    argv = ["train", "--data", str(folder), *args]
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "shards-straight")
+    assert main(argv) == 0
+    expected = _final_weights(_the_run("shards-straight").info.run_id, tmp_path / "straight")
+    given = {name.lstrip("-"): value for name, value in zip(argv[1::2], argv[2::2])}
+    epoch_steps = prepare_data(from_params(TrainConfig, given,
+                                           TRAIN_PARAMS)).epoch_steps
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "shards-resumed")
+    _killed_run(killer, ("taxonclip.train", "train_step", epoch_steps[0] + 2), argv)
+    run_id = _the_run("shards-resumed").info.run_id
+    _refused(capsys, ["train", "--resume", run_id, "--workers", "1"],
+             "parameter 'workers' is 1, but run")
+    assert main(["train", "--resume", run_id]) == 0
+    _assert_record_whole(run_id, sum(epoch_steps), tmp_path, expected)

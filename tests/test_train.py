@@ -16,7 +16,7 @@ def _state(lr: float = 1e-2, classes: int = 6, sample_rate: float = 1.0):
     torch.manual_seed(0)
     encoder = create_model("tiny", "pretrained")
     config = TrainConfig(lr=lr, weight_decay=0.01, loss=LossConfig(s=16, m2=0.2, sample_rate=sample_rate))
-    return build_state(encoder, classes, config, steps_per_epoch=10, device=torch.device("cpu")), config
+    return build_state(encoder, classes, config, total_steps=10 * config.epochs, device=torch.device("cpu")), config
 
 
 def _batch(n: int, seed: int):

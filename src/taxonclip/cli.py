@@ -62,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", help="VLM4Bio folder, manifest CSV/parquet, or `synthetic`")
     _add_params(check, {k: v for k, v in cfg.DATA_PARAMS.items() if k != "data"}, cfg.EvalConfig)
 
+    prepare = data_commands.add_parser(
+        "prepare", help="write a dataset as WebDataset shards of images resized once (train and "
+                        "eval then read the folder as data)")
+    prepare.add_argument("path", help="VLM4Bio folder, manifest CSV/parquet, BIOSCAN-5M metadata, "
+                                      "or `synthetic`")
+    prepare.add_argument("--out", required=True, help="folder to write (new, empty, or an "
+                                                      "earlier prepare of the same source to finish)")
+    _add_params(prepare, {k: v for k, v in cfg.PREPARE_PARAMS.items() if k != "data"},
+                cfg.PrepareConfig)
+
     commands.add_parser("models", help="list the model names")
 
     sync = commands.add_parser("sync", help="send a run's spool to the tracking server once it is back")
@@ -127,6 +137,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data" and args.data_command == "synth":
         return jobs.synth(args.out, seed=args.seed, taxa=args.taxa, genera=args.genera,
                           species=args.species, images=args.images, size=args.size)
+    if args.command == "data" and args.data_command == "prepare":
+        params = {**_given(args, cfg.PREPARE_PARAMS), "data": args.path, "out": args.out}
+        if "size" in params:
+            params["size"] = jobs.prepare_size(params["size"])
+        return jobs.prepare(cfg.from_params(cfg.PrepareConfig, params,
+                                            {**cfg.PREPARE_PARAMS, "out": "out"}))
     if args.command == "data":
         params = {**_given(args, cfg.DATA_PARAMS), "data": args.path}
         return jobs.check(cfg.from_params(cfg.EvalConfig, params, cfg.EVAL_PARAMS).data)

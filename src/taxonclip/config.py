@@ -20,6 +20,9 @@ SYNTHETIC = "synthetic"
 # queries visual only (the one fusion that is sound with one caption per species)
 EMBEDDINGS = ("visual", "text", "avg", "concat", "gallery_avg")
 MISSING_POLICIES = ("error", "skip")
+# workers: PIL decodes in the DataLoader workers; device: torchvision decodes on the model's device
+# (nvJPEG on CUDA) and transforms there, for prepared shards
+DECODERS = ("workers", "device")
 # every rank a table can have; which of them a dataset has is checked against its manifest
 # (`check_label`), since only the data knows its ranks
 LABELS = tuple(level for level in names.KNOWN_LEVELS if level != "taxa")
@@ -108,9 +111,11 @@ class EvalConfig:
     chunk_size: int = 512  # knn.DEFAULT_CHUNK_SIZE, written out to keep this module free of torch
     cache_embeddings: bool = True
     device: str = "auto"
+    decode: str = "workers"
 
     def __post_init__(self) -> None:
         _check_choice("embedding", self.embedding, EMBEDDINGS)
+        _check_choice("decode", self.decode, DECODERS)
         _check_positive("batch_size", self.batch_size)
         _check_positive("chunk_size", self.chunk_size)
         _check_at_least("workers", self.workers, 0)
@@ -140,10 +145,12 @@ class TrainConfig:
     metric: str = names.HEADLINE_METRIC
     device: str = "auto"
     compile: bool = False
+    decode: str = "workers"
 
     def __post_init__(self) -> None:
         _check_choice("label", self.label, LABELS)
         _check_choice("embedding", self.embedding, EMBEDDINGS)
+        _check_choice("decode", self.decode, DECODERS)
         check_table_key("metric", self.metric)
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "keep_checkpoints"):
             _check_positive(name, getattr(self, name))
@@ -159,7 +166,25 @@ class TrainConfig:
         """The evaluation run after each `eval_every` epochs: same data, split and batch size."""
         return EvalConfig(data=self.data, model=self.model, embedding=self.embedding,
                           batch_size=self.batch_size, workers=self.workers, cache_embeddings=False,
-                          device=self.device)
+                          device=self.device, decode=self.decode)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """`data prepare`: the source dataset (read and checked as `data check` reads it), the folder
+    to write, and how: the short side of the resized images, their format and quality, rows per
+    shard, and encoding processes (0: one per core)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = ""
+    size: int = 336  # the largest input of the registry's models (ViT-L/14@336px)
+    image_format: str = "jpeg"
+    quality: int = 95
+    shard_size: int = 1000
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        _check_at_least("workers", self.workers, 0)
 
 
 @dataclass(frozen=True)
@@ -346,7 +371,7 @@ DATA_PARAMS = {
 EVAL_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,
     "embedding": "embedding", "batch_size": "batch_size", "workers": "workers",
-    "chunk_size": "chunk_size", "device": "device",
+    "chunk_size": "chunk_size", "device": "device", "decode": "decode",
 }
 TRAIN_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,
@@ -356,10 +381,17 @@ TRAIN_PARAMS = {
     "margin_m3": "loss.m3", "margin_filter": "loss.filter", "sample_rate": "loss.sample_rate",
     "workers": "workers", "eval_every": "eval_every", "keep_checkpoints": "keep_checkpoints",
     "resume": "resume", "register_as": "register_as", "embedding": "embedding",
-    "metric": "metric", "device": "device", "compile": "compile",
+    "metric": "metric", "device": "device", "compile": "compile", "decode": "decode",
 }
 
 
+# prepare reads its source as `data check` does, but splits nothing
+PREPARE_PARAMS = {
+    **{name: path for name, path in DATA_PARAMS.items()
+       if name not in ("seed", "test_size", "class_fraction", "split")},
+    "size": "size", "format": "image_format", "quality": "quality",
+    "shard_size": "shard_size", "workers": "workers",
+}
 SWEEP_PARAMS = {name: name for name in ("sweep", "n_trials", "timeout", "storage", "study_name")}
 COMPARE_PARAMS = {name: name for name in ("experiments", "filter", "metric", "tie_break", "top",
                                           "promote", "out")}

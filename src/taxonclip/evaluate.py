@@ -16,6 +16,8 @@ captions before anything is embedded.
 from __future__ import annotations
 
 import hashlib
+import json
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,12 +32,15 @@ from tqdm import tqdm
 from taxonclip import knn
 from taxonclip.config import EvalConfig, cache_dir
 from taxonclip.data.images import ImageDataset, collate_skipping
+from taxonclip.data.shards import PREPARED_FILE, SOURCE_DIGEST_COLUMN, read_prepared_info
+from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows, ShardStream,
+                                    collate_encoded)
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.splits import (GROUP_COLUMN, PARTITION_COLUMN, QUERY_PARTITIONS,
                                    SEEN_PARTITIONS, Split, make_split, select_classes)
 from taxonclip.distributed import resolve_device
 from taxonclip import names
-from taxonclip.errors import DataError, MetricNotInTable, ModelError
+from taxonclip.errors import ConfigError, DataError, MetricNotInTable, ModelError
 from taxonclip.names import ALL_TAXA, COUNT_COLUMNS, VLM4BIO_LEVELS, Levels
 
 TABLE_COLUMNS = ("taxa", "level", *COUNT_COLUMNS, *knn.METRICS)
@@ -90,29 +95,90 @@ class EvalResult:
 def embed_images(encoder: torch.nn.Module, paths: list[str], *, batch_size: int, workers: int,
                  device: torch.device, missing: str = "error",
                  progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
-    """Embed images in batches (bf16 autocast on CUDA, fp32 on CPU).
+    """Embed the image files at `paths` in batches (bf16 autocast on CUDA, fp32 on CPU).
 
-    Returns the embeddings of the images that decoded and their row indices into `paths`; under
-    `missing="error"` an undecodable image raises, naming its path.
+    Returns the embeddings of the images that decoded, in the order of `paths` (memory-mapped,
+    see `embed_dataset`), and their row indices into `paths`; under `missing="error"` an
+    undecodable image raises, naming its path.
     """
     dataset = ImageDataset(paths, encoder.eval_transform(), missing=missing)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        collate_fn=collate_skipping, pin_memory=device.type == "cuda",
+    return embed_dataset(encoder, dataset, len(paths), batch_size=batch_size, workers=workers,
+                         device=device, progress=progress)
+
+
+@torch.no_grad()
+def embed_dataset(encoder: torch.nn.Module, dataset, count: int, *, batch_size: int, workers: int,
+                  device: torch.device, progress: bool = True, collate=collate_skipping,
+                  to_device=None) -> tuple[torch.Tensor, np.ndarray]:
+    """Embed a dataset of `(image, label, position)` items (positions 0..count-1, in any order;
+    None for an image left out) into a memory-mapped file rather than RAM: float16 where the
+    encoder runs in bf16 (CUDA: no precision is lost), float32 on the CPU. `collate` batches the
+    items, and `to_device` (default: a copy to `device`) makes a batch the model's input there.
+
+    Returns one row per position that came back, in position order, and those positions."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda" and to_device is None,
                         persistent_workers=False)
+    to_device = to_device or (lambda images: images.to(device, non_blocking=True))
     was_training = encoder.training
     encoder.eval()
-    vectors, kept = [], []
-    for images, _, index in tqdm(loader, desc="embed", unit="batch", disable=None if progress else True):
+    store, arrived = None, np.zeros(count, dtype=bool)
+    batches = -(-count // batch_size)
+    for images, _, index in tqdm(loader, desc="embed", unit="batch", total=batches,
+                                 disable=None if progress else True):
         if len(index) == 0:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = encoder(images.to(device, non_blocking=True))
-        vectors.append(out.float().cpu())
-        kept.append(index.numpy())
+            out = encoder(to_device(images))
+        if store is None:
+            dtype = np.float16 if device.type == "cuda" else np.float32
+            store = _scratch_memmap((count, out.shape[1]), dtype)
+        store[index.numpy()] = out.float().cpu().numpy()
+        arrived[index.numpy()] = True
     encoder.train(was_training)
-    if not vectors:
+    if store is None:
         raise DataError("no image of the manifest could be decoded")
-    return torch.cat(vectors), np.concatenate(kept)
+    kept = np.flatnonzero(arrived)
+    vectors = torch.from_numpy(store)
+    return (vectors if len(kept) == count else vectors[kept]), kept
+
+
+def _scratch_memmap(shape: tuple[int, int], dtype) -> np.memmap:
+    """A writable memory-mapped array in a file of the cache folder that is gone once the array
+    is (the file is unlinked at once; the mapping keeps its pages)."""
+    folder = cache_dir() / "scratch"
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".f32") as file:
+        return np.memmap(file.name, dtype=dtype, mode="w+", shape=shape)
+
+
+def _embed_rows(encoder: torch.nn.Module, manifest: Manifest, config: EvalConfig,
+                device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
+    """The visual embeddings of every manifest row, read from its files or its shards."""
+    table = manifest.table
+    if not manifest.shards:
+        return embed_images(encoder, table["image_path"].tolist(), batch_size=config.batch_size,
+                            workers=config.workers, device=device, missing=config.data.missing)
+    rows = ShardedRows.of(table, manifest.shards, np.arange(len(table)))
+    skip = config.data.missing == "skip"
+    workers = min(config.workers, len(manifest.shards))
+    if config.decode == "device":
+        stream = ShardStream(rows, Encoded(), skip_undecodable=skip)
+        vectors, kept = embed_dataset(
+            encoder, stream, len(table), batch_size=config.batch_size, workers=workers,
+            device=device, collate=collate_encoded,
+            to_device=DeviceDecoder(encoder.tensor_transform(train=False), device))
+    else:
+        stream = ShardStream(rows, Decoded(encoder.eval_transform()), skip_undecodable=skip)
+        vectors, kept = embed_dataset(encoder, stream, len(table), batch_size=config.batch_size,
+                                      workers=workers, device=device)
+    if len(kept) < len(table) and config.data.missing == "error":
+        absent = np.setdiff1d(np.arange(len(table)), kept)
+        shown = ", ".join(table["image_path"].iloc[absent[:5]])
+        raise DataError(f"{len(absent)} of {len(table)} images of {manifest.report.source} are not "
+                        f"in its shards or do not decode (e.g. {shown}); prepare the data again, "
+                        f"or set missing=skip to leave them out")
+    return vectors, kept
 
 
 @torch.no_grad()
@@ -135,7 +201,7 @@ def fuse(visual: torch.Tensor | None, text: torch.Tensor | None, kind: str) -> t
         return visual
     if kind == "text":
         return text
-    visual, text = F.normalize(visual, dim=1), F.normalize(text, dim=1)
+    visual, text = F.normalize(visual.float(), dim=1), F.normalize(text.float(), dim=1)
     if kind == "avg":
         if visual.shape[1] != text.shape[1]:
             raise ModelError(f"embedding=avg needs equal sizes, got {visual.shape[1]} and {text.shape[1]}")
@@ -150,8 +216,7 @@ def embed_manifest(encoder: torch.nn.Module, manifest: Manifest, config: EvalCon
     start = time.perf_counter()
     visual, kept = None, np.arange(len(table))
     if config.embedding != "text":
-        visual, kept = embed_images(encoder, table["image_path"].tolist(), batch_size=config.batch_size,
-                                    workers=config.workers, device=device, missing=config.data.missing)
+        visual, kept = _embed_rows(encoder, manifest, config, device)
     img_per_s = len(kept) / max(time.perf_counter() - start, 1e-9)
     if config.embedding == "visual":
         return Embeddings(visual, visual, kept, img_per_s)
@@ -319,12 +384,22 @@ def prepare_evaluation(config: EvalConfig) -> tuple[Manifest, Split]:
     caption that would carry the label into a query, or a split with no test image."""
     manifest = load_manifest(config.data)
     check_no_label_in_queries(manifest, config.embedding)
+    check_decoder(manifest, config.decode)
     if config.data.class_fraction < 1.0:
         manifest = _with_species(manifest, select_classes(manifest.table, config.data.class_fraction,
                                                           config.data.seed))
     split = make_split(manifest.table, config.data)
     check_has_test_images(manifest, split)
     return manifest, split
+
+
+def check_decoder(manifest: Manifest, decode: str) -> None:
+    """Refuse decode=device for images that are files: it reads prepared shards."""
+    if decode == "device" and not manifest.shards:
+        raise ConfigError(f"decode=device decodes the JPEGs of prepared shards on the model's "
+                          f"device; {manifest.report.source} is image files: prepare it first "
+                          f"(taxonclip data prepare ... --out DIR, then data=DIR), or use "
+                          f"decode=workers")
 
 
 def check_has_test_images(manifest: Manifest, split: Split) -> None:
@@ -388,7 +463,9 @@ def _cached_embeddings(encoder, manifest: Manifest, config: EvalConfig,
     folder = cache_dir() / "embeddings"
     files = {part: folder / f"{key}.{part}.npy" for part in ("queries", "gallery", "kept")}
     if all(path.exists() for path in files.values()):
-        queries, gallery, kept = (np.load(files[part]) for part in ("queries", "gallery", "kept"))
+        # copy-on-write maps: read from disk as needed, never written back
+        queries, gallery, kept = (np.load(files[part], mmap_mode="c")
+                                  for part in ("queries", "gallery", "kept"))
         return Embeddings(torch.from_numpy(queries), torch.from_numpy(gallery), kept, float("nan"))
     embeddings = embed_manifest(encoder, manifest, config, device)
     folder.mkdir(parents=True, exist_ok=True)
@@ -404,12 +481,25 @@ def _cache_key(encoder, manifest: Manifest, config: EvalConfig) -> str | None:
     weights = getattr(encoder, "weights", None)
     if not config.cache_embeddings or weights in (None, "none"):
         return None
+    # a shard's name says nothing of its content: prepared rows carry their source's digest
+    contents = manifest.table.get(SOURCE_DIGEST_COLUMN)
+    if manifest.shards and contents is None:
+        return None
     digest = hashlib.sha256()
     captions = _captions(manifest, config) if config.embedding != "visual" else []
     for part in (encoder.spec.name, _weights_identity(weights), config.embedding,
-                 *manifest.table["image_path"], *captions):
+                 *manifest.table["image_path"], *([] if contents is None else contents),
+                 *_prepared_settings(manifest), *captions):
         digest.update(str(part).encode() + b"\0")
     return digest.hexdigest()[:24]
+
+
+def _prepared_settings(manifest: Manifest) -> list[str]:
+    """How a prepared folder's images were resized and encoded (part of what was embedded)."""
+    record = manifest.root / PREPARED_FILE
+    if not manifest.shards or not record.is_file():
+        return []
+    return [json.dumps(read_prepared_info(manifest.root)["settings"], sort_keys=True)]
 
 
 def _weights_identity(weights: str) -> str:

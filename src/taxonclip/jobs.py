@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 from taxonclip import names
-from taxonclip.config import (EVAL_PARAMS, CompareConfig, DataConfig, EvalConfig, SweepConfig,
-                              TrainConfig, to_params)
+from taxonclip.config import (EVAL_PARAMS, CompareConfig, DataConfig, EvalConfig, PrepareConfig,
+                              SweepConfig, TrainConfig, to_params)
 
 
 def synth(out: str, **sizes: int) -> int:
@@ -45,7 +45,44 @@ def check(data: DataConfig) -> int:
     manifest = load_manifest(data)
     split = make_split(manifest.table, data)
     print(data_report(manifest, split, caption_note(manifest))[0])
+    if manifest.shards:
+        from taxonclip.data.prepare import shard_note
+
+        print(shard_note(manifest))
     check_has_test_images(manifest, split)
+    return 0
+
+
+def prepare_size(text: str) -> int:
+    """The short side that `data prepare --size` names: a number of pixels, or model names
+    (comma-separated) whose largest input it is."""
+    if text.strip().isdigit():
+        return int(text)
+    from taxonclip.errors import ConfigError, ModelError
+    from taxonclip.models import get_spec
+
+    try:
+        specs = [get_spec(name.strip()) for name in text.split(",") if name.strip()]
+    except ModelError as err:
+        raise ConfigError(f"parameter 'size' is {text!r}: neither pixels nor model names ({err})") from None
+    if not specs:
+        raise ConfigError(f"parameter 'size' is {text!r}: give pixels (336) or model names")
+    return max(spec.input_size for spec in specs)
+
+
+def prepare(config: PrepareConfig) -> int:
+    """Check a dataset as `data check` reads it, then write it as shards into `config.out`."""
+    from taxonclip.data.manifest import load_manifest
+    from taxonclip.data.prepare import PrepareSettings
+    from taxonclip.data.prepare import prepare as prepare_shards
+
+    settings = PrepareSettings(size=config.size, image_format=config.image_format,
+                               quality=config.quality, shard_size=config.shard_size)
+    manifest = load_manifest(config.data)
+    print(manifest.report.summary())
+    result = prepare_shards(manifest, config.out, settings, workers=config.workers or None)
+    print(result.summary())
+    print(f"train and eval read it as data: --data {result.folder}")
     return 0
 
 

@@ -37,11 +37,14 @@ from taxonclip.config import (TRAIN_PARAMS, TrainConfig, check_label, flat_field
 from taxonclip.data.audit import report_for_run
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import Manifest, load_manifest
+from taxonclip.data.shards import is_sharded
 from taxonclip.data.splits import Split, make_split, select_classes
+from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows, ShardStream,
+                                    batches_per_rank, collate_encoded, epoch_shards)
 from taxonclip.errors import ConfigError, DataError, TrainingDiverged
-from taxonclip.evaluate import (EvalResult, Seen, check_has_test_images, check_metric_cell,
-                                check_no_label_in_queries, evaluate, seen_of_split, split_csv,
-                                table_cell)
+from taxonclip.evaluate import (EvalResult, Seen, check_decoder, check_has_test_images,
+                                check_metric_cell, check_no_label_in_queries, evaluate,
+                                seen_of_split, split_csv, table_cell)
 from taxonclip.losses import CombinedMarginLoss, PartialFC
 from taxonclip.tracking.runs import NullRun, Run, table_metrics
 
@@ -65,8 +68,9 @@ class TrainState:
 
 @dataclass(frozen=True)
 class TrainData:
-    """The training rows, their class ids, the class names in id order, and the seen classes
-    (those kept when training on a fraction of them, or an official split's seen partitions)."""
+    """The training rows, their class ids, the class names in id order, the seen classes (those
+    kept when training on a fraction of them, or an official split's seen partitions), and the
+    optimiser steps of each epoch (equal on every rank)."""
 
     manifest: Manifest
     split: Split
@@ -74,6 +78,7 @@ class TrainData:
     labels: np.ndarray
     classes: list[str]
     seen: Seen | None
+    epoch_steps: tuple[int, ...]
 
 
 def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
@@ -84,6 +89,7 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     manifest = load_manifest(config.data)
     check_label(config.label, manifest.levels, manifest.report.source)
     check_no_label_in_queries(manifest, config.embedding)
+    check_decoder(manifest, config.decode)
     table = manifest.table
     split = make_split(table, config.data)
     check_has_test_images(manifest, split)
@@ -96,26 +102,69 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
         seen = Seen(config.label, frozenset(kept))
     if len(rows) == 0:
         raise DataError(f"no training image has a {config.label} label in {manifest.report.source}")
-    check_steps_per_epoch(len(rows), config, world_size)
     check_metric_cell(config.metric, table["taxa"].unique(), seen is not None, manifest.levels)
     classes = sorted(label_of.iloc[rows].unique())
     labels = pd.Categorical(label_of.iloc[rows], categories=classes).codes.astype(np.int64)
-    return TrainData(manifest, split, rows, labels, classes, seen)
+    epoch_steps = _epoch_steps(manifest, rows, config, world_size)
+    return TrainData(manifest, split, rows, labels, classes, seen, epoch_steps)
 
 
 def steps_per_epoch(images: int, config: TrainConfig, world_size: int) -> int:
-    """Optimiser steps in one epoch: full batches per process, `grad_accum` batches a step."""
+    """Optimiser steps in one epoch of image files: full batches per process, `grad_accum`
+    batches a step."""
     return images // world_size // config.batch_size // config.grad_accum
 
 
-def check_steps_per_epoch(images: int, config: TrainConfig, world_size: int) -> None:
-    """Refuse a training that would take no optimiser step in an epoch."""
-    if steps_per_epoch(images, config, world_size) == 0:
+def _epoch_steps(manifest: Manifest, rows: np.ndarray, config: TrainConfig,
+                 world_size: int) -> tuple[int, ...]:
+    """The optimiser steps of every epoch, refused when one would take none. From shards, a step
+    count is what the rank with the fewest full batches in that epoch's shard order can give."""
+    if not manifest.shards:
+        steps = (steps_per_epoch(len(rows), config, world_size),) * config.epochs
+        per_process = f"{len(rows) // world_size} per process"
+    else:
+        per_shard = ShardedRows.of(manifest.table, manifest.shards, rows).per_shard()
+        steps = tuple(min(batches_per_rank(per_shard, epoch_shards(per_shard, config.data.seed, e,
+                                                                   world_size),
+                                           config.workers, config.batch_size)) // config.grad_accum
+                      for e in range(config.epochs))
+        per_process = (f"in {int((per_shard > 0).sum())} shards, dealt to {world_size} process(es) "
+                       f"x {max(config.workers, 1)} worker(s), each worker dropping its last "
+                       f"incomplete batch")
+    if min(steps, default=1) == 0:
         needed = config.batch_size * config.grad_accum
-        raise ConfigError(f"{images} training images ({images // world_size} per process) make no "
-                          f"optimiser step: one step takes batch_size {config.batch_size} x "
-                          f"grad_accum {config.grad_accum} = {needed} images per process; lower "
-                          f"batch_size or grad_accum")
+        raise ConfigError(f"{len(rows)} training images ({per_process}) make no optimiser step in "
+                          f"epoch {steps.index(0) + 1}: one step takes batch_size "
+                          f"{config.batch_size} x grad_accum {config.grad_accum} = {needed} images "
+                          f"per process; lower batch_size or grad_accum"
+                          + (", or workers, or prepare smaller shards" if manifest.shards else ""))
+    return steps
+
+
+class EpochLoader:
+    """The training batches: each epoch's seeded order (chosen by `choose_epoch`), exactly
+    `steps[epoch]` optimiser steps of `grad_accum` micro-batches from a DataLoader, each batch's
+    images made the model's input by `to_device` where they are decoded there."""
+
+    def __init__(self, loader: DataLoader, choose_epoch: Callable[[int], None],
+                 steps: tuple[int, ...], to_device: Callable | None = None) -> None:
+        self.loader, self.choose_epoch, self.steps = loader, choose_epoch, steps
+        self.to_device = to_device
+
+    def micro_batches(self, epoch: int, grad_accum: int):
+        """The (images, labels) micro-batches of each optimiser step of `epoch`."""
+        self.choose_epoch(epoch)
+        batches = iter(self.loader)
+        for step in range(self.steps[epoch]):
+            try:
+                yield [self._input(*next(batches)[:2]) for _ in range(grad_accum)]
+            except StopIteration:
+                raise DataError(f"epoch {epoch + 1} ran out of training batches at step "
+                                f"{step + 1} of {self.steps[epoch]}: the images read are fewer "
+                                f"than the manifest lists (were shards changed?)") from None
+
+    def _input(self, images, labels):
+        return (images if self.to_device is None else self.to_device(images)), labels
 
 
 class EpochSampler(Sampler[int]):
@@ -138,14 +187,36 @@ class EpochSampler(Sampler[int]):
         return iter(order[self.rank::self.world_size].tolist())
 
 
-def make_loader(data: TrainData, encoder, config: TrainConfig, info: dist.DistInfo) -> DataLoader:
-    """The training DataLoader: augmentation, seeded per-epoch order, full batches only."""
+def make_loader(data: TrainData, encoder, config: TrainConfig, info: dist.DistInfo) -> EpochLoader:
+    """The training batches: augmentation, seeded per-epoch order, full batches only; from image
+    files (a seeded permutation of the rows) or from shards (see `taxonclip.data.streams`)."""
+    if data.manifest.shards:
+        return _shard_loader(data, encoder, config, info)
     paths = data.manifest.table["image_path"].iloc[data.rows].tolist()
     dataset = ImageDataset(paths, encoder.train_transform(), labels=data.labels.tolist())
     sampler = EpochSampler(len(dataset), config.data.seed, info.rank, info.world_size)
-    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=config.workers, pin_memory=info.device.type == "cuda",
-                      persistent_workers=False)
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=config.workers, pin_memory=info.device.type == "cuda",
+                        persistent_workers=False)
+    return EpochLoader(loader, sampler.set_epoch, data.epoch_steps)
+
+
+def _shard_loader(data: TrainData, encoder, config: TrainConfig, info: dist.DistInfo) -> EpochLoader:
+    rows = ShardedRows.of(data.manifest.table, data.manifest.shards, data.rows, data.labels)
+    per_shard = rows.per_shard()
+    on_device = config.decode == "device"
+    stream = ShardStream(rows, Encoded() if on_device else Decoded(encoder.train_transform()))
+
+    def choose_epoch(epoch: int) -> None:
+        shards = epoch_shards(per_shard, config.data.seed, epoch, info.world_size)[info.rank]
+        stream.select(shards, shuffle_seed=f"{config.data.seed}:{epoch}:{info.rank}")
+
+    loader = DataLoader(stream, batch_size=config.batch_size, drop_last=True,
+                        num_workers=config.workers, persistent_workers=False,
+                        pin_memory=info.device.type == "cuda" and not on_device,
+                        collate_fn=collate_encoded if on_device else None)
+    to_device = DeviceDecoder(encoder.tensor_transform(train=True), info.device) if on_device else None
+    return EpochLoader(loader, choose_epoch, data.epoch_steps, to_device)
 
 
 WARMUP_FRACTION = 0.1  # OneCycleLR's pct_start, as in UNICOM's recipe
@@ -162,7 +233,7 @@ def warmup_fraction(total_steps: int) -> float:
     return WARMUP_FRACTION
 
 
-def build_state(encoder, num_classes: int, config: TrainConfig, steps_per_epoch: int,
+def build_state(encoder, num_classes: int, config: TrainConfig, total_steps: int,
                 device: torch.device) -> TrainState:
     """Model, PartialFC head, AdamW with two groups and OneCycleLR with per-group max_lr."""
     loss = config.loss
@@ -175,7 +246,7 @@ def build_state(encoder, num_classes: int, config: TrainConfig, steps_per_epoch:
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay,
                                   fused=device.type == "cuda")
     # A scalar max_lr would give the centres the backbone's rate: pass one per group.
-    total_steps = max(1, steps_per_epoch * config.epochs)
+    total_steps = max(1, total_steps)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[config.lr, config.lr * config.lr_pfc_weight],
         total_steps=total_steps, pct_start=warmup_fraction(total_steps))
@@ -205,26 +276,16 @@ def train_step(state: TrainState, micro_batches, forward, device: torch.device,
     return total
 
 
-def _grouped(loader, size: int):
-    batch = []
-    for images, labels, _ in loader:
-        batch.append((images, labels))
-        if len(batch) == size:
-            yield batch
-            batch = []
-
-
-def train_epoch(state: TrainState, loader: DataLoader, forward, ctx: TrainContext) -> None:
+def train_epoch(state: TrainState, loader: EpochLoader, forward, ctx: TrainContext) -> None:
     """One pass over the training data. Loss, lr and images/s are read back and logged every
     `LOG_EVERY_STEPS` steps (and at the end of the epoch), so the GPU never waits for the log."""
     config = ctx.config
-    loader.sampler.set_epoch(state.epoch)
-    steps = len(loader) // config.grad_accum
+    steps = loader.steps[state.epoch]
     bar = tqdm(total=steps, desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step",
                disable=None if ctx.info.is_main else True)
     pending: list[tuple[int, float, torch.Tensor]] = []
     window_start = time.perf_counter()
-    for micro_batches in _grouped(loader, config.grad_accum):
+    for micro_batches in loader.micro_batches(state.epoch, config.grad_accum):
         lr = state.scheduler.get_last_lr()[0]
         pending.append((state.step + 1, lr,
                         train_step(state, micro_batches, forward, ctx.device, config.grad_clip)))
@@ -353,7 +414,8 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None,
         dist.shutdown()
 
 
-# What a resume may change: where and how fast the run computes, not what it computes.
+# What a resume may change: where and how fast the run computes, not what it computes (and
+# not the worker count of a sharded dataset).
 RESUME_MAY_CHANGE = ("resume", "device", "workers", "compile", "register_as")
 
 
@@ -378,13 +440,17 @@ def resume_config(requested: TrainConfig) -> TrainConfig:
     logged = {name: value for name, value in record.params.items() if name in TRAIN_PARAMS}
     own = from_params(TrainConfig, {**logged, "resume": requested.resume}, TRAIN_PARAMS)
     asked, kept, default = (flat_fields(c) for c in (requested, own, TrainConfig()))
+    # from shards, each worker batches its own shards: the worker count shapes the batches
+    may_change = tuple(name for name in RESUME_MAY_CHANGE
+                       if name != "workers" or not is_sharded(own.data.data))
     for name, path in TRAIN_PARAMS.items():
-        if name in RESUME_MAY_CHANGE or asked[path] in (kept[path], default[path]):
+        if name in may_change or asked[path] in (kept[path], default[path]):
             continue
+        why = " (from shards, the worker count shapes the batches)" if name == "workers" else ""
         raise ConfigError(f"parameter {name!r} is {asked[path]!r}, but run {record.run_id} was "
-                          f"trained with {kept[path]!r}; a resume continues the run with its own "
-                          f"parameters (leave {name} out, or start a new run)")
-    changes = {name: to_params(requested, TRAIN_PARAMS)[name] for name in RESUME_MAY_CHANGE}
+                          f"trained with {kept[path]!r}{why}; a resume continues the run with its "
+                          f"own parameters (leave {name} out, or start a new run)")
+    changes = {name: to_params(requested, TRAIN_PARAMS)[name] for name in may_change}
     return from_params(TrainConfig, {**to_params(own, TRAIN_PARAMS), **changes}, TRAIN_PARAMS)
 
 
@@ -421,8 +487,7 @@ def _train_in_run(ctx: TrainContext, encoder) -> EvalResult:
     config = ctx.config
     seed_everything(config.data.seed)
     loader = make_loader(ctx.data, encoder, config, ctx.info)
-    steps = steps_per_epoch(len(ctx.data.rows), config, ctx.info.world_size)
-    state = build_state(encoder, len(ctx.data.classes), config, steps, ctx.device)
+    state = build_state(encoder, len(ctx.data.classes), config, sum(ctx.data.epoch_steps), ctx.device)
     forward = torch.compile(state.encoder) if config.compile else state.encoder
     ctx.logged = _resume(state, ctx)
     if state.epoch == 0:

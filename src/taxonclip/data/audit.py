@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from taxonclip.data.manifest import CHECK_THREADS, SHOWN, Manifest
+from taxonclip.data.shards import SOURCE_DIGEST_COLUMN
 from taxonclip.data.splits import GROUP_COLUMN, Split, level_summary
 
 _CHUNK = 1 << 20  # bytes read at a time, so a large image is never held whole for its hash
@@ -98,7 +99,7 @@ def audit_split(table: pd.DataFrame, split: Split) -> SplitAudit:
     in_test[split.test] = True
     in_train = np.zeros(len(table), dtype=bool)
     in_train[split.train] = True
-    digests = _file_digests(table["image_path"].tolist())
+    digests = _image_digests(table)
     ids = table["image_id"].astype(str).to_numpy()
     names = table["scientific_name"].to_numpy()
     sets = _identical_sets(digests)
@@ -112,6 +113,14 @@ def audit_split(table: pd.DataFrame, split: Split) -> SplitAudit:
         has_groups=has_groups,
         mixed_groups=_mixed_groups(table) if has_groups else (),
         straddling_groups=_straddling_groups(table, in_train, in_test) if has_groups else ())
+
+
+def _image_digests(table: pd.DataFrame) -> list[str | None]:
+    """The sha256 of each row's image: recorded when the data was prepared (of the source image,
+    so that two copies stay identical after resizing), else read from its file."""
+    if SOURCE_DIGEST_COLUMN in table.columns:
+        return table[SOURCE_DIGEST_COLUMN].tolist()
+    return _file_digests(table["image_path"].tolist())
 
 
 def _file_digests(paths: list[str]) -> list[str | None]:

@@ -1,7 +1,7 @@
 """Read image manifests into one validated table: one row per image with its absolute path, its
 cleaned scientific name and the species, genus and taxa levels derived from it.
 
-Four layouts are accepted:
+Six layouts are accepted:
 
 - a VLM4Bio folder: `<root>/<Group>/metadata/*.csv` with images in `<root>/<Group>/images/`; the
   taxa of a row is its group folder's name (or the `taxa=` argument). When a group holds several
@@ -14,6 +14,8 @@ Four layouts are accepted:
 - a folder holding one `metadata.csv`, `manifest.csv`, `metadata.parquet` or `manifest.parquet`.
 - BIOSCAN-5M: its metadata file, or a folder holding it, with its images in the official layout
   (read by `taxonclip.data.bioscan`; its levels are the ranks phylum to species).
+- a folder written by `taxonclip data prepare`, or a WebDataset shard URL pattern (both read by
+  `taxonclip.data.prepare`; the images are then samples of the shards).
 
 `image_id` is the image's path relative to the dataset root (the VLM4Bio folder or the manifest's
 folder): unique and stable, it keys the saved split and embedding caches. Columns other than the
@@ -110,12 +112,14 @@ class ManifestReport:
 class Manifest:
     """The validated table (columns `COLUMNS` then any extra ones, index 0..n-1), the report of
     how it was read, the dataset root that `image_id` is relative to, and the levels the table
-    has (what it scores and trains on: `names.Levels`)."""
+    has (what it scores and trains on: `names.Levels`). The images of a prepared or sharded
+    dataset are samples of its `shards` (see `taxonclip.data.shards`)."""
 
     table: pd.DataFrame
     report: ManifestReport
     root: Path
     levels: names.Levels = names.VLM4BIO_LEVELS
+    shards: tuple[str, ...] = ()  # a sharded dataset's shard URLs (`image_path` is `<url>#<key>`)
 
     @property
     def n_species(self) -> int:
@@ -218,8 +222,15 @@ def read_manifest(path: str | Path, image_column: str | None = None, name_column
     if missing not in MISSING_POLICIES:
         raise ConfigError(f"parameter 'missing' is {missing!r}; "
                           f"choose one of {', '.join(MISSING_POLICIES)}")
-    from taxonclip.data import bioscan  # it builds on this module's checks
+    from taxonclip.data import bioscan, prepare, shards  # they build on this module's checks
 
+    if shards.is_shard_url(str(path)):
+        return prepare.read_shard_urls(str(path), taxa)
+    if shards.prepared_file(Path(path).expanduser()) is not None:
+        return prepare.read_prepared(Path(os.path.abspath(Path(path).expanduser())), missing)
+    unfinished = prepare.unfinished_message(Path(os.path.abspath(Path(path).expanduser())))
+    if unfinished:
+        raise DataError(unfinished)
     metadata = bioscan.metadata_file(Path(path).expanduser())
     if metadata is not None:
         return bioscan.read_bioscan(metadata, missing)

@@ -20,8 +20,9 @@ from torch import nn
 
 from taxonclip.errors import ModelError
 from taxonclip.models.clip_models import clip_towers, to_encoder_keys, tokenize
-from taxonclip.models.transforms import (CLIP_MEAN, CLIP_STD, ImageTransform, eval_transform,
-                                         train_transform)
+from taxonclip.models.transforms import (CLIP_MEAN, CLIP_STD, ImageTransform, TensorTransform,
+                                         eval_transform, tensor_eval_transform,
+                                         tensor_train_transform, train_transform)
 from taxonclip.models.unicom import UnicomViT
 from taxonclip.models.weights import (CLIP_RELEASES, UNICOM_RELEASES, cached_release,
                                       check_state_dict, clip_cache_dir, is_checkpoint,
@@ -81,6 +82,11 @@ class Encoder(nn.Module):
     def train_transform(self) -> ImageTransform:
         """PIL image -> tensor for training: random resized crop, horizontal flip, normalise."""
         return train_transform(self.spec.input_size, self.spec.mean, self.spec.std)
+
+    def tensor_transform(self, train: bool) -> TensorTransform:
+        """The eval or train transform for a uint8 image tensor on the model's device."""
+        make = tensor_train_transform if train else tensor_eval_transform
+        return make(self.spec.input_size, self.spec.mean, self.spec.std)
 
     def config(self) -> dict:
         """JSON-serialisable description that `encoder_from_config` rebuilds the encoder from."""

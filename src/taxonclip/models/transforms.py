@@ -1,4 +1,5 @@
-"""Image transforms: PIL image -> normalised tensor, as CLIP and UNICOM were trained."""
+"""Image transforms: PIL image -> normalised tensor, as CLIP and UNICOM were trained; and the
+same on uint8 image tensors, for images decoded on the model's device."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ from typing import Callable
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
+TensorTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -41,3 +44,33 @@ def train_transform(size: int, mean: tuple[float, float, float] = CLIP_MEAN,
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+def tensor_eval_transform(size: int, mean: tuple[float, float, float] = CLIP_MEAN,
+                          std: tuple[float, float, float] = CLIP_STD) -> TensorTransform:
+    """`eval_transform` for a uint8 (3, H, W) tensor on any device: antialiased bicubic resize
+    (close to PIL's), centre crop, values clipped to [0, 1] as PIL's uint8 result is, normalise."""
+    return v2.Compose([
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(size),
+        _clip_unit,
+        v2.Normalize(mean, std),
+    ])
+
+
+def tensor_train_transform(size: int, mean: tuple[float, float, float] = CLIP_MEAN,
+                           std: tuple[float, float, float] = CLIP_STD) -> TensorTransform:
+    """`train_transform` for a uint8 (3, H, W) tensor on any device; its random crop and flip are
+    drawn from torch's CPU generator, which a checkpoint restores."""
+    return v2.Compose([
+        v2.ToDtype(torch.float32, scale=True),
+        v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+        _clip_unit,
+        v2.Normalize(mean, std),
+    ])
+
+
+def _clip_unit(image: torch.Tensor) -> torch.Tensor:
+    return image.clamp_(0.0, 1.0)
