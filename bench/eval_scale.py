@@ -11,7 +11,9 @@ The test split is 20% of each species, and the gallery is the train split, so --
 The images are generated specimens (`taxonclip.data.synthetic.render`) of --image-size px:
 each species is drawn in a few poses, and every image is one of them with its own noise and
 flip, written as a JPEG file of about 1 kB; `prepare` then writes them into shards (they are
-below its size, so they keep their bytes) and the files are deleted. Generation runs in a
+below its size, so they keep their bytes) and the files are deleted. Every query has images
+of its own pose in the gallery, so the accuracies are near 100%: the set measures scale, not
+the model. Generation runs in a
 child process, so that this process stays small (a child's ru_maxrss starts from the memory
 of the process that launched it).
 
@@ -19,10 +21,12 @@ The evaluation is the command line itself, `python -m taxonclip eval --model tin
 <folder> --workers W`, in a child process with MLFLOW_TRACKING_URI on a temporary sqlite file and
 TAXONCLIP_CACHE on a temporary folder (so no cached embeddings are found). Reported:
 
-- peak RSS: ru_maxrss of that child (os.wait4, which is getrusage(RUSAGE_CHILDREN) for this one
-  child): the largest of the eval process and its DataLoader workers;
-- peak RSS of the tree: the resident memory of the eval process and its workers summed, sampled
-  every 0.25 s; an upper bound, as pages the forked workers share count once in each;
+- peak RSS: ru_maxrss of that child (os.wait4: getrusage(RUSAGE_CHILDREN) for this one child),
+  the peak of the largest single process, which is the eval process itself (its DataLoader
+  workers are smaller, and not added to it);
+- peak RSS sum: the resident memory of the eval process and all its descendants (DataLoader
+  workers, their forkserver) summed, sampled every 0.25 s; an upper bound of what they held
+  together, as pages they share count once in each;
 - wall seconds and images per second end to end, and the embedding speed that the run logged
   to MLflow (`eval/embed_img_per_s`).
 
@@ -43,7 +47,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 TAXA, GENERA, SPECIES = 5, 10, 5  # 250 species
@@ -86,14 +90,14 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 # --- generation (in a child process) ---------------------------------------------------------
 
-@lru_cache(maxsize=1)
+@cache
 def catalogue(seed: int) -> list:
     from taxonclip.data.synthetic import taxonomy
 
     return [sp for taxon in range(TAXA) for sp in taxonomy(seed, taxon, TAXA, GENERA, SPECIES)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def pose(seed: int, species: int, index: int, size: int):
     """One render of a species, as a float array."""
     import numpy as np
@@ -164,7 +168,7 @@ def dataset(folder: Path, args: argparse.Namespace) -> tuple[Path, dict | None]:
     record.write_text(json.dumps(settings_of(args)))
     command = [sys.executable, __file__, "--generate", str(folder), "--images", str(args.images),
                "--image-size", str(args.image_size), "--seed", str(args.seed)]
-    finished = subprocess.run(command, capture_output=True, text=True)
+    finished = subprocess.run(command, capture_output=True, text=True, check=False)
     if finished.returncode != 0:
         sys.exit(f"generation failed:\n{finished.stderr}")
     return prepared, json.loads(finished.stdout.splitlines()[-1])
@@ -210,8 +214,7 @@ def run_eval(data: Path, scratch: Path, workers: int) -> dict:
            "TAXONCLIP_CACHE": str(scratch / "cache")}
     command = [sys.executable, "-m", "taxonclip", "eval", "--model", "tiny", "--data", str(data),
                "--workers", str(workers)]
-    out, err = open(scratch / "stdout.txt", "w+"), open(scratch / "stderr.txt", "w+")
-    with out, err:
+    with open(scratch / "stdout.txt", "w+") as out, open(scratch / "stderr.txt", "w+") as err:
         start = time.perf_counter()
         child = subprocess.Popen(command, env=env, cwd=scratch, stdout=out, stderr=err)
         peak_tree, pid = 0, 0
@@ -221,7 +224,8 @@ def run_eval(data: Path, scratch: Path, workers: int) -> dict:
             pid, status, usage = os.wait4(child.pid, os.WNOHANG)
         seconds = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
+        out.seek(0)
+        err.seek(0)
         return {"status": child.returncode, "seconds": seconds, "peak_rss": usage.ru_maxrss * 1024,
                 "peak_tree": peak_tree, "stdout": out.read(), "stderr": err.read(),
                 "embed_img_per_s": logged_metric(scratch / "mlflow.db", "eval/embed_img_per_s")}

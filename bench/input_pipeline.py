@@ -12,7 +12,8 @@ them as shards of --size px (short side) on every core, timed, with its bytes in
 
 Each reading path is measured in this one process with one torch thread, without a DataLoader:
 the originals through `ImageDataset` (full JPEG decode, then the transform), the shards through
-`ShardStream` (tar read, JPEG decode, then the transform). Both go through the CLIP eval transform
+`ShardStream` with `Decoded` (tar read, PIL JPEG decode, then the transform: what the
+DataLoader workers do with the default decode=workers). Both go through the CLIP eval transform
 (bicubic resize, centre crop) and the train transform (random resized crop, flip) at --input px.
 A few images are read first as a warm-up; the timed part then reads whole passes over the
 dataset until --seconds have gone by. All files are fresh in the page cache, so disk speed is not
@@ -45,7 +46,7 @@ from PIL import Image
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.prepare import PrepareResult, PrepareSettings, prepare
-from taxonclip.data.streams import ShardedRows, ShardStream
+from taxonclip.data.streams import Decoded, ShardedRows, ShardStream
 from taxonclip.data.synthetic import render, taxonomy
 from taxonclip.models.transforms import eval_transform, train_transform
 
@@ -119,7 +120,8 @@ def photographs(folder: Path, args: argparse.Namespace) -> Path:
     """The manifest CSV of --images photographs in `folder`, generated on every core unless the
     folder already holds these very ones."""
     settings = {"images": args.images, "width": args.width, "height": args.height,
-                "seed": args.seed, "noise": NOISE_SIGMA, "texture": TEXTURE_STRENGTH}
+                "seed": args.seed, "noise": NOISE_SIGMA, "texture": [TEXTURE_CELL, TEXTURE_STRENGTH],
+                "quality": JPEG_QUALITY}
     manifest, record = folder / "manifest.csv", folder / SETTINGS_FILE
     if record.is_file() and json.loads(record.read_text()) == settings and manifest.is_file():
         return manifest
@@ -158,7 +160,7 @@ def original_pass(paths: list[str], transform):
 def prepared_pass(folder: Path, transform):
     manifest = read_manifest(folder)
     rows = ShardedRows.of(manifest.table, manifest.shards, np.arange(len(manifest.table)))
-    return lambda: iter(ShardStream(rows, transform))
+    return lambda: iter(ShardStream(rows, Decoded(transform)))
 
 
 def mean_file_bytes(paths: list[str]) -> float:
@@ -184,7 +186,8 @@ def measure_all(manifest_csv: Path, made: PrepareResult, args: argparse.Namespac
     return results
 
 
-def print_report(args: argparse.Namespace, reads: list[tuple], made: PrepareResult) -> None:
+def print_report(args: argparse.Namespace, reads: list[tuple], made: PrepareResult,
+                 settings: PrepareSettings) -> None:
     print(f"\nmachine: {machine()}; reading: one process, torch threads "
           f"{torch.get_num_threads()}, no DataLoader; {args.images} images\n")
     print("| source | transform | images timed | seconds | CPU/wall | img/s per core | vs original |")
@@ -195,10 +198,11 @@ def print_report(args: argparse.Namespace, reads: list[tuple], made: PrepareResu
               f"{m.cpu_seconds / m.seconds:.2f} | {m.per_second:.1f} | {vs} |")
     cores = os.cpu_count() or 1
     rate = made.images / made.seconds
-    print(f"\n| prepare (short side {args.size} px, JPEG q95 4:4:4) | cores | images | seconds | "
-          "img/s | img/s per core | source MB | output MB | output / source |")
+    print("\n| prepare | cores | images | seconds | img/s | img/s per core | source MB | output MB | "
+          "output / source |")
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {made.shards_written} shards of {args.shard_size} | {cores} | {made.images} | "
+    print(f"| short side {settings.size} px, {settings.image_format} q{settings.quality}, "
+          f"{made.shards_written} shards of {settings.shard_size} | {cores} | {made.images} | "
           f"{made.seconds:.2f} | {rate:.1f} | {rate / cores:.1f} | {made.source_bytes / 1e6:.1f} | "
           f"{made.output_bytes / 1e6:.2f} | {100 * made.output_bytes / made.source_bytes:.1f}% |")
     print("\nTarget: prepared >= 8x original per core (the 'vs original' column).")
@@ -208,12 +212,12 @@ def run(folder: Path, args: argparse.Namespace) -> None:
     start = time.perf_counter()
     manifest_csv = photographs(folder / "photographs", args)
     print(f"photographs ready in {time.perf_counter() - start:.1f} s ({manifest_csv})")
+    settings = PrepareSettings(size=args.size, shard_size=args.shard_size)
     with tempfile.TemporaryDirectory(prefix="prepared-", dir=folder) as prepared:
-        made = prepare(read_manifest(manifest_csv), prepared,
-                       PrepareSettings(size=args.size, shard_size=args.shard_size), progress=False)
+        made = prepare(read_manifest(manifest_csv), prepared, settings, progress=False)
         torch.set_num_threads(1)
         reads = measure_all(manifest_csv, made, args)
-    print_report(args, reads, made)
+    print_report(args, reads, made, settings)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,8 +4,14 @@ research group's loop (fp32, autocast off), on random images of the model's inpu
 Prints images/s, step time and model FLOPs utilisation (FLOPs of one step counted with
 torch.utils.flop_counter; the peak is a bf16 matrix product measured in the same run).
 
+With `--from-shards DIR` (a folder of `taxonclip data prepare`), a further row times the whole
+training loop on its images: shards read, decoded (`--decode workers` in `--workers` DataLoader
+workers, or `--decode device`), augmented and stepped, against the in-memory step above it.
+
     python bench/train_throughput.py --model ViT-B/32 --batch 256
     python bench/train_throughput.py --model ViT-L/14@336px --batch 64 --compile
+    python bench/train_throughput.py --model ViT-B/32 --batch 256 --from-shards prepared/set \
+        --workers 16 --decode device --no-baseline
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from taxonclip.config import LossConfig, TrainConfig  # noqa: E402
-from taxonclip.distributed import resolve_device  # noqa: E402
+from taxonclip.config import DataConfig, LossConfig, ModelConfig, TrainConfig  # noqa: E402
+from taxonclip.distributed import DistInfo, resolve_device  # noqa: E402
 from taxonclip.models import create_model  # noqa: E402
-from taxonclip.train import build_state, train_step  # noqa: E402
+from taxonclip.train import build_state, make_loader, prepare_data, train_step  # noqa: E402
 
 
 def measure_peak_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float:
@@ -101,16 +107,45 @@ def time_steps(step, batch, device: torch.device, warmup: int, steps: int) -> fl
     return (time.perf_counter() - start) / steps
 
 
+def from_shards(args, device: torch.device, compile_model: bool) -> tuple[float, int]:
+    """Seconds per step of the training loop on a prepared folder, and the steps timed (at
+    most one epoch's, after `warmup`)."""
+    config = TrainConfig(data=DataConfig(data=args.from_shards), model=ModelConfig(args.model, "none"),
+                         batch_size=args.batch, workers=args.workers, decode=args.decode, epochs=1,
+                         loss=LossConfig(sample_rate=1.0))
+    data = prepare_data(config)
+    encoder = create_model(args.model, "none", device=device)
+    loader = make_loader(data, encoder, config, DistInfo(0, 1, device))
+    state = build_state(encoder, len(data.classes), config, sum(data.epoch_steps), device)
+    forward = torch.compile(state.encoder) if compile_model else state.encoder
+    batches = loader.micro_batches(0, grad_accum=1)
+    steps = min(args.steps, data.epoch_steps[0] - args.warmup)
+    if steps < 1:
+        raise SystemExit(f"{args.from_shards} gives {data.epoch_steps[0]} steps of batch "
+                         f"{args.batch}: fewer than --warmup {args.warmup} + 1")
+    for _ in range(args.warmup):
+        train_step(state, next(batches), forward, device)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(state, next(batches), forward, device)
+    _sync(device)
+    return (time.perf_counter() - start) / steps, steps
+
+
 def run(method: str, args, device: torch.device, peak: float, flops: int | None) -> dict:
     """Build and time one method (counting the FLOPs of a step unless `flops` is given: the
     model and batch are the same for every method); returns one row of the table."""
-    build = ours if method.startswith("taxonclip") else baseline
-    step, size = build(args.model, args.batch, args.classes, device, "compile" in method)
-    images = torch.randn(args.batch, 3, size, size, device=device)
-    labels = torch.randint(0, args.classes, (args.batch,), device=device)
-    if flops is None:
-        flops = count_step_flops(step, (images, labels))
-    seconds = time_steps(step, (images, labels), device, args.warmup, args.steps)
+    if "shards" in method:
+        seconds, _ = from_shards(args, device, "compile" in method)
+    else:
+        build = ours if method.startswith("taxonclip") else baseline
+        step, size = build(args.model, args.batch, args.classes, device, "compile" in method)
+        images = torch.randn(args.batch, 3, size, size, device=device)
+        labels = torch.randint(0, args.classes, (args.batch,), device=device)
+        if flops is None:
+            flops = count_step_flops(step, (images, labels))
+        seconds = time_steps(step, (images, labels), device, args.warmup, args.steps)
     mfu = flops / seconds / (peak * 1e12) if peak and flops else float("nan")
     return {"method": method, "img_s": args.batch / seconds, "step_ms": 1000 * seconds,
             "tflop_step": flops / 1e12, "mfu": mfu}
@@ -125,11 +160,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--from-shards", metavar="DIR", help="also time the loop on a prepared folder")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers (--from-shards)")
+    parser.add_argument("--decode", default="workers", choices=("workers", "device"),
+                        help="where --from-shards decodes its JPEGs")
     args = parser.parse_args()
     device = resolve_device("auto")
     torch.backends.cuda.matmul.allow_tf32 = False
     peak = measure_peak_tflops(device) if device.type == "cuda" else 0.0
     methods = ["taxonclip bf16"] + (["taxonclip bf16 compile"] if args.compile else [])
+    if args.from_shards:
+        methods.append(f"taxonclip bf16{' compile' if args.compile else ''}, from shards "
+                       f"(decode {args.decode}, {args.workers} workers)")
     methods += [] if args.no_baseline else ["group loop fp32"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{args.model}, batch {args.batch}, {args.classes} classes, {name}, "

@@ -302,3 +302,45 @@ def test_torchcodec_and_its_torchvision_fallback_decode_the_same_pixels(monkeypa
     assert len(codec) == len(vision) == 2
     assert all(torch.equal(a, b) for a, b in zip(codec, vision))
     assert codec[0].shape == (3, 30, 40)
+
+
+def test_bioscan_trains_from_its_shards_on_any_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "bioscan-shards")
+    folder = _prepared(write_fixture(tmp_path / "bioscan", seed=0, size=32), tmp_path / "prepared",
+                       size=32, shard_size=20)
+    assert main(["train", "--model", "tiny", "--data", str(folder), "--split", "official",
+                 "--label", "family", "--epochs", "1", "--batch_size", "8", "--workers", "2",
+                 "--metric", "All:unseen/genus/top1_cos"]) == 0
+    import mlflow
+
+    run = mlflow.search_runs(experiment_names=["bioscan-shards"]).iloc[0]
+    assert run["params.label"] == "family" and run["status"] == "FINISHED"
+    for cell in ("All/phylum/top1_cos", "All/species/top1_cos", "All:unseen/genus/top1_cos"):
+        assert np.isfinite(run[f"metrics.eval/{cell}"]), cell
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+    return path
+
+
+def test_bad_shards_and_folders_are_named(specimens, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="is not empty and holds no prepare"):
+        prepare(read_manifest(specimens), taken, PrepareSettings(size=32), workers=1, progress=False)
+    assert (taken / "notes.txt").read_text() == "mine"
+    unlabelled = _tar(tmp_path / "unlabelled.tar", {"a1.jpg": b"\xff\xd8", "a2.json": b"{}"})
+    with pytest.raises(DataError, match=r"sample 'a1' of shard .*unlabelled.tar has no .json row"):
+        read_manifest(str(unlabelled))
+    no_taxa = _tar(tmp_path / "no_taxa.tar", {"a1.jpg": b"\xff\xd8",
+                                               "a1.json": b'{"scientific_name": "Aus bus"}'})
+    with pytest.raises(DataError, match="no 'taxa' in their .json rows; name the taxa"):
+        read_manifest(str(no_taxa))
+    assert read_manifest(str(no_taxa), taxa="Insects").table["genus"].tolist() == ["Aus"]

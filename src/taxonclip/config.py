@@ -112,10 +112,15 @@ class EvalConfig:
     cache_embeddings: bool = True
     device: str = "auto"
     decode: str = "workers"
+    zero_shot: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("embedding", self.embedding, EMBEDDINGS)
         _check_choice("decode", self.decode, DECODERS)
+        if self.zero_shot and self.embedding in ("text", "avg", "concat"):
+            raise ConfigError(f"zero_shot=true labels visual queries by class texts; "
+                              f"embedding={self.embedding} puts text into the queries: use "
+                              f"embedding=visual or gallery_avg")
         _check_positive("batch_size", self.batch_size)
         _check_positive("chunk_size", self.chunk_size)
         _check_at_least("workers", self.workers, 0)
@@ -152,6 +157,9 @@ class TrainConfig:
         _check_choice("embedding", self.embedding, EMBEDDINGS)
         _check_choice("decode", self.decode, DECODERS)
         check_table_key("metric", self.metric)
+        if self.metric.rsplit("/", 1)[-1] in names.ZERO_SHOT_SCORES:
+            raise ConfigError(f"parameter 'metric' is {self.metric!r}: training evaluates by nearest "
+                              f"neighbours; zero-shot scores come from `eval --zero_shot true`")
         for name in ("epochs", "batch_size", "grad_accum", "eval_every", "keep_checkpoints"):
             _check_positive(name, getattr(self, name))
         _check_at_least("workers", self.workers, 0)
@@ -308,7 +316,8 @@ def check_table_key(name: str, key: str) -> None:
     if not names.is_table_key(key):
         raise ConfigError(f"parameter {name!r} is {key!r}; use <taxa>/<level>/<score> with <level> "
                           f"one of {', '.join(names.KNOWN_LEVELS)} and <score> one of "
-                          f"{', '.join(names.SCORES)}, e.g. {names.HEADLINE_METRIC}")
+                          f"{', '.join((*names.SCORES, *names.ZERO_SHOT_SCORES))}, e.g. "
+                          f"{names.HEADLINE_METRIC}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -371,7 +380,7 @@ DATA_PARAMS = {
 EVAL_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,
     "embedding": "embedding", "batch_size": "batch_size", "workers": "workers",
-    "chunk_size": "chunk_size", "device": "device", "decode": "decode",
+    "chunk_size": "chunk_size", "device": "device", "decode": "decode", "zero_shot": "zero_shot",
 }
 TRAIN_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,

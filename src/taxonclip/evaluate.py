@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from taxonclip import knn
+from taxonclip import knn, zero_shot
 from taxonclip.config import EvalConfig, cache_dir
 from taxonclip.data.images import ImageDataset, collate_skipping
 from taxonclip.data.shards import PREPARED_FILE, SOURCE_DIGEST_COLUMN, read_prepared_info
@@ -45,7 +45,7 @@ from taxonclip.names import ALL_TAXA, COUNT_COLUMNS, VLM4BIO_LEVELS, Levels
 
 TABLE_COLUMNS = ("taxa", "level", *COUNT_COLUMNS, *knn.METRICS)
 # The similarity blocks of one chunk of queries stay under this, however large the gallery.
-BLOCK_BYTES = 1 << 30
+BLOCK_BYTES = 1 << 28
 QUERY_TEXT_EMBEDDINGS = ("text", "avg", "concat")  # the modes that put a caption into a query
 GALLERY_TEXT_EMBEDDINGS = ("gallery_avg",)  # captions on the gallery side only
 
@@ -89,6 +89,7 @@ class EvalResult:
     manifest: Manifest
     embed_seconds: float
     img_per_s: float
+    class_texts: pd.DataFrame | None = None  # zero-shot: each level's classes and their texts
 
 
 @torch.no_grad()
@@ -430,10 +431,69 @@ def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | 
     if len(embeddings.kept) < len(manifest.table):
         manifest, split = _keep_rows(manifest, split, embeddings.kept)
     start = time.perf_counter()
+    seen = seen or seen_of_split(split)
     table = evaluation_table(embeddings.queries, manifest.table, split, chunk_size=config.chunk_size,
-                             device=device, seen=seen or seen_of_split(split),
-                             gallery_vectors=embeddings.gallery, levels=manifest.levels)
-    return EvalResult(table, split, manifest, time.perf_counter() - start, embeddings.img_per_s)
+                             device=device, seen=seen, gallery_vectors=embeddings.gallery,
+                             levels=manifest.levels)
+    texts = None
+    if config.zero_shot:
+        texts = zero_shot_texts(manifest.table, manifest.levels)
+        prototypes = _class_prototypes(encoder, texts, config.batch_size, device)
+        table = zero_shot_table(table, embeddings.queries, manifest.table, split, prototypes, seen)
+    return EvalResult(table, split, manifest, time.perf_counter() - start, embeddings.img_per_s,
+                      texts)
+
+
+def check_zero_shot(encoder: torch.nn.Module, config: EvalConfig) -> None:
+    """Refuse zero-shot scoring with a model that has no text tower."""
+    if config.zero_shot and not encoder.has_text:
+        raise ModelError(f"zero_shot=true needs class texts embedded by a text tower, and model "
+                         f"{encoder.spec.name} has none (UNICOM models are image encoders only); "
+                         f"use a CLIP model or leave zero_shot out")
+
+
+def zero_shot_texts(table: pd.DataFrame, levels: Levels) -> pd.DataFrame:
+    """Every class of every scored level and its texts: columns level, class, text."""
+    rows = [(level, name, text) for level in levels.scored
+            for name, texts in zero_shot.class_texts(table, level).items() for text in texts]
+    return pd.DataFrame(rows, columns=["level", "class", "text"])
+
+
+def _class_prototypes(encoder, texts: pd.DataFrame, batch_size: int,
+                      device: torch.device) -> dict[str, tuple[torch.Tensor, dict[str, int]]]:
+    """Per level: the prototype of each class (rows in class order) and each class's row."""
+    embedded = embed_texts(encoder, texts["text"].tolist(), batch_size=batch_size, device=device)
+    prototypes = {}
+    for level, group in texts.groupby("level", sort=False):
+        index = {name: i for i, name in enumerate(dict.fromkeys(group["class"]))}
+        owners = group["class"].map(index).to_numpy()
+        prototypes[level] = (zero_shot.prototypes(embedded[group.index.to_numpy()], owners,
+                                                  len(index)), index)
+    return prototypes
+
+
+def zero_shot_table(table: pd.DataFrame, queries: torch.Tensor, rows: pd.DataFrame, split: Split,
+                    prototypes: dict, seen: Seen | None) -> pd.DataFrame:
+    """The per-taxa `table` with `zs_top1` and `zs_top5`: the test images of each row's scope
+    labelled by the nearest class text among the classes of that scope."""
+    is_test = np.zeros(len(rows), bool)
+    is_test[split.test] = True
+    is_seen = None if seen is None else rows[seen.level].isin(seen.classes).to_numpy()
+    scores = []
+    for scope, level in zip(table["taxa"], table["level"]):
+        class_prototypes, index = prototypes[level]
+        in_scope, query_scope = _scope(scope, rows, is_seen)
+        labelled = rows[level].notna().to_numpy()
+        picked = np.flatnonzero(query_scope & is_test & labelled)
+        candidates = torch.tensor(sorted(index[name] for name in rows[level][in_scope & labelled].unique()))
+        labels = torch.tensor([index[name] for name in rows[level].iloc[picked]], dtype=torch.long)
+        top1, top5 = zero_shot.zero_shot_hits(queries[picked], labels, class_prototypes, candidates)
+        scores.append((_mean_hit(top1), _mean_hit(top5)))
+    return table.assign(**dict(zip(names.ZERO_SHOT_SCORES, map(list, zip(*scores)))))
+
+
+def _mean_hit(hits: torch.Tensor) -> float:
+    return float(hits.double().mean()) if len(hits) else float("nan")
 
 
 def _with_species(manifest: Manifest, species: list[str]) -> Manifest:
@@ -531,6 +591,6 @@ def split_csv(result: EvalResult) -> str:
 def format_table(table: pd.DataFrame) -> str:
     """The table aligned for a terminal, accuracies as percentages with two decimals."""
     shown = table.copy()
-    for column in knn.METRICS:
+    for column in [c for c in (*knn.METRICS, *names.ZERO_SHOT_SCORES) if c in shown.columns]:
         shown[column] = shown[column].map(lambda v: "-" if pd.isna(v) else f"{100 * v:6.2f}")
     return shown.to_string(index=False)

@@ -113,7 +113,7 @@ def evaluate(config: EvalConfig) -> int:
     from taxonclip.data.audit import report_for_run
     from taxonclip.distributed import resolve_device
     from taxonclip.evaluate import evaluate as run_evaluation
-    from taxonclip.evaluate import format_table, prepare_evaluation
+    from taxonclip.evaluate import check_zero_shot, format_table, prepare_evaluation
     from taxonclip.tracking.models import resolve_model
     from taxonclip.tracking.runs import tracked_run
 
@@ -121,6 +121,7 @@ def evaluate(config: EvalConfig) -> int:
     report = report_for_run(manifest, split)
     encoder = resolve_model(config.model, str(resolve_device(config.device)),
                             seed=config.data.seed)
+    check_zero_shot(encoder, config)
     with tracked_run("eval", run_name=f"eval {config.model.name}") as run:
         run.log_params(to_params(config, EVAL_PARAMS))
         run.log_text(report, names.DATA_SUMMARY)
@@ -142,6 +143,8 @@ def log_evaluation(run, result) -> None:
         run.log_metrics({names.EVAL_EMBED_IMG_PER_S: result.img_per_s})
     run.log_eval_table(result.table)
     run.log_text(split_csv(result), names.SPLIT_ARTIFACT)
+    if result.class_texts is not None:
+        run.log_text(result.class_texts.to_csv(index=False), names.ZERO_SHOT_TEXTS)
 
 
 def where_to_look(run_id: str | None) -> str:

@@ -15,6 +15,7 @@ PER_TAXA_TABLE = "eval/per_taxa.json"
 TABLE_CSV = "eval/per_taxa.csv"
 TABLE_MARKDOWN = "eval/per_taxa.md"
 SPLIT_ARTIFACT = "eval/split.csv"
+ZERO_SHOT_TEXTS = "eval/zero_shot_texts.csv"  # each level's classes and the texts of their prototypes
 DATA_SUMMARY = "data/summary.txt"
 CHECKPOINT_DIR = "checkpoints"
 CENTROIDS = "centroids/centroids.npy"
@@ -44,6 +45,8 @@ BIOSCAN_RANKS = ("phylum", "class", "order", "family", "subfamily", "genus", "sp
 KNOWN_LEVELS = (*LEVELS, *(rank for rank in BIOSCAN_RANKS if rank not in LEVELS))
 COUNT_COLUMNS = ("n_test", "n_classes", "n_lone")  # the per-taxa table's counts; the rest are scores
 SCORES = ("top1_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "macro_top1_cos", "map_at_r")
+# zero-shot accuracy by class texts (`eval zero_shot=true`): a column of the table beside SCORES
+ZERO_SHOT_SCORES = ("zs_top1", "zs_top5")
 # The cell that picks the best checkpoint, that sweeps optimise and that compare ranks by, unless
 # a run names another; and the cell that breaks compare's ties.
 HEADLINE_METRIC = f"{ALL_TAXA}/species/top1_cos"
@@ -76,7 +79,7 @@ def is_table_key(key: object) -> bool:
     """Whether `key` has the form `<taxa>/<level>/<score>` of a per-taxa table cell."""
     parts = key.split("/") if isinstance(key, str) else []
     return (len(parts) == 3 and parts[0].strip() != "" and parts[1] in KNOWN_LEVELS
-            and parts[2] in SCORES)
+            and parts[2] in (*SCORES, *ZERO_SHOT_SCORES))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,74 @@
+"""Zero-shot classification by class texts (CLIP's and BioCLIP's protocol): each class of a level
+is the mean of the normalised text embeddings of its templated names, and each test image is
+labelled by the class whose prototype is nearest to its visual embedding.
+
+A class's texts at a level are "a photo of {name}." and, below the taxa level, "a photo of
+{taxa} {name}."; at species level also "a photo of {common name}." where the data has one
+common name per species (a `commonName` column, as the Leeds butterflies have), and the species'
+caption where the captions are one text per species (`captions=`). The candidates of a table row
+are the classes of its scope: those of its taxa for a per-taxa row, every class of the level for
+the `All` rows. The texts of every class are kept, so the record says what the numbers mean.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+NAME_TEMPLATE = "a photo of {name}."
+TAXA_TEMPLATE = "a photo of {taxa} {name}."
+COMMON_NAME_COLUMNS = ("commonName", "common_name", "vernacularName", "vernacular_name")
+TOP_K = 5
+
+
+def class_texts(table: pd.DataFrame, level: str) -> dict[str, list[str]]:
+    """Each class of `level` in `table` and its texts (see the module docstring)."""
+    rows = table[table[level].notna()]
+    taxa = rows.groupby(level)["taxa"].first()
+    common = _one_per_class(rows, level, next((c for c in COMMON_NAME_COLUMNS if c in rows), None))
+    captions = _one_per_class(rows, level, "caption" if "caption" in rows else None)
+    texts = {}
+    for name in sorted(taxa.index):
+        own = [NAME_TEMPLATE.format(name=name)]
+        if level != "taxa":
+            own.append(TAXA_TEMPLATE.format(taxa=taxa[name], name=name))
+        if level == "species" and name in common:
+            own.append(NAME_TEMPLATE.format(name=common[name]))
+        if level == "species" and name in captions:
+            own.append(captions[name])
+        texts[name] = own
+    return texts
+
+
+def _one_per_class(rows: pd.DataFrame, level: str, column: str | None) -> dict[str, str]:
+    """The value of `column` for each class that has exactly one (blank values aside)."""
+    if column is None:
+        return {}
+    values = rows[[level, column]].dropna()
+    values = values[values[column].astype(str).str.strip() != ""]
+    single = values.groupby(level)[column].nunique() == 1
+    return values.drop_duplicates(level).set_index(level)[column][single].astype(str).to_dict()
+
+
+def prototypes(text_embeddings: torch.Tensor, owners: np.ndarray, classes: int) -> torch.Tensor:
+    """Per class, the normalised mean of its normalised text embeddings (`owners`: the class of
+    each text)."""
+    unit = F.normalize(text_embeddings.float(), dim=1)
+    sums = unit.new_zeros(classes, unit.shape[1]).index_add_(0, torch.as_tensor(owners), unit)
+    return F.normalize(sums, dim=1)
+
+
+def zero_shot_hits(queries: torch.Tensor, labels: torch.Tensor, class_prototypes: torch.Tensor,
+                   candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether each query's class is the nearest candidate prototype by cosine (top-1), and among
+    the `TOP_K` nearest (top-5); `labels` and `candidates` index the rows of `class_prototypes`.
+    Ties go to the lower class index."""
+    similarity = F.normalize(queries.float(), dim=1) @ class_prototypes[candidates].T
+    k = min(TOP_K, len(candidates))
+    # a stable sort, so that equal similarities rank by class index as documented
+    order = similarity.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    ranked = candidates[order]
+    hits = ranked == labels[:, None]
+    return hits[:, 0], hits.any(dim=1)
