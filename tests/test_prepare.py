@@ -161,17 +161,26 @@ def test_a_changed_source_image_rewrites_its_shard_only(tmp_path):
     assert [name for name in before if before[name] != after[name]] == [shard_name(0)]
 
 
-def _prepare_command(source: Path, out: Path) -> list[str]:
+def _prepare_command(source: Path, out: Path, workers: int) -> list[str]:
     return [sys.executable, "-m", "taxonclip", "data", "prepare", str(source), "--out", str(out),
-            "--size", "24", "--shard_size", "4", "--workers", "1"]
+            "--size", "24", "--shard_size", "4", "--workers", str(workers)]
 
 
-def test_a_prepare_killed_part_way_and_rerun_gives_the_same_shards(tmp_path):
-    source = generate(tmp_path / "source", seed=2, taxa=2, genera=2, species=3, images=16, size=128)
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    subprocess.run(_prepare_command(source, whole), check=True, capture_output=True)
-    process = subprocess.Popen(_prepare_command(source, resumed), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+@pytest.fixture(scope="module")
+def kill_source(tmp_path_factory) -> Path:
+    """192 images of 128 px for 48 shards, and their prepare run straight through."""
+    root = tmp_path_factory.mktemp("kill")
+    source = generate(root / "source", seed=2, taxa=2, genera=2, species=3, images=16, size=128)
+    prepare(read_manifest(source), root / "whole", PrepareSettings(size=24, shard_size=4),
+            workers=1, progress=False)
+    return source
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_prepare_killed_part_way_and_rerun_gives_the_same_shards(kill_source, tmp_path, workers):
+    whole, resumed = kill_source.parent / "whole", tmp_path / "resumed"
+    process = subprocess.Popen(_prepare_command(kill_source, resumed, workers),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while len(list((resumed / SHARD_FOLDER).glob("*.tar"))) < 3 and process.poll() is None:
         assert time.monotonic() < deadline, "the prepare wrote no shard in time"
@@ -180,14 +189,14 @@ def test_a_prepare_killed_part_way_and_rerun_gives_the_same_shards(tmp_path):
     process.wait()
     written = len(list((resumed / SHARD_FOLDER).glob("*.tar")))
     assert 3 <= written < 48, f"the kill came after {written} of 48 shards"
-    print(f"killed after {written} of 48 shards")
     with pytest.raises(DataError, match="unfinished prepare"):
         read_manifest(resumed)
-    subprocess.run(_prepare_command(source, resumed), check=True, capture_output=True)
-    names_ = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file())
-    assert names_ == sorted(p.relative_to(resumed) for p in resumed.rglob("*") if p.is_file())
-    assert not any(name.suffix == ".partial" for name in names_)
-    for name in names_:
+    time.sleep(0.5)  # a pool worker of the killed prepare is ended with it
+    subprocess.run(_prepare_command(kill_source, resumed, workers), check=True, capture_output=True)
+    files = sorted(p.relative_to(whole) for p in whole.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(resumed) for p in resumed.rglob("*") if p.is_file())
+    assert not any(name.suffix == ".partial" for name in files)
+    for name in files:
         assert (whole / name).read_bytes() == (resumed / name).read_bytes(), name
 
 

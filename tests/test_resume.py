@@ -240,6 +240,7 @@ def test_a_resume_keeps_the_runs_own_parameters(killer, specimens, tracking, mon
     assert run.info.status == "FINISHED" and run.data.params["epochs"] == str(EPOCHS)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_from_shards_gives_the_uninterrupted_run(killer, specimens, tracking,
                                                                      monkeypatch, tmp_path, capsys):
     folder = tmp_path / "prepared"

@@ -481,3 +481,14 @@ def test_metric_the_table_lacks_stops_the_sweep(tracking, specimens, tmp_path):
     parents, children = _runs_of("unicorn")
     assert [p.info.status for p in parents] == ["FAILED"]
     assert [c.info.status for c in children] == ["FAILED"]
+
+
+def test_the_cluster_sweep_is_a_grid_of_three_cluster_sizes(tmp_path):
+    spec = load_sweep(REPO / "sweeps" / "cluster_size.yaml")
+    assert spec.sampler.type == "grid" and spec.fixed["label"] == "cluster"
+    study = optuna.create_study(sampler=make_sampler(spec.sampler, 0, spec.search))
+    study.optimize(lambda trial: suggest(trial, "clusters", spec.search["clusters"]), n_trials=3)
+    assert sorted(t.params["clusters"] for t in study.trials) == [0.01, 0.1, 1.0]
+    mixed = _write(tmp_path, VALID.replace("{type: tpe, seed: 0}", "{type: grid}"))
+    with pytest.raises(ConfigError, match="search.lr: a grid sampler searches categorical choices"):
+        load_sweep(mixed)

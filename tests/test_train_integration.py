@@ -17,9 +17,11 @@ from mlflow.tracking import MlflowClient
 
 from taxonclip import names
 from taxonclip.cli import main
-from taxonclip.config import ModelConfig
+from taxonclip.config import TRAIN_PARAMS, ModelConfig, TrainConfig, from_params
 from taxonclip.data.manifest import read_manifest
+from taxonclip.data.prepare import PrepareSettings, prepare
 from taxonclip.data.splits import split_manifest
+from taxonclip.train import prepare_data
 from taxonclip.tracking.models import resolve_model
 from tests.conftest import REPO
 
@@ -140,15 +142,19 @@ def _final_state(client, run_id: str, folder: Path) -> dict:
     return {**saved["state_dict"], "centres": saved["head_shards"][0]["weight"]}
 
 
+def _torchrun_two_processes(argv: list[str], experiment: str, cwd: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m taxonclip <argv>` into `experiment`; fails on an error."""
+    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": experiment}
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
+               "-m", "taxonclip", *argv]
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_torchrun_two_cpu_processes_log_one_run(tracking, specimens, tmp_path):
     """Data-parallel on 2 gloo processes: centres sharded, only rank 0 talks to MLflow."""
-    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "train-torchrun"}
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
-               "-m", "taxonclip", "train", "--data", str(specimens), "--epochs", "1",
-               "--device", "cpu", *TRAIN_ARGS]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun_two_processes(["train", "--data", str(specimens), "--epochs", "1", "--device",
+                             "cpu", *TRAIN_ARGS], "train-torchrun", tmp_path)
     run = _only_run("train-torchrun")
     assert run.info.status == "FINISHED"
     client = MlflowClient()
@@ -158,3 +164,19 @@ def test_torchrun_two_cpu_processes_log_one_run(tracking, specimens, tmp_path):
     assert sorted(steps) == list(range(1, len(split_manifest(table, 0.2, 0).train) // per_step + 1))
     centroids = np.load(client.download_artifacts(run.info.run_id, names.CENTROIDS, str(tmp_path)))
     assert centroids.shape[0] == int(run.data.params["num_classes"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_train_from_shards(tracking, specimens, tmp_path):
+    """From a prepared folder, the two ranks read their own shards and take the planned steps."""
+    folder = tmp_path / "prepared"
+    prepare(read_manifest(specimens), folder, PrepareSettings(size=32, shard_size=10), workers=1,
+            progress=False)
+    args = ["train", "--data", str(folder), "--epochs", "1", "--device", "cpu", *TRAIN_ARGS]
+    _torchrun_two_processes(args, "train-torchrun-shards", tmp_path)
+    run = _only_run("train-torchrun-shards")
+    assert run.info.status == "FINISHED"
+    given = {name.lstrip("-"): value for name, value in zip(args[1::2], args[2::2])}
+    planned = prepare_data(from_params(TrainConfig, given, TRAIN_PARAMS), world_size=2).epoch_steps
+    steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, names.TRAIN_LOSS)]
+    assert sorted(steps) == list(range(1, planned[0] + 1)) and planned[0] > 0

@@ -25,7 +25,9 @@ MISSING_POLICIES = ("error", "skip")
 DECODERS = ("workers", "device")
 # every rank a table can have; which of them a dataset has is checked against its manifest
 # (`check_label`), since only the data knows its ranks
-LABELS = tuple(level for level in names.KNOWN_LEVELS if level != "taxa")
+# cluster: k-means clusters of the starting model's embeddings (UNICOM's cluster discrimination)
+CLUSTER_LABEL = "cluster"
+LABELS = (*(level for level in names.KNOWN_LEVELS if level != "taxa"), CLUSTER_LABEL)
 # seeded: the seeded stratified split of `splits.split_manifest`; official: the dataset's own
 # partitions (a `split` column, as BIOSCAN-5M has; see `splits.official_split`)
 SPLITS = ("seeded", "official")
@@ -134,6 +136,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     label: str = "species"
+    clusters: float = 0.1  # label=cluster: a fraction of the species (<= 1), or a count
     epochs: int = 32
     batch_size: int = 128
     grad_accum: int = 1
@@ -156,6 +159,10 @@ class TrainConfig:
         _check_choice("label", self.label, LABELS)
         _check_choice("embedding", self.embedding, EMBEDDINGS)
         _check_choice("decode", self.decode, DECODERS)
+        _check_finite("clusters", self.clusters, 0.0, inclusive=False)
+        if self.clusters > 1 and not float(self.clusters).is_integer():
+            raise ConfigError(f"parameter 'clusters' is {self.clusters}: a fraction of the "
+                              f"species lies in (0, 1], a count is a whole number")
         check_table_key("metric", self.metric)
         if self.metric.rsplit("/", 1)[-1] in names.ZERO_SHOT_SCORES:
             raise ConfigError(f"parameter 'metric' is {self.metric!r}: training evaluates by nearest "
@@ -306,9 +313,9 @@ def check_margins(s: float, m1: float, m2: float, m3: float, filter: float) -> N
 
 def check_label(label: str, levels: names.Levels, source: object) -> None:
     """Raise ConfigError unless the data read from `source` has the rank `label` to train on."""
-    if label not in levels.labels:
+    if label not in (*levels.labels, CLUSTER_LABEL):
         raise ConfigError(f"parameter 'label' is {label!r}, but {source} has the ranks "
-                          f"{', '.join(levels.labels)}; choose one of them")
+                          f"{', '.join(levels.labels)}; choose one of them (or cluster)")
 
 
 def check_table_key(name: str, key: str) -> None:
@@ -384,7 +391,8 @@ EVAL_PARAMS = {
 }
 TRAIN_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,
-    "label": "label", "epochs": "epochs", "batch_size": "batch_size", "grad_accum": "grad_accum",
+    "label": "label", "clusters": "clusters", "epochs": "epochs", "batch_size": "batch_size",
+    "grad_accum": "grad_accum",
     "lr": "lr", "lr_pfc_weight": "lr_pfc_weight", "weight_decay": "weight_decay",
     "grad_clip": "grad_clip", "margin_s": "loss.s", "margin_m1": "loss.m1", "margin_m2": "loss.m2",
     "margin_m3": "loss.m3", "margin_filter": "loss.filter", "sample_rate": "loss.sample_rate",

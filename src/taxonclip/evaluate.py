@@ -153,7 +153,7 @@ def _scratch_memmap(shape: tuple[int, int], dtype) -> np.memmap:
         return np.memmap(file.name, dtype=dtype, mode="w+", shape=shape)
 
 
-def _embed_rows(encoder: torch.nn.Module, manifest: Manifest, config: EvalConfig,
+def embed_visual(encoder: torch.nn.Module, manifest: Manifest, config: EvalConfig,
                 device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
     """The visual embeddings of every manifest row, read from its files or its shards."""
     table = manifest.table
@@ -217,7 +217,7 @@ def embed_manifest(encoder: torch.nn.Module, manifest: Manifest, config: EvalCon
     start = time.perf_counter()
     visual, kept = None, np.arange(len(table))
     if config.embedding != "text":
-        visual, kept = _embed_rows(encoder, manifest, config, device)
+        visual, kept = embed_visual(encoder, manifest, config, device)
     img_per_s = len(kept) / max(time.perf_counter() - start, 1e-9)
     if config.embedding == "visual":
         return Embeddings(visual, visual, kept, img_per_s)

@@ -22,6 +22,16 @@ CENTROIDS = "centroids/centroids.npy"
 CENTROID_CLASSES = "centroids/classes.csv"
 MODEL_ARTIFACT = "model"
 
+CLUSTER_COUNT = "clusters/count"  # label=cluster: the k of the k-means
+CLUSTER_KMEANS_SECONDS = "clusters/kmeans_seconds"
+CLUSTER_ASSIGNMENT = "clusters/assignment.csv"  # each training image's cluster
+
+
+def cluster_purity(score: str, level: str) -> str:
+    """The metric of the clusters' agreement with a rank: `clusters/nmi_species`, `clusters/ari_genus`."""
+    return f"clusters/{score}_{level}"
+
+
 TAG_ENTRY = "taxonclip.entry"
 TAG_TRIAL = "taxonclip.trial"
 TAG_STUDY = "taxonclip.study"

@@ -74,7 +74,7 @@ TOP_LEVEL_KEYS = ("name", "metric", "direction", "sampler", "pruner", "fixed", "
 DIRECTIONS = ("maximize", "minimize")
 DEFAULT_METRIC = f"eval/{names.HEADLINE_METRIC}"
 SAMPLER_OPTIONS = {"tpe": ("seed", "n_startup_trials", "multivariate", "constant_liar"),
-                   "random": ("seed",)}
+                   "random": ("seed",), "grid": ("seed",)}
 PRUNER_OPTIONS = {"median": ("n_startup_trials", "n_warmup_steps", "interval_steps"),
                   "hyperband": ("min_resource", "max_resource", "reduction_factor"),
                   "threshold": ("lower", "upper", "n_warmup_steps", "interval_steps"),
@@ -171,8 +171,19 @@ def load_sweep(path: str | Path, overrides: Mapping[str, str] | None = None) -> 
         pruner=_component(path, "pruner", raw.get("pruner", "median"), PRUNER_OPTIONS),
         fixed=_fixed(path, raw.get("fixed", {}), overrides or {}, search),
         search={name: _distribution(path, name, spec) for name, spec in search.items()})
+    _check_grid(spec)
     _check_buildable(spec)
     return spec
+
+
+def _check_grid(spec: SweepSpec) -> None:
+    """A grid sampler takes every combination of categorical choices, and nothing else."""
+    if spec.sampler.type != "grid":
+        return
+    for name, distribution in spec.search.items():
+        if not isinstance(distribution, CategoricalDistribution):
+            raise _error(spec.path, f"search.{name}", "a grid sampler searches categorical "
+                                                      "choices only; give this parameter choices")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -235,9 +246,9 @@ def _component(path: Path, section: str, value: Any,
         raise _error(path, f"{section}.seed", f"expected an integer, got {seed!r}")
     component = Component(kind, settings)
     try:
-        if section == "sampler":
+        if section == "sampler" and kind != "grid":  # a grid is checked with its search space
             make_sampler(component, seed)
-        else:
+        elif section == "pruner":
             make_pruner(component)
     except (TypeError, ValueError) as exc:
         raise _error(path, section, str(exc)) from None
@@ -339,9 +350,14 @@ def _check_buildable(spec: SweepSpec) -> None:
                 raise _error(spec.path, f"search.{name}", str(exc)) from None
 
 
-def make_sampler(component: Component, seed: int | None) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler of a sweep file, seeded with `seed` (None: a fresh seed)."""
+def make_sampler(component: Component, seed: int | None,
+                 search: Mapping[str, BaseDistribution] | None = None) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of a sweep file, seeded with `seed` (None: a fresh seed); a grid
+    sampler takes the choices of the categorical `search`."""
     options = {**component.options, "seed": seed}
+    if component.type == "grid":
+        space = {name: list(distribution.choices) for name, distribution in (search or {}).items()}
+        return optuna.samplers.GridSampler(space, **options)
     if component.type == "random":
         return optuna.samplers.RandomSampler(**options)
     return optuna.samplers.TPESampler(**options)
@@ -493,7 +509,7 @@ def open_study(spec: SweepSpec, study_name: str, storage_url: str,
         seed = None
     elif seed is not None:
         seed += len(study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(spec.sampler, seed)
+    study.sampler = make_sampler(spec.sampler, seed, spec.search)
     return study
 
 

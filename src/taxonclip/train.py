@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
+from taxonclip import clusters, names
 from taxonclip import distributed as dist
-from taxonclip import names
-from taxonclip.config import (TRAIN_PARAMS, TrainConfig, check_label, flat_fields, from_params,
-                              to_params)
+from taxonclip.config import (CLUSTER_LABEL, TRAIN_PARAMS, TrainConfig, check_label, flat_fields,
+                              from_params, to_params)
 from taxonclip.data.audit import report_for_run
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import Manifest, load_manifest
@@ -43,8 +43,8 @@ from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows
                                     batches_per_rank, collate_encoded, epoch_shards)
 from taxonclip.errors import ConfigError, DataError, TrainingDiverged
 from taxonclip.evaluate import (EvalResult, Seen, check_decoder, check_has_test_images,
-                                check_metric_cell, check_no_label_in_queries, evaluate,
-                                seen_of_split, split_csv, table_cell)
+                                check_metric_cell, check_no_label_in_queries, embed_visual,
+                                evaluate, seen_of_split, split_csv, table_cell)
 from taxonclip.losses import CombinedMarginLoss, PartialFC
 from taxonclip.tracking.runs import NullRun, Run, table_metrics
 
@@ -93,19 +93,25 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     table = manifest.table
     split = make_split(table, config.data)
     check_has_test_images(manifest, split)
-    label_of = table[config.label]
-    rows = split.training_rows[label_of.iloc[split.training_rows].notna().to_numpy()]
+    # clusters label every training image: the rows are those of the species kept, if not all
+    level = "species" if config.label == CLUSTER_LABEL else config.label
+    label_of = table[level]
+    rows = split.training_rows
+    if config.label != CLUSTER_LABEL:
+        rows = rows[label_of.iloc[rows].notna().to_numpy()]
     seen = seen_of_split(split)
     if config.data.class_fraction < 1.0:
-        kept = select_classes(table, config.data.class_fraction, config.data.seed, config.label)
+        kept = select_classes(table, config.data.class_fraction, config.data.seed, level)
         rows = rows[label_of.iloc[rows].isin(kept).to_numpy()]
-        seen = Seen(config.label, frozenset(kept))
+        seen = Seen(level, frozenset(kept))
     if len(rows) == 0:
         raise DataError(f"no training image has a {config.label} label in {manifest.report.source}")
     check_metric_cell(config.metric, table["taxa"].unique(), seen is not None, manifest.levels)
+    epoch_steps = _epoch_steps(manifest, rows, config, world_size)
+    if config.label == CLUSTER_LABEL:  # labelled once the starting model has embedded them
+        return TrainData(manifest, split, rows, np.full(len(rows), -1), [], seen, epoch_steps)
     classes = sorted(label_of.iloc[rows].unique())
     labels = pd.Categorical(label_of.iloc[rows], categories=classes).codes.astype(np.int64)
-    epoch_steps = _epoch_steps(manifest, rows, config, world_size)
     return TrainData(manifest, split, rows, labels, classes, seen, epoch_steps)
 
 
@@ -486,6 +492,8 @@ class TrainContext:
 def _train_in_run(ctx: TrainContext, encoder) -> EvalResult:
     config = ctx.config
     seed_everything(config.data.seed)
+    if config.label == CLUSTER_LABEL:
+        ctx.data = _with_cluster_labels(ctx, encoder)
     loader = make_loader(ctx.data, encoder, config, ctx.info)
     state = build_state(encoder, len(ctx.data.classes), config, sum(ctx.data.epoch_steps), ctx.device)
     forward = torch.compile(state.encoder) if config.compile else state.encoder
@@ -502,6 +510,58 @@ def _train_in_run(ctx: TrainContext, encoder) -> EvalResult:
         result = _evaluate_epoch(state, ctx)
     _finish(state, ctx, result)
     return result
+
+
+def _with_cluster_labels(ctx: TrainContext, encoder) -> TrainData:
+    """The training rows labelled by k-means clusters of the starting model's embeddings: rank 0
+    computes them (or reads those of the run it resumes) and every rank receives them."""
+    assignment = None
+    if ctx.info.is_main:
+        assignment = _logged_assignment(ctx) if ctx.config.resume else None
+        if assignment is None:
+            assignment = _cluster(ctx, encoder)
+    assignment = dist.broadcast_object(assignment)
+    return replace(ctx.data, labels=assignment.astype(np.int64),
+                   classes=[f"cluster {i}" for i in range(int(assignment.max()) + 1)])
+
+
+def _cluster(ctx: TrainContext, encoder) -> np.ndarray:
+    """Embed the training images, cluster them, and log the k-means seconds, the clusters'
+    NMI and ARI against species and genus, and each image's cluster."""
+    data, config = ctx.data, ctx.config
+    rows = data.manifest.table.iloc[data.rows].reset_index(drop=True)
+    vectors, kept = embed_visual(encoder.to(ctx.device), replace(data.manifest, table=rows),
+                                 config.eval_config(), ctx.device)
+    if len(kept) < len(rows):
+        raise DataError(f"{len(rows) - len(kept)} training images did not decode; label=cluster "
+                        f"clusters every training image (fix them, or drop them from the manifest)")
+    k = clusters.cluster_count(config.clusters, rows["species"].nunique(), len(rows))
+    start = time.perf_counter()
+    assignment, _ = clusters.kmeans(vectors, k, config.data.seed)
+    metrics = {names.CLUSTER_COUNT: k, names.CLUSTER_KMEANS_SECONDS: time.perf_counter() - start}
+    for level in ("species", "genus"):
+        known = rows[level].notna().to_numpy()
+        if known.any():
+            truth = rows[level].to_numpy()[known]
+            metrics[names.cluster_purity("nmi", level)] = clusters.normalized_mutual_information(
+                truth, assignment[known])
+            metrics[names.cluster_purity("ari", level)] = clusters.adjusted_rand_index(
+                truth, assignment[known])
+    ctx.run.log_metrics(metrics)
+    ctx.run.log_text(pd.DataFrame({"image_id": rows["image_id"], "cluster": assignment})
+                     .to_csv(index=False), names.CLUSTER_ASSIGNMENT)
+    return assignment
+
+
+def _logged_assignment(ctx: TrainContext) -> np.ndarray | None:
+    """The clusters a resumed run trained on, in the order of the training rows."""
+    folder = Path(names.CLUSTER_ASSIGNMENT).parent.as_posix()
+    if names.CLUSTER_ASSIGNMENT not in ctx.run.list_artifacts(folder):
+        return None
+    with _scratch() as scratch:
+        logged = pd.read_csv(ctx.run.download(names.CLUSTER_ASSIGNMENT, scratch))
+    by_image = logged.set_index("image_id")["cluster"]
+    return by_image.loc[ctx.data.manifest.table["image_id"].iloc[ctx.data.rows]].to_numpy()
 
 
 def _sizes(state: TrainState, data: TrainData) -> dict:

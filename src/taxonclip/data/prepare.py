@@ -13,11 +13,14 @@ the encoders are deterministic, its shards are byte for byte those of an uninter
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
 import math
 import os
+import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -41,6 +44,7 @@ IMAGE_FORMATS = {"jpeg": ("jpg", "JPEG"), "webp": ("webp", "WEBP")}
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _TAR_OWNER = "taxonclip"
 _READ_CHUNK = 1 << 20
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,8 @@ def _claim(folder: Path, plan: dict) -> None:
         raise DataError(f"{folder} is not empty and holds no prepare of this tool; choose a new "
                         f"or empty --out")
     (folder / shards.SHARD_FOLDER).mkdir(parents=True, exist_ok=True)
+    for partial in (folder / shards.SHARD_FOLDER).glob("*.partial"):
+        partial.unlink(missing_ok=True)  # what a killed prepare was writing
     _write_atomic(plan_file, json.dumps(plan, indent=1).encode())
 
 
@@ -196,13 +202,20 @@ def _run(jobs: list[_ShardJob], workers: int, images: int, progress: bool) -> li
         # forked where the platform can: the workers start at once and run only PIL, and a
         # caller's script needs no `if __name__ == "__main__"` guard
         context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context,
+                                 initializer=_die_with_parent) as pool:
             futures = {pool.submit(write_shard, job): job for job in jobs}
             for future in as_completed(futures):
                 done.append(future.result())
                 bar.update(len(futures[future].keys))
     bar.close()
     return done
+
+
+def _die_with_parent() -> None:
+    """On Linux, end this worker when the prepare that started it is killed."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def write_shard(job: _ShardJob) -> _ShardDone:
@@ -218,7 +231,9 @@ def write_shard(job: _ShardJob) -> _ShardDone:
                           recorded["bytes"], recorded["sha256"])
     import webdataset
 
-    partial = tar.with_name(tar.name + ".partial")
+    # one partial file per process: a worker left running by a killed prepare never writes
+    # into the file of the prepare run after it
+    partial = tar.with_name(f"{tar.name}.{os.getpid()}.partial")
     resized = 0
     with open(partial, "wb") as stream:
         writer = webdataset.TarWriter(stream, encoder=False, mtime=0, user=_TAR_OWNER,

@@ -1,5 +1,5 @@
 """Sharded images for a model: the wanted rows of WebDataset shards as a stream of
-`(transform(image), label, position)`, and the seeded order in which training reads them.
+`(image, label, position)`, and the seeded order in which training reads them.
 
 Streams split shards across ranks and DataLoader workers, never rows, so that each process reads
 whole shards. The training order of an epoch is a shuffle of the shards seeded by (seed, epoch),
