@@ -93,9 +93,22 @@ def models() -> int:
     print(f"{'name':<26}{'source':<8}{'embed_dim':>10}{'input':>7}")
     for spec in list_models():
         print(f"{spec.name:<26}{spec.source:<8}{spec.embed_dim:>10}{spec.input_size:>7}")
+    print(f"\n{_open_clip_line()}")
     print("\nA model logged by `train` is named by its URI: runs:/<run_id>/model or "
           "models:/<registered name>@champion")
     return 0
+
+
+def _open_clip_line() -> str:
+    try:
+        import open_clip
+    except ImportError:
+        return "open_clip:<architecture>: install open_clip_torch for open_clip's models"
+    known = open_clip.list_models()
+    return (f"open_clip:<architecture>: any of open_clip's {len(known)} architectures "
+            f"(open_clip.list_models()), e.g. open_clip:ViT-B-16 (BioCLIP, weights="
+            f"hf-hub:imageomics/bioclip), open_clip:ViT-B-32, open_clip:ViT-L-14; weights from "
+            f"a file or the Hugging Face cache")
 
 
 def sync(folder: str) -> int:

@@ -1,7 +1,8 @@
-"""Image encoders by name: OpenAI CLIP, UNICOM and a tiny CLIP for tests and the demo.
+"""Image encoders by name: OpenAI CLIP, UNICOM, open_clip and a tiny CLIP for tests and the demo.
 
     encoder = create_model("ViT-B/32")                  # OpenAI weights from ~/.cache/clip
     encoder = create_model("unicom:ViT-B/32", "none")   # the architecture, randomly initialised
+    encoder = create_model("open_clip:ViT-B-16", "hf-hub:imageomics/bioclip")  # BioCLIP, cached
     embeddings = encoder(images)                        # (B, encoder.spec.embed_dim)
 
 A checkpoint stores `{"model": encoder.config(), "state_dict": encoder.state_dict(), ...}`;
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from taxonclip.errors import ModelError
+from taxonclip.models import open_clip_models
 from taxonclip.models.clip_models import clip_towers, to_encoder_keys, tokenize
 from taxonclip.models.transforms import (CLIP_MEAN, CLIP_STD, ImageTransform, TensorTransform,
                                          eval_transform, tensor_eval_transform,
@@ -28,7 +30,7 @@ from taxonclip.models.weights import (CLIP_RELEASES, UNICOM_RELEASES, cached_rel
                                       check_state_dict, clip_cache_dir, is_checkpoint,
                                       read_weights_file, unicom_cache_dir)
 
-SOURCES = ("clip", "unicom", "tiny")
+SOURCES = ("clip", "unicom", "tiny", "open_clip")
 # The seed of the tiny model's "pretrained" weights: it has no published ones, so a fixed
 # random init stands in for them and stays the same from run to run.
 TINY_SEED = 0
@@ -126,6 +128,15 @@ _PUBLISHED = {"clip": (CLIP_RELEASES, clip_cache_dir, "openai"),
               "unicom": (UNICOM_RELEASES, unicom_cache_dir, "unicom")}
 
 
+def _open_clip_spec(name: str) -> ModelSpec:
+    arch = open_clip_models.architecture(name)
+    facts = open_clip_models.facts(arch)
+    return ModelSpec(f"{open_clip_models.PREFIX}{arch}", "open_clip", facts["embed_dim"],
+                     facts["input_size"],
+                     {"architecture": arch, "context_length": facts["context_length"]},
+                     mean=facts["mean"], std=facts["std"])
+
+
 def _weight_words(source: str) -> tuple[str, ...]:
     """What `weights=` accepts for a source's own weights: `pretrained`, or the published label."""
     published = _PUBLISHED.get(source)
@@ -138,7 +149,10 @@ def list_models() -> list[ModelSpec]:
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The spec of a registry name; a ModelError lists the known names."""
+    """The spec of a registry name (or of `open_clip:<architecture>`); a ModelError lists the
+    known names."""
+    if name.startswith(open_clip_models.PREFIX):
+        return _open_clip_spec(name)
     if name not in _SPECS:
         raise ModelError(f"unknown model {name!r}; known models: {', '.join(_SPECS)} "
                          f"(or a runs:/<run_id>/model URI of a logged model)")
@@ -174,10 +188,15 @@ def load_encoder(spec: ModelSpec, weights: str = "pretrained", seed: int = 0) ->
             return _random_encoder(spec, "none")
     if word in words:
         return _pretrained_encoder(spec)
+    if spec.source == "open_clip" and weights.startswith(open_clip_models.HUB_PREFIX):
+        return _encoder_from_file(spec, open_clip_models.hub_file(weights), label=weights)
     path = Path(weights).expanduser()
     if not path.is_file():
+        hub = (f", or hf-hub:<org>/<name> of the Hugging Face cache (BioCLIP: weights="
+               f"hf-hub:imageomics/bioclip, or the path of its {open_clip_models.WEIGHT_FILES[0]})"
+               if spec.source == "open_clip" else "")
         raise ModelError(f"weights {weights!r} for {spec.name}: not a file; weights= takes "
-                         f"{', '.join(words + ('none',))} or the path of a weights file")
+                         f"{', '.join(words + ('none',))} or the path of a weights file{hub}")
     return _encoder_from_file(spec, path)
 
 
@@ -207,6 +226,8 @@ def spec_from_config(config: dict) -> ModelSpec:
 def _towers(spec: ModelSpec) -> tuple[nn.Module, nn.Module | None]:
     if spec.source == "unicom":
         return UnicomViT(**spec.arch), None
+    if spec.source == "open_clip":
+        return open_clip_models.towers(spec.arch["architecture"])
     return clip_towers(spec.arch)
 
 
@@ -219,6 +240,13 @@ def _random_encoder(spec: ModelSpec, weights: str) -> Encoder:
 
 
 def _loaded_encoder(spec: ModelSpec, weights: str, state_dict: dict, origin: str) -> Encoder:
+    if spec.source == "open_clip":
+        # open_clip keeps buffers outside the state dict (the text attention mask), which an
+        # allocation without initialisation would leave as garbage
+        encoder = Encoder(spec, weights, *_towers(spec))
+        check_state_dict(encoder.state_dict(), state_dict, origin, spec.name)
+        encoder.load_state_dict(state_dict)
+        return encoder
     # Built on the meta device and then allocated without initialisation: a random init of the
     # large models would take seconds only to be overwritten.
     with torch.device("meta"):
@@ -232,6 +260,10 @@ def _loaded_encoder(spec: ModelSpec, weights: str, state_dict: dict, origin: str
 def _pretrained_encoder(spec: ModelSpec) -> Encoder:
     if spec.source == "tiny":
         return _random_encoder(spec, TINY_WEIGHTS)
+    if spec.source == "open_clip":
+        raise ModelError(f"{spec.name}: open_clip weights come from a file or the Hugging Face "
+                         f"cache: weights=/path/{open_clip_models.WEIGHT_FILES[0]} or "
+                         f"weights=hf-hub:<org>/<name> (BioCLIP: hf-hub:imageomics/bioclip)")
     releases, cache_dir, label = _PUBLISHED[spec.source]
     if spec.name not in releases:
         raise ModelError(f"model {spec.name} has no published weights; pass weights=none or a path")
@@ -240,15 +272,16 @@ def _pretrained_encoder(spec: ModelSpec) -> Encoder:
     return _loaded_encoder(spec, label, state_dict, str(path))
 
 
-def _encoder_from_file(spec: ModelSpec, path: Path) -> Encoder:
-    stored = read_weights_file(path)
+def _encoder_from_file(spec: ModelSpec, path: Path, label: str | None = None) -> Encoder:
+    stored = (open_clip_models.read_weights(path) if path.suffix == ".safetensors"
+              else read_weights_file(path))
     if is_checkpoint(stored):
         saved = spec_from_config(stored["model"])
         if saved.name != spec.name:
             raise ModelError(f"{path} is a checkpoint of model {saved.name}, not {spec.name}; "
                              f"use model={saved.name}")
         return _loaded_encoder(saved, str(path), stored["state_dict"], str(path))
-    return _loaded_encoder(spec, str(path), _encoder_keys(spec, stored), str(path))
+    return _loaded_encoder(spec, label or str(path), _encoder_keys(spec, stored), str(path))
 
 
 def _encoder_keys(spec: ModelSpec, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -256,4 +289,6 @@ def _encoder_keys(spec: ModelSpec, state_dict: dict[str, Any]) -> dict[str, Any]
     if spec.source == "unicom":
         return {key if key.startswith("visual.") else f"visual.{key}": value
                 for key, value in state_dict.items()}
+    if spec.source == "open_clip":
+        return open_clip_models.to_encoder_keys(state_dict)
     return to_encoder_keys(state_dict)

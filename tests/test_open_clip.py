@@ -1,0 +1,73 @@
+"""open_clip models: `open_clip:<architecture>` has open_clip's own parameter names and shapes,
+loads open_clip's weights files (and a Hugging Face cache folder) to the same outputs as open_clip,
+and names what to place where when the weights are missing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+open_clip = pytest.importorskip("open_clip")
+
+from taxonclip.cli import main  # noqa: E402
+from taxonclip.errors import ModelError  # noqa: E402
+from taxonclip.models import create_model, get_spec  # noqa: E402
+from taxonclip.models.clip_models import tokenize  # noqa: E402
+
+ARCH = "ViT-B-32"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch.manual_seed(0)
+    return open_clip.create_model(ARCH, pretrained=None).eval()
+
+
+def test_parameter_names_and_shapes_are_open_clips(reference):
+    encoder = create_model(f"open_clip:{ARCH}", "none")
+    ours = {k: v.shape for k, v in encoder.state_dict().items()}
+    theirs = {(k if k.startswith("visual.") else f"text.model.{k}"): v.shape
+              for k, v in reference.state_dict().items()}
+    assert ours == theirs
+    spec = get_spec(f"open_clip:{ARCH}")
+    assert (spec.embed_dim, spec.input_size, spec.source) == (512, 224, "open_clip")
+
+
+def test_a_weights_file_and_a_hub_cache_give_open_clips_outputs(reference, tmp_path, monkeypatch):
+    file = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(reference.state_dict(), file)
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    texts = ["a photo of Danaus plexippus.", "a photo of a fish."]
+    with torch.no_grad():
+        expected_images = reference.encode_image(images)
+        expected_texts = reference.encode_text(tokenize(texts, 77))
+    snapshot = tmp_path / "hub" / "models--org--bioclip-like" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / file.name).write_bytes(file.read_bytes())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    for weights in (str(file), "hf-hub:org/bioclip-like"):
+        encoder = create_model(f"open_clip:{ARCH}", weights)
+        with torch.no_grad():
+            assert torch.allclose(encoder(images), expected_images, atol=1e-5)
+            assert torch.allclose(encoder.encode_text(texts), expected_texts, atol=1e-5)
+        assert encoder.weights == weights
+
+
+def test_missing_weights_name_what_to_place_where(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelError, match=r"no open_clip_pytorch_model.bin .* under .*models--imageomics--bioclip"):
+        create_model("open_clip:ViT-B-16", "hf-hub:imageomics/bioclip")
+    with pytest.raises(ModelError, match="open_clip weights come from a file or the Hugging Face cache"):
+        create_model("open_clip:ViT-B-16", "pretrained")
+    with pytest.raises(ModelError, match="unknown open_clip architecture 'ViT-Q-99'"):
+        get_spec("open_clip:ViT-Q-99")
+    assert main(["eval", "--model", "open_clip:ViT-B-16", "--weights", str(tmp_path / "none.bin")]) == 1
+    assert "hf-hub:imageomics/bioclip" in capsys.readouterr().err
+
+
+def test_eval_of_an_open_clip_model_runs(specimens, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "open-clip")
+    assert main(["eval", "--model", f"open_clip:{ARCH}", "--weights", "none", "--data",
+                 str(specimens), "--workers", "0", "--zero_shot", "true"]) == 0
+    assert "zs_top1" in capsys.readouterr().out
