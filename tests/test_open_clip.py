@@ -65,6 +65,7 @@ def test_missing_weights_name_what_to_place_where(tmp_path, monkeypatch, capsys)
     assert "hf-hub:imageomics/bioclip" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_of_an_open_clip_model_runs(specimens, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "open-clip")

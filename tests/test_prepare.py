@@ -176,7 +176,7 @@ def kill_source(tmp_path_factory) -> Path:
     return source
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_prepare_killed_part_way_and_rerun_gives_the_same_shards(kill_source, tmp_path, workers):
     whole, resumed = kill_source.parent / "whole", tmp_path / "resumed"
     process = subprocess.Popen(_prepare_command(kill_source, resumed, workers),

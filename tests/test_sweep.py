@@ -106,7 +106,7 @@ MALFORMED = {  # changes to VALID's top-level keys (None deletes one) -> the key
     "metric name": ({"metric": "eval/All/species/accuracy"}, "metric"),
     "metric prefix": ({"metric": "All/species/top1_cos"}, "metric"),
     "direction": ({"direction": "up"}, "direction"),
-    "sampler type": ({"sampler": {"type": "grid"}}, "sampler.type"),
+    "sampler type": ({"sampler": {"type": "cmaes"}}, "sampler.type"),
     "sampler seed": ({"sampler": {"type": "tpe", "seed": "zero"}}, "sampler.seed"),
     "pruner type": ({"pruner": {"type": "patient"}}, "pruner.type"),
     "pruner option": ({"pruner": {"type": "median", "warmup": 2}}, "pruner.warmup"),
