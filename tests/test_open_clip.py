@@ -72,3 +72,18 @@ def test_eval_of_an_open_clip_model_runs(specimens, tmp_path, monkeypatch, capsy
     assert main(["eval", "--model", f"open_clip:{ARCH}", "--weights", "none", "--data",
                  str(specimens), "--workers", "0", "--zero_shot", "true"]) == 0
     assert "zs_top1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_an_open_clip_model_fine_tunes_and_its_logged_model_evaluates(specimens, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "open-clip-train")
+    assert main(["train", "--model", f"open_clip:{ARCH}", "--weights", "none", "--data",
+                 str(specimens), "--epochs", "1", "--batch_size", "16", "--workers", "0"]) == 0
+    import mlflow
+
+    run = mlflow.search_runs(experiment_names=["open-clip-train"]).iloc[0]
+    assert run["status"] == "FINISHED" and run["params.model"] == f"open_clip:{ARCH}"
+    assert main(["eval", "--model", f"runs:/{run['run_id']}/model", "--data", str(specimens),
+                 "--workers", "0"]) == 0
