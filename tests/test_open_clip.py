@@ -33,6 +33,7 @@ def test_parameter_names_and_shapes_are_open_clips(reference):
     assert (spec.embed_dim, spec.input_size, spec.source) == (512, 224, "open_clip")
 
 
+@pytest.mark.slow
 def test_a_weights_file_and_a_hub_cache_give_open_clips_outputs(reference, tmp_path, monkeypatch):
     file = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(reference.state_dict(), file)

@@ -313,6 +313,7 @@ def test_torchcodec_and_its_torchvision_fallback_decode_the_same_pixels(monkeypa
     assert codec[0].shape == (3, 30, 40)
 
 
+@pytest.mark.slow
 def test_bioscan_trains_from_its_shards_on_any_rank(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "bioscan-shards")

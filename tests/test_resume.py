@@ -142,10 +142,10 @@ def _assert_record_whole(run_id: str, total_steps: int, folder: Path, expected: 
         assert torch.equal(final[key], expected[key]), key
 
 
-# Four points run with the slow tests only, to keep `make test` short; one or more of those that
+# Five points run with the slow tests only, to keep `make test` short; one or more of those that
 # run in it lies inside each phase.
 SLOW_POINTS = ("mid-way through epoch 2", "while logging metrics", "after the upload, before pruning",
-               "during the model logging")
+               "during the model logging", "between eval logging and checkpoint")
 
 
 @pytest.mark.parametrize("where", [
