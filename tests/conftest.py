@@ -38,6 +38,14 @@ def specimens(tmp_path_factory) -> Path:
                     images=8, size=32)
 
 
+def sqlite_tracking(monkeypatch, folder: Path, experiment: str | None = None) -> None:
+    """Point this test (and the processes it starts) at a fresh sqlite store in `folder`,
+    logging into `experiment` when given."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+    if experiment is not None:
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on now."""
     import socket

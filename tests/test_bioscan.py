@@ -18,6 +18,7 @@ from taxonclip.data.splits import make_split, official_split
 from taxonclip.errors import ConfigError, DataError, MetricNotInTable
 from taxonclip.evaluate import OFFICIAL_SEEN, check_metric_cell, evaluation_table
 from taxonclip.train import prepare_data
+from tests.conftest import sqlite_tracking
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,7 @@ def test_data_check_shows_every_rank(bioscan, capsys):
 
 def test_eval_official_has_every_rank_and_seen_unseen_rows(bioscan, tmp_path, monkeypatch,
                                                            capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "bioscan-official")
+    sqlite_tracking(monkeypatch, tmp_path, "bioscan-official")
     assert main(["eval", "--model", "tiny", "--data", str(bioscan), "--split", "official",
                  "--workers", "0"]) == 0
     rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]

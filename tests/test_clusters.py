@@ -20,6 +20,7 @@ from taxonclip.config import TrainConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import split_manifest
 from taxonclip.errors import ConfigError
+from tests.conftest import sqlite_tracking
 
 
 def _reference_nmi(a: list, b: list) -> float:
@@ -79,8 +80,7 @@ def test_cluster_counts_and_their_checks():
 
 def test_train_on_clusters_logs_their_purity_and_scores_the_true_labels(specimens, tmp_path,
                                                                         monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "clusters")
+    sqlite_tracking(monkeypatch, tmp_path, "clusters")
     assert main(["train", "--model", "tiny", "--data", str(specimens), "--label", "cluster",
                  "--clusters", "0.5", "--epochs", "2", "--batch_size", "16", "--workers", "0",
                  "--lr", "2e-3", "--margin_s", "16", "--margin_m2", "0.2"]) == 0

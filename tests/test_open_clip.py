@@ -13,6 +13,7 @@ from taxonclip.cli import main  # noqa: E402
 from taxonclip.errors import ModelError  # noqa: E402
 from taxonclip.models import create_model, get_spec  # noqa: E402
 from taxonclip.models.clip_models import tokenize  # noqa: E402
+from tests.conftest import sqlite_tracking  # noqa: E402
 
 ARCH = "ViT-B-32"
 
@@ -68,8 +69,7 @@ def test_missing_weights_name_what_to_place_where(tmp_path, monkeypatch, capsys)
 
 @pytest.mark.slow
 def test_eval_of_an_open_clip_model_runs(specimens, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "open-clip")
+    sqlite_tracking(monkeypatch, tmp_path, "open-clip")
     assert main(["eval", "--model", f"open_clip:{ARCH}", "--weights", "none", "--data",
                  str(specimens), "--workers", "0", "--zero_shot", "true"]) == 0
     assert "zs_top1" in capsys.readouterr().out
@@ -78,8 +78,7 @@ def test_eval_of_an_open_clip_model_runs(specimens, tmp_path, monkeypatch, capsy
 @pytest.mark.slow
 def test_an_open_clip_model_fine_tunes_and_its_logged_model_evaluates(specimens, tmp_path,
                                                                       monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "open-clip-train")
+    sqlite_tracking(monkeypatch, tmp_path, "open-clip-train")
     assert main(["train", "--model", f"open_clip:{ARCH}", "--weights", "none", "--data",
                  str(specimens), "--epochs", "1", "--batch_size", "16", "--workers", "0"]) == 0
     import mlflow

@@ -34,6 +34,7 @@ from taxonclip.data.synthetic import default_dataset, generate
 from taxonclip.errors import DataError
 from taxonclip.evaluate import embed_manifest, evaluate
 from taxonclip.models import create_model
+from tests.conftest import sqlite_tracking
 
 
 def _prepared(source: Path, out: Path, **settings) -> Path:
@@ -111,8 +112,7 @@ def test_prepared_table_is_within_a_point_of_the_unprepared_one(tmp_path):
 
 
 def test_prepare_then_eval_and_train_read_the_folder(specimens, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "prepared")
+    sqlite_tracking(monkeypatch, tmp_path, "prepared")
     folder = tmp_path / "prepared"
     assert main(["data", "prepare", str(specimens), "--out", str(folder), "--size", "tiny",
                  "--shard_size", "16", "--workers", "2"]) == 0
@@ -288,7 +288,7 @@ def test_decoding_on_the_device_gives_the_embeddings_of_decoding_in_workers(tmp_
 
 def test_train_decodes_on_the_device_and_refuses_it_for_image_files(specimens, tmp_path,
                                                                    monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    sqlite_tracking(monkeypatch, tmp_path)
     folder = _prepared(specimens, tmp_path / "prepared", size=24, shard_size=16)
     args = ["--model", "tiny", "--epochs", "1", "--batch_size", "8", "--workers", "2",
             "--decode", "device"]
@@ -315,8 +315,7 @@ def test_torchcodec_and_its_torchvision_fallback_decode_the_same_pixels(monkeypa
 
 @pytest.mark.slow
 def test_bioscan_trains_from_its_shards_on_any_rank(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "bioscan-shards")
+    sqlite_tracking(monkeypatch, tmp_path, "bioscan-shards")
     folder = _prepared(write_fixture(tmp_path / "bioscan", seed=0, size=32), tmp_path / "prepared",
                        size=32, shard_size=20)
     assert main(["train", "--model", "tiny", "--data", str(folder), "--split", "official",

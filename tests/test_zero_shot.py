@@ -18,6 +18,7 @@ from taxonclip.errors import ConfigError
 from taxonclip.evaluate import _scope, embed_images, evaluate
 from taxonclip.models import create_model
 from taxonclip.zero_shot import class_texts, prototypes, zero_shot_hits
+from tests.conftest import sqlite_tracking
 
 
 def _brute_force_hits(queries, labels, class_prototypes, candidates):
@@ -98,8 +99,7 @@ def test_eval_zero_shot_columns_equal_a_recomputation(specimens):
 
 def test_taxonclip_eval_zero_shot_logs_the_columns_and_the_texts(specimens, tmp_path, monkeypatch,
                                                                 capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "zero-shot")
+    sqlite_tracking(monkeypatch, tmp_path, "zero-shot")
     assert main(["eval", "--model", "tiny", "--data", str(specimens), "--zero_shot", "true",
                  "--workers", "0"]) == 0
     header = capsys.readouterr().out.splitlines()[0].split()
@@ -120,8 +120,7 @@ def test_leeds_zero_shot_uses_the_common_names(leeds):
 
 def test_zero_shot_is_refused_without_a_text_tower_or_with_text_in_the_queries(specimens, tmp_path,
                                                                               monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "zero-shot-refused")
+    sqlite_tracking(monkeypatch, tmp_path, "zero-shot-refused")
     assert main(["eval", "--model", "unicom:ViT-B/32", "--weights", "none", "--zero_shot", "true",
                  "--data", str(specimens), "--workers", "0"]) == 1
     assert "has none (UNICOM models are image encoders only)" in capsys.readouterr().err
@@ -138,8 +137,7 @@ def test_zero_shot_is_refused_without_a_text_tower_or_with_text_in_the_queries(s
 
 @pytest.mark.slow
 def test_vit_b32_zero_shot_runs_on_the_butterflies(leeds, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "zero-shot-leeds")
+    sqlite_tracking(monkeypatch, tmp_path, "zero-shot-leeds")
     assert main(["eval", "--model", "ViT-B/32", "--weights", "none", "--zero_shot", "true",
                  "--data", str(leeds / "metadata.csv")]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
