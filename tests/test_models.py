@@ -1,13 +1,15 @@
 """Model registry: names and sizes, architectures against the published UNICOM keys, weights files
-(plain state dicts, TorchScript archives, checkpoints, fp16 UNICOM files), and clear errors."""
+(plain state dicts, TorchScript archives, checkpoints, fp16 UNICOM files), clear errors, and the
+named architectures (ClipArch, UnicomArch) against their modules and the stored checkpoint form."""
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from taxonclip.models import (Encoder, ModelSpec, create_model, encoder_from_con
                               list_models, load_encoder)
 from taxonclip.models import weights as published
 from taxonclip.models.clip_models import CLIP, clip
+from taxonclip.models.registry import ClipArch, UnicomArch
+from taxonclip.models.transforms import CLIP_MEAN, CLIP_STD
 from taxonclip.models.unicom import UnicomViT
 
 SMALL_UNICOM = dict(image_size=16, patch_size=8, width=8, layers=2, heads=2, embed_dim=6)
@@ -419,3 +423,29 @@ def test_train_transform_shape():
     assert tensor.shape == (3, 32, 32)
     expected_red = (200 / 255 - 0.48145466) / 0.26862954
     torch.testing.assert_close(tensor[0], torch.full((32, 32), expected_red), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- architectures as data
+
+
+@pytest.mark.parametrize("arch, module", [(ClipArch, CLIP), (UnicomArch, UnicomViT)])
+def test_an_architecture_names_the_arguments_of_its_module_in_order(arch, module):
+    wanted = [name for name, parameter in inspect.signature(module).parameters.items()
+              if parameter.default is inspect.Parameter.empty]
+    assert [f.name for f in fields(arch)] == wanted
+
+
+def test_a_checkpoint_config_as_stored_before_the_architectures_were_named_still_loads():
+    stored = {"spec": {"name": "tiny", "source": "tiny", "embed_dim": 64, "input_size": 32,
+                       "arch": {"embed_dim": 64, "image_resolution": 32, "vision_layers": 2,
+                                "vision_width": 64, "vision_patch_size": 8, "context_length": 77,
+                                "vocab_size": 49408, "transformer_width": 64,
+                                "transformer_heads": 1, "transformer_layers": 1},
+                       "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
+              "weights": "seed:0"}
+    encoder = create_model("tiny")
+    rebuilt = encoder_from_config(stored, encoder.state_dict())
+    assert rebuilt.spec == get_spec("tiny") and json.loads(json.dumps(encoder.config())) == stored
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), encoder(images), rtol=0, atol=0)

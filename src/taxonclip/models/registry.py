@@ -39,7 +39,8 @@ TINY_WEIGHTS = f"seed:{TINY_SEED}"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a registry name stands for; `arch` rebuilds the architecture without any weights."""
+    """What a registry name stands for; `arch` rebuilds the architecture without any weights (a
+    ClipArch or UnicomArch as a dict, or open_clip's architecture name)."""
 
     name: str
     source: str
@@ -95,33 +96,76 @@ class Encoder(nn.Module):
         return {"spec": asdict(self.spec), "weights": self.weights}
 
 
-def _clip_spec(name: str, embed_dim: int, resolution: int, layers: int, width: int, patch: int,
-               text_width: int, text_heads: int, text_layers: int,
-               source: str = "clip") -> ModelSpec:
-    arch = dict(embed_dim=embed_dim, image_resolution=resolution, vision_layers=layers,
-                vision_width=width, vision_patch_size=patch, context_length=77, vocab_size=49408,
-                transformer_width=text_width, transformer_heads=text_heads,
-                transformer_layers=text_layers)
-    return ModelSpec(name, source, embed_dim, resolution, arch)
+@dataclass(frozen=True, kw_only=True)
+class ClipArch:
+    """An OpenAI CLIP architecture: the keyword arguments of `clip.model.CLIP`, in its order. A
+    spec's `arch` is this as a dict, as checkpoints store it, so the names stay CLIP's."""
+
+    embed_dim: int  # of the joint image-text embedding
+    image_resolution: int  # the side of the square input images
+    vision_layers: int
+    vision_width: int
+    vision_patch_size: int
+    context_length: int = 77  # text tokens
+    vocab_size: int = 49408  # CLIP's byte-pair vocabulary
+    transformer_width: int  # of the text tower, as are its heads and layers
+    transformer_heads: int
+    transformer_layers: int
+
+    @property
+    def input_size(self) -> int:
+        """The side of the square images the model takes."""
+        return self.image_resolution
 
 
-def _unicom_spec(name: str, embed_dim: int, resolution: int, layers: int, width: int, patch: int,
-                 heads: int) -> ModelSpec:
-    arch = dict(image_size=resolution, patch_size=patch, width=width, layers=layers, heads=heads,
-                embed_dim=embed_dim)
-    return ModelSpec(name, "unicom", embed_dim, resolution, arch)
+@dataclass(frozen=True, kw_only=True)
+class UnicomArch:
+    """A UNICOM vision transformer: the keyword arguments of `UnicomViT`, in its order (a spec's
+    `arch` is this as a dict, as checkpoints store it)."""
+
+    image_size: int  # the side of the square input images (the head is tied to it)
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    embed_dim: int
+
+    @property
+    def input_size(self) -> int:
+        """The side of the square images the model takes."""
+        return self.image_size
+
+
+def _spec(name: str, source: str, arch: ClipArch | UnicomArch) -> ModelSpec:
+    """A registry model: its embedding and input sizes are those of its architecture."""
+    return ModelSpec(name, source, arch.embed_dim, arch.input_size, asdict(arch))
 
 
 _SPECS = {spec.name: spec for spec in (
-    _clip_spec("tiny", 64, 32, 2, 64, 8, 64, 1, 1, source="tiny"),
-    _clip_spec("ViT-B/32", 512, 224, 12, 768, 32, 512, 8, 12),
-    _clip_spec("ViT-B/16", 512, 224, 12, 768, 16, 512, 8, 12),
-    _clip_spec("ViT-L/14", 768, 224, 24, 1024, 14, 768, 12, 12),
-    _clip_spec("ViT-L/14@336px", 768, 336, 24, 1024, 14, 768, 12, 12),
-    _unicom_spec("unicom:ViT-B/32", 512, 224, 12, 768, 32, 12),
-    _unicom_spec("unicom:ViT-B/16", 768, 224, 12, 768, 16, 12),
-    _unicom_spec("unicom:ViT-L/14", 768, 224, 24, 1024, 14, 16),
-    _unicom_spec("unicom:ViT-L/14@336px", 768, 336, 24, 1024, 14, 16),
+    _spec("tiny", "tiny", ClipArch(
+        embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+        transformer_width=64, transformer_heads=1, transformer_layers=1)),
+    _spec("ViT-B/32", "clip", ClipArch(
+        embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+        vision_patch_size=32, transformer_width=512, transformer_heads=8, transformer_layers=12)),
+    _spec("ViT-B/16", "clip", ClipArch(
+        embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+        vision_patch_size=16, transformer_width=512, transformer_heads=8, transformer_layers=12)),
+    _spec("ViT-L/14", "clip", ClipArch(
+        embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
+        vision_patch_size=14, transformer_width=768, transformer_heads=12, transformer_layers=12)),
+    _spec("ViT-L/14@336px", "clip", ClipArch(
+        embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
+        vision_patch_size=14, transformer_width=768, transformer_heads=12, transformer_layers=12)),
+    # per the published checkpoints' head shapes, only UNICOM's B/32 embeds in 512 dimensions
+    _spec("unicom:ViT-B/32", "unicom", UnicomArch(
+        image_size=224, patch_size=32, width=768, layers=12, heads=12, embed_dim=512)),
+    _spec("unicom:ViT-B/16", "unicom", UnicomArch(
+        image_size=224, patch_size=16, width=768, layers=12, heads=12, embed_dim=768)),
+    _spec("unicom:ViT-L/14", "unicom", UnicomArch(
+        image_size=224, patch_size=14, width=1024, layers=24, heads=16, embed_dim=768)),
+    _spec("unicom:ViT-L/14@336px", "unicom", UnicomArch(
+        image_size=336, patch_size=14, width=1024, layers=24, heads=16, embed_dim=768)),
 )}
 # Per source: the published files, their cache folder, and the `weights` label they load under.
 _PUBLISHED = {"clip": (CLIP_RELEASES, clip_cache_dir, "openai"),
