@@ -1,11 +1,12 @@
 """The typed config refuses nonsense where it is built: every numeric parameter of every entry
 point refuses nan, the infinities and -1, naming itself; registered model names are checked
-before training; sweep values are parsed like command-line ones."""
+before training; sweep values are parsed like command-line ones. Every parameter of every
+command has a one-line description, and the choices a field declares are those it accepts."""
 
 from __future__ import annotations
 
 import math
-from typing import get_args, get_type_hints
+import re
 
 import pytest
 
@@ -18,19 +19,21 @@ ENTRY_POINTS = {"train": (cfg.TrainConfig, cfg.TRAIN_PARAMS),
                 "compare": (cfg.CompareConfig, cfg.COMPARE_PARAMS)}
 
 
-def _field_type(cls: type, path: str) -> type:
-    """The declared type of the dotted field `path` of `cls`, without Optional."""
-    *parents, leaf = path.split(".")
-    for parent in parents:
-        cls = get_type_hints(cls)[parent]
-    declared = get_type_hints(cls)[leaf]
-    return next((a for a in get_args(declared) if a is not type(None)), declared)
+# every command's typed parameters: the entry points', and those of `data check` and `data prepare`
+COMMAND_PARAMS = {**ENTRY_POINTS, "data check": (cfg.EvalConfig, cfg.DATA_PARAMS),
+                  "data prepare": (cfg.PrepareConfig, {**cfg.PREPARE_PARAMS, "out": "out"})}
 
 
 def _numeric_params() -> list[tuple[str, str]]:
     """(entry point, parameter) for every int and float parameter (not the booleans)."""
     return [(entry, name) for entry, (cls, mapping) in ENTRY_POINTS.items()
-            for name, path in mapping.items() if _field_type(cls, path) in (int, float)]
+            for name, path in mapping.items() if cfg.field_type(cls, path) in (int, float)]
+
+
+def _choice_params() -> list[tuple[str, str]]:
+    """(entry point, parameter) for every parameter whose field declares a fixed set of values."""
+    return [(entry, name) for entry, (cls, mapping) in ENTRY_POINTS.items()
+            for name, path in mapping.items() if cfg.description(cls, path)[1]]
 
 
 def test_the_defaults_build():
@@ -86,3 +89,35 @@ def test_sweep_values_are_parsed_like_command_line_ones():
         build(batch_size=16.5)
     with pytest.raises(ConfigError, match="'lr': 'True' is not a number"):
         build(lr=True)
+
+
+@pytest.mark.parametrize("command, name", [(command, name) for command, (_, mapping)
+                                           in COMMAND_PARAMS.items() for name in mapping])
+def test_every_parameter_has_a_one_line_description(command, name):
+    cls, mapping = COMMAND_PARAMS[command]
+    text, _ = cfg.description(cls, mapping[name])
+    assert text.strip(), (f"{command}: parameter {name!r} ({cls.__name__}.{mapping[name]}) has no "
+                          f"description; declare the field with config._described(default, help)")
+    assert "\n" not in text, f"{command}: the description of {name!r} is not one line"
+
+
+@pytest.mark.parametrize("entry, name", _choice_params())
+def test_the_choices_a_field_declares_are_those_it_accepts(entry, name):
+    cls, mapping = ENTRY_POINTS[entry]
+    _, choices = cfg.description(cls, mapping[name])
+    for choice in choices:
+        cfg.from_params(cls, {name: choice}, mapping)
+    with pytest.raises(ConfigError, match=re.escape(f"'{name}' is 'nothing'; choose one of "
+                                                    f"{', '.join(choices)}")):
+        cfg.from_params(cls, {name: "nothing"}, mapping)
+
+
+def test_the_choices_are_found_where_the_issue_names_them():
+    assert {("train", "embedding"), ("train", "decode"), ("train", "split"), ("train", "missing"),
+            ("train", "label"), ("eval", "embedding")} <= set(_choice_params())
+
+
+def test_the_prepare_formats_are_those_prepare_writes():
+    from taxonclip.data.prepare import IMAGE_FORMATS
+
+    assert cfg.description(cfg.PrepareConfig, "image_format")[1] == tuple(IMAGE_FORMATS)

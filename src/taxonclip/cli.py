@@ -1,7 +1,9 @@
 """The `taxonclip` command: data, models, eval, train, sweep, compare.
 
 Parameters have the names of the MLproject entry points (`--batch_size` or `--batch-size`); a
-parameter not given keeps the default of the typed config. Input the user can fix ends in one
+parameter not given keeps the default of the typed config, and `taxonclip <command> --help`
+shows the description that config declares for each. A true/false parameter is a flag that also
+takes a value (`--compile` alone, or `--compile true`). Input the user can fix ends in one
 message on stderr and exit status 1, never a traceback.
 """
 
@@ -10,11 +12,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from taxonclip import config as cfg
 from taxonclip.errors import TaxonclipError, UsageError
 
 SYNTH_FORMATS = ("vlm4bio", "bioscan5m")
+# `data synth`'s counts and sizes (those of data.synthetic.generate): name -> (default, description)
+SYNTH_OPTIONS = {
+    "seed": (0, "seed of the generated taxonomy and images"),
+    "taxa": (3, "taxa, one body plan each (fish, bird, butterfly, ...)"),
+    "genera": (4, "genera per taxa"),
+    "species": (5, "species per genus"),
+    "images": (30, "images per species"),
+    "size": (64, "side of the square images in pixels"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,11 +42,43 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_params(parser: argparse.ArgumentParser, mapping: Mapping[str, str], cls: type) -> None:
+    """One option per entry-point parameter of `mapping`, described by its field of `cls`. Values
+    stay strings (None where not given) for `config.from_params` to parse, so that bad input is
+    refused there, by name; a bool is a flag that also takes a value: `--compile` alone is true,
+    and `--compile false`, as MLproject passes it, still works."""
     defaults = cfg.flat_fields(cls())
     for name, path in mapping.items():
         flags = {f"--{name}", f"--{name.replace('_', '-')}"}
-        parser.add_argument(*sorted(flags), dest=name, default=None, metavar="VALUE",
-                            help=f"default: {defaults[path]}")
+        if cfg.field_type(cls, path) is bool:
+            # nargs="?" takes the next word only if it is not an option: `--compile --epochs 2`
+            kind: dict[str, Any] = {"nargs": "?", "const": "true", "metavar": "true|false"}
+        else:
+            kind = {"metavar": "VALUE"}
+        parser.add_argument(*sorted(flags), dest=name, default=None,
+                            help=_option_help(*cfg.description(cls, path), defaults[path]), **kind)
+
+
+def _option_help(description: str, choices: tuple[str, ...], default: Any) -> str:
+    """A parameter's line of `--help`: its description, its fixed set of values, its default."""
+    one_of = f"; one of {', '.join(choices)}" if choices else ""
+    return _literal(f"{description}{one_of} (default: {_spelled(default)})")
+
+
+def _spelled(value: Any) -> str:
+    """A default as the command line writes it: none, true, false, 1e-05."""
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _literal(text: str) -> str:
+    """`text` as argparse prints it: it %-formats help strings, so a `%` is written `%%`."""
+    return text.replace("%", "%%")
+
+
+def _field_help(cls: type, path: str) -> str:
+    """The description of a config field, for an argument that is not an entry-point parameter."""
+    return _literal(cfg.description(cls, path)[0])
 
 
 def _given(args: argparse.Namespace, mapping: Mapping[str, str]) -> dict[str, str]:
@@ -51,24 +95,25 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     synth = data_commands.add_parser("synth", help="write generated specimens (VLM4Bio layout, "
                                                    "or a small BIOSCAN-5M-format set)")
-    synth.add_argument("--out", required=True, help="folder to write")
+    synth.add_argument("--out", required=True, help="folder to write, new or empty (required)")
     synth.add_argument("--format", choices=SYNTH_FORMATS, default=SYNTH_FORMATS[0],
-                       help=f"default: {SYNTH_FORMATS[0]} (bioscan5m has a fixed shape: it "
-                            f"takes only --seed and --size)")
-    for name, default in (("seed", 0), ("taxa", 3), ("genera", 4), ("species", 5),
-                          ("images", 30), ("size", 64)):
-        synth.add_argument(f"--{name}", type=int, default=default, help=f"default: {default}")
+                       help=f"vlm4bio: taxa x genera x species x images in the VLM4Bio layout; "
+                            f"bioscan5m: a small set of fixed shape, which takes only --seed and "
+                            f"--size; one of {', '.join(SYNTH_FORMATS)} "
+                            f"(default: {SYNTH_FORMATS[0]})")
+    for name, (default, description) in SYNTH_OPTIONS.items():
+        synth.add_argument(f"--{name}", type=int, default=default, metavar="N",
+                           help=f"{description} (default: {default})")
     check = data_commands.add_parser("check", help="validate a manifest and print its summary")
-    check.add_argument("path", help="VLM4Bio folder, manifest CSV/parquet, or `synthetic`")
+    check.add_argument("path", help=_field_help(cfg.DataConfig, "data"))
     _add_params(check, {k: v for k, v in cfg.DATA_PARAMS.items() if k != "data"}, cfg.EvalConfig)
 
     prepare = data_commands.add_parser(
         "prepare", help="write a dataset as WebDataset shards of images resized once (train and "
                         "eval then read the folder as data)")
-    prepare.add_argument("path", help="VLM4Bio folder, manifest CSV/parquet, BIOSCAN-5M metadata, "
-                                      "or `synthetic`")
-    prepare.add_argument("--out", required=True, help="folder to write (new, empty, or an "
-                                                      "earlier prepare of the same source to finish)")
+    prepare.add_argument("path", help=_field_help(cfg.DataConfig, "data"))
+    prepare.add_argument("--out", required=True,
+                         help=f"{_field_help(cfg.PrepareConfig, 'out')} (required)")
     _add_params(prepare, {k: v for k, v in cfg.PREPARE_PARAMS.items() if k != "data"},
                 cfg.PrepareConfig)
 
@@ -85,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="run an Optuna study of training runs")
     _add_params(sweep, cfg.SWEEP_PARAMS, cfg.SweepConfig)
     sweep.add_argument("-P", "--param", dest="overrides", action="append", default=[],
-                       metavar="NAME=VALUE", help="override a fixed training parameter of the sweep file")
+                       metavar="NAME=VALUE", help="override a fixed training parameter of the "
+                                                  "sweep file; repeatable (default: none)")
     sweep.add_argument("--overrides", dest="override_list", default=None, metavar="N=V,N=V",
-                       help="the same overrides as one comma-separated string (MLproject form)")
+                       help="the same overrides as one comma-separated string, "
+                            "model=ViT-B/32,epochs=32, as MLproject passes them (default: none)")
 
     _add_params(commands.add_parser("compare", help="rank runs and write a report"),
                 cfg.COMPARE_PARAMS, cfg.CompareConfig)

@@ -9,7 +9,8 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from collections.abc import Mapping
-from typing import Any, get_args, get_type_hints
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from taxonclip import names
 from taxonclip.errors import ConfigError
@@ -47,22 +48,53 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TAXONCLIP_CACHE", Path.home() / ".cache" / "taxonclip"))
 
 
+def _described(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with its default and what `taxonclip <command> --help` says of it: one
+    line, and the fixed set of values it takes (none where it takes any value of its type)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the images are, how to read the manifest, and how to split it."""
 
-    data: str = SYNTHETIC
-    image_column: str | None = None
-    name_column: str | None = None
-    taxa: str | None = None
-    caption_column: str | None = None
-    captions: str | None = None
-    group_column: str | None = None
-    missing: str = "error"
-    test_size: float = 0.2
-    seed: int = 0
-    class_fraction: float = 1.0
-    split: str = "seeded"
+    data: str = _described(
+        SYNTHETIC, "the dataset: a VLM4Bio folder, a manifest CSV/parquet (or a folder holding "
+                   "one), BIOSCAN-5M metadata, a folder of `data prepare`, a WebDataset shard URL "
+                   "pattern, or synthetic (the generated specimens)")
+    image_column: str | None = _described(
+        None, "manifest column of the image paths (none: the first of fileNameAsDelivered, "
+              "image_path, file_name, file_path, image, path)")
+    name_column: str | None = _described(
+        None, "manifest column of the scientific names (none: scientificName or scientific_name)")
+    taxa: str | None = _described(
+        None, "one taxa name for every row (none: the manifest's taxa column, else its VLM4Bio "
+              "group folder, else the manifest's folder name)")
+    caption_column: str | None = _described(
+        None, "column of the captions: in the manifest, or in the captions file when captions is "
+              "set (none: caption, and in a captions file also description or text)")
+    captions: str | None = _described(
+        None, "CSV or parquet file of one caption per scientific name (e.g. field-guide "
+              "descriptions) for the text embeddings")
+    group_column: str | None = _described(
+        None, "manifest column of a group id (specimen, clip, observation): every image of a "
+              "group lands on the same side of the split")
+    missing: str = _described(
+        "error", "what a missing or unreadable image does: error stops, listing them; skip "
+                 "leaves it out, counted", MISSING_POLICIES)
+    test_size: float = _described(
+        0.2, "fraction of each species' images held out as test queries, in (0, 1); "
+             "split=seeded only")
+    seed: int = _described(
+        0, f"seed of every random draw: the split, the class subset, weights=none's init, and "
+           f"training's data order, augmentation, centre sampling and k-means (0 .. {MAX_SEED})")
+    class_fraction: float = _described(
+        1.0, "fraction of the classes kept, a seeded subset, in (0, 1]: train learns only them "
+             "and the rest are unseen at test time (All:seen, All:unseen rows); eval scores only "
+             "them")
+    split: str = _described(
+        "seeded", "seeded: a seeded train/test split stratified by species; official: the data's "
+                  "own partitions (its split column, as BIOSCAN-5M has)", SPLITS)
 
     def __post_init__(self) -> None:
         _check_choice("missing", self.missing, MISSING_POLICIES)
@@ -81,24 +113,40 @@ class ModelConfig:
     """Which backbone: a registry name (`taxonclip models`) or `runs:/`/`models:/` URI, and its weights:
     `pretrained` (the source's own weights), `none` (random init) or a file path."""
 
-    name: str = "tiny"
-    weights: str = "pretrained"
+    name: str = _described(
+        "tiny", "the encoder: a registry name (taxonclip models), open_clip:<architecture>, or a "
+                "logged model runs:/<run_id>/model or models:/<name>@<alias>")
+    weights: str = _described(
+        "pretrained", "pretrained (the published weights; tiny: a fixed init), none (a random init "
+                      "drawn from seed), a weights file or checkpoint, a logged model runs:/... of "
+                      "the same architecture, or hf-hub:<org>/<name> for open_clip")
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """CombinedMarginLoss and PartialFC: s·(cos(m1·θ+m2) − m3), filter τ, sampled centres."""
 
-    s: float = 32.0
-    m1: float = 1.0
-    m2: float = 0.3
-    m3: float = 0.0
-    filter: float = 0.0
-    sample_rate: float = 1.0
+    s: float = _described(32.0, f"scale s of the cosine logits, in (0, {MAX_MARGIN_SCALE:g}] "
+                                f"(UNICOM: 32, ArcFace: 64)")
+    m1: float = _described(1.0, "multiplicative angle margin m1 (only 1 is supported)")
+    m2: float = _described(0.3, "ArcFace additive angle margin m2 (radians), in [0, π)")
+    m3: float = _described(0.0, "CosFace additive cosine margin m3, at least 0 (not with "
+                                "margin_m2)")
+    filter: float = _described(0.0, "cosine threshold τ in [0, 1): non-target cosines above it "
+                                    "count as 0, without gradient (0: off)")
+    sample_rate: float = _described(
+        1.0, "PartialFC: fraction of the class centres in each step's softmax, in (0, 1]: every "
+             "class of the batch, plus random others up to the fraction (1: all)")
 
     def __post_init__(self) -> None:
         check_margins(self.s, self.m1, self.m2, self.m3, self.filter)
         _check_range("sample_rate", self.sample_rate, 0.0, 1.0, low_open=True)
+
+
+# what `device` and `decode` mean is the same for eval and train
+_DEVICE_HELP = "where the model runs: auto (CUDA where present, else the CPU), cpu, cuda or cuda:N"
+_DECODE_HELP = ("where images are decoded: workers (PIL, in the DataLoader workers) or device "
+                "(prepared shards' JPEGs on the model's device, nvJPEG on CUDA)")
 
 
 @dataclass(frozen=True)
@@ -107,14 +155,24 @@ class EvalConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    embedding: str = "visual"
-    batch_size: int = 256
-    workers: int = 2
-    chunk_size: int = 512  # knn.DEFAULT_CHUNK_SIZE, written out to keep this module free of torch
-    cache_embeddings: bool = True
-    device: str = "auto"
-    decode: str = "workers"
-    zero_shot: bool = False
+    embedding: str = _described(
+        "visual", "what is compared: visual (images), text (captions), avg or concat (image and "
+                  "caption fused), gallery_avg (gallery images fused with their caption, queries "
+                  "visual)", EMBEDDINGS)
+    batch_size: int = _described(256, "images (or captions) embedded per forward pass")
+    workers: int = _described(2, "DataLoader worker processes that decode the images (0: the "
+                                 "main process)")
+    # knn.DEFAULT_CHUNK_SIZE, written out to keep this module free of torch
+    chunk_size: int = _described(512, "test queries scored against the whole gallery at once "
+                                      "(memory and speed, not the metrics)")
+    cache_embeddings: bool = _described(
+        True, "reuse the embeddings of the same weights, images and captions from "
+              "~/.cache/taxonclip/embeddings")
+    device: str = _described("auto", _DEVICE_HELP)
+    decode: str = _described("workers", _DECODE_HELP, DECODERS)
+    zero_shot: bool = _described(
+        False, "also score zs_top1 and zs_top5: each test image labelled by the nearest class "
+               "text embedding (BioCLIP's protocol; needs a text tower)")
 
     def __post_init__(self) -> None:
         _check_choice("embedding", self.embedding, EMBEDDINGS)
@@ -135,25 +193,43 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    label: str = "species"
-    clusters: float = 0.1  # label=cluster: a fraction of the species (<= 1), or a count
-    epochs: int = 32
-    batch_size: int = 128
-    grad_accum: int = 1
-    lr: float = 1e-5
-    lr_pfc_weight: float = 10.0
-    weight_decay: float = 0.0
-    grad_clip: float = 0.0
-    workers: int = 2
-    eval_every: int = 1
-    keep_checkpoints: int = 2
-    resume: str | None = None
-    register_as: str | None = None
-    embedding: str = "visual"
-    metric: str = names.HEADLINE_METRIC
-    device: str = "auto"
-    compile: bool = False
-    decode: str = "workers"
+    label: str = _described(
+        "species", "the classes trained on: the names at a rank the data has, or cluster (k-means "
+                   "clusters of the starting model's embeddings, UNICOM's cluster "
+                   "discrimination)", LABELS)
+    clusters: float = _described(
+        0.1, "label=cluster: how many clusters, a fraction of the species (at most 1) or a count")
+    epochs: int = _described(32, "passes over the training images")
+    batch_size: int = _described(128, "images per micro-batch per process (also the evaluation's "
+                                      "batch)")
+    grad_accum: int = _described(1, "micro-batches per optimiser step (a step follows the mean "
+                                    "loss of grad_accum x batch_size images)")
+    lr: float = _described(1e-5, "peak learning rate of the backbone (AdamW; OneCycleLR warms up "
+                                 "to it, then anneals)")
+    lr_pfc_weight: float = _described(10.0, "learning-rate multiplier of the PartialFC class "
+                                            "centres (their peak rate is lr x lr_pfc_weight)")
+    weight_decay: float = _described(0.0, "AdamW's decoupled weight decay, of the backbone and "
+                                           "the centres")
+    grad_clip: float = _described(0.0, "largest L2 norm of the backbone's gradients; a larger one "
+                                       "is scaled down to it (0: no clipping)")
+    workers: int = _described(2, "DataLoader worker processes per training process (0: the "
+                                 "main process); from shards they also shape the batches")
+    eval_every: int = _described(1, "evaluate every this many epochs (and after the last)")
+    keep_checkpoints: int = _described(2, "checkpoints of the last epochs kept in the run, besides "
+                                          "the best one")
+    resume: str | None = _described(None, "run id of an unfinished train run to continue from its "
+                                          "last checkpoint, with its own parameters")
+    register_as: str | None = _described(None, "register the final model under this name in the "
+                                                "MLflow model registry")
+    embedding: str = _described(
+        "visual", "what each evaluation compares (as eval's embedding; text ones need captions)",
+        EMBEDDINGS)
+    metric: str = _described(names.HEADLINE_METRIC, "the table cell <taxa>/<level>/<score> that "
+                                                    "picks the best checkpoint")
+    device: str = _described("auto", _DEVICE_HELP)
+    compile: bool = _described(False, "compile the encoder with torch.compile: faster steps on a "
+                                      "GPU, after a compilation pause")
+    decode: str = _described("workers", _DECODE_HELP, DECODERS)
 
     def __post_init__(self) -> None:
         _check_choice("label", self.label, LABELS)
@@ -191,12 +267,17 @@ class PrepareConfig:
     shard, and encoding processes (0: one per core)."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    out: str = ""
-    size: int = 336  # the largest input of the registry's models (ViT-L/14@336px)
-    image_format: str = "jpeg"
-    quality: int = 95
-    shard_size: int = 1000
-    workers: int = 0
+    out: str = _described("", "folder to write: new, empty, or an earlier prepare of the same "
+                              "source to finish")
+    # the largest input of the registry's models (ViT-L/14@336px)
+    size: int = _described(336, "short side in pixels of the written images, or model names whose "
+                                "largest input it is (ViT-B/32,ViT-L/14@336px); smaller images "
+                                "keep their bytes")
+    # the keys of data.prepare.IMAGE_FORMATS, which imports PIL (tests/test_config.py checks them)
+    image_format: str = _described("jpeg", "encoding of the resized images", ("jpeg", "webp"))
+    quality: int = _described(95, "JPEG or WebP quality of the resized images, 1 to 100")
+    shard_size: int = _described(1000, "rows per shard")
+    workers: int = _described(0, "encoding processes (0: one per core)")
 
     def __post_init__(self) -> None:
         _check_at_least("workers", self.workers, 0)
@@ -206,11 +287,19 @@ class PrepareConfig:
 class SweepConfig:
     """An Optuna study over training parameters, read from a `sweeps/*.yaml` file."""
 
-    sweep: str = "sweeps/margin_lr.yaml"
-    n_trials: int = 20
-    timeout: float | None = None
-    storage: str | None = None
-    study_name: str | None = None
+    sweep: str = _described("sweeps/margin_lr.yaml", "the sweep file: study name, metric, "
+                                                     "sampler, pruner, fixed and searched "
+                                                     "training parameters")
+    n_trials: int = _described(20, "trials this invocation runs (a continued study keeps its "
+                                   "earlier ones)")
+    timeout: float | None = _described(None, "seconds after which no new trial starts (none: no "
+                                             "limit)")
+    storage: str | None = _described(
+        None, "Optuna storage: sqlite:///FILE, postgresql://USER@HOST/DB, mysql://..., or "
+              "journal:FILE (none: optuna.db beside a SQLite MLflow store, else in the working "
+              "folder)")
+    study_name: str | None = _described(None, "the study to create or continue (none: the sweep "
+                                              "file's name)")
     overrides: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -223,13 +312,18 @@ class SweepConfig:
 class CompareConfig:
     """Which runs to rank, by what, and whether to move the registry aliases."""
 
-    experiments: str | None = None
-    filter: str | None = None
-    metric: str = names.HEADLINE_METRIC
-    tie_break: str = names.TIE_BREAK_METRIC
-    top: int = 10
-    promote: bool = False
-    out: str = "reports/compare"
+    experiments: str | None = _described(None, "MLflow experiments, comma-separated names or ids "
+                                               "(none: every active one)")
+    filter: str | None = _described(None, "MLflow search filter on the runs, e.g. "
+                                          "\"params.model = 'ViT-B/32'\"")
+    metric: str = _described(names.HEADLINE_METRIC, "the table cell <taxa>/<level>/<score> that "
+                                                    "runs are ranked by, higher first")
+    tie_break: str = _described(names.TIE_BREAK_METRIC, "the table cell that breaks ties of metric "
+                                                        "(then the newer run wins)")
+    top: int = _described(10, "runs shown in the leaderboard and the plots")
+    promote: bool = _described(False, "move the registry alias champion to the best run's model "
+                                      "version, challenger to the runner-up")
+    out: str = _described("reports/compare", "folder of the report (CSV, Markdown, HTML, plots)")
 
     def __post_init__(self) -> None:
         check_table_key("metric", self.metric)
@@ -249,15 +343,44 @@ def flat_fields(config: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def description(cls: type, path: str) -> tuple[str, tuple[str, ...]]:
+    """The one-line description of the field at the dotted `path` of `cls` (`loss.m2`: field m2
+    of `cls.loss`) and its fixed set of values, as `_described` declares them ("" and () for a
+    field declared without)."""
+    owner, leaf = _owner(cls, path)
+    metadata = next(f for f in fields(owner) if f.name == leaf).metadata
+    return metadata.get("help", ""), metadata.get("choices", ())
+
+
+def field_type(cls: type, path: str) -> type:
+    """The declared type of the field at the dotted `path` of `cls`, without Optional."""
+    owner, leaf = _owner(cls, path)
+    return _without_none(get_type_hints(owner)[leaf])[0]
+
+
+def _owner(cls: type, path: str) -> tuple[type, str]:
+    """The dataclass that holds the field at the dotted `path` of `cls`, and the field's name."""
+    *parents, leaf = path.split(".")
+    for parent in parents:
+        cls = get_type_hints(cls)[parent]
+    return cls, leaf
+
+
+def _without_none(hint: Any) -> tuple[Any, bool]:
+    """The type of a hint without Optional (`int | None` -> int), and whether it was optional;
+    the configs' unions are all `T | None`."""
+    if get_origin(hint) not in (Union, UnionType):
+        return hint, False
+    return next(arg for arg in get_args(hint) if arg is not type(None)), True
+
+
 def coerce(cls: type, name: str, raw: Any) -> Any:
     """Turn the string `raw` into the declared type of field `name` of dataclass `cls`
     ("none" or "" gives None where the field is optional)."""
     hints = get_type_hints(cls)
     if name not in hints:
         raise ConfigError(f"unknown parameter {name!r} for {cls.__name__}")
-    args = get_args(hints[name])
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hints[name]) if args else hints[name]
+    base, optional = _without_none(hints[name])
     unset = raw is None or (isinstance(raw, str) and raw.strip().lower() in ("", "none", "null"))
     if unset and optional:
         return None
