@@ -18,9 +18,14 @@ compared. A run that no baseline matches has no gain, and the report gives the `
 command that would make its baseline.
 
 The report (CSV, Markdown, self-contained HTML, PNG plots) is written under `out` and logged as
-artifacts of a `compare` run. With `promote`, the registry alias `champion` moves to the model
-version of the best run that logged a model and `challenger` to the runner-up; other aliases of
-the registered models are left as they are.
+artifacts of a `compare` run. It shows scores in percent with two decimals and fits a 1280 px wide
+browser window: its tables name a run by its name and the first digits of its id, and the
+scores per taxa and level are a table of their own; leaderboard.csv holds every column, the
+scores as fractions rounded to six significant digits (taxonclip.formats).
+
+With `promote`, the registry alias `champion` moves to the model version of the best run that
+logged a model and `challenger` to the runner-up; other aliases of the registered models are left
+as they are.
 """
 
 from __future__ import annotations
@@ -41,10 +46,11 @@ from taxonclip import names
 from taxonclip.config import (COMPARE_PARAMS, EVAL_PARAMS, TRAIN_PARAMS, CompareConfig,
                               EvalConfig, flat_fields, to_params)
 from taxonclip.errors import ConfigError, ModelError, TrackingError
+from taxonclip.formats import PERCENT_NOTE, csv_text, percent
 from taxonclip.tracking import queries
 from taxonclip.tracking.models import MODEL_URI_PREFIXES
 from taxonclip.tracking.queries import RunRecord
-from taxonclip.tracking.runs import markdown_table, metric_history, tracked_run
+from taxonclip.tracking.runs import metric_history, tracked_run
 
 KIND_EVAL, KIND_TRAIN, KIND_TRIAL = "eval", "train", "sweep trial"
 LEFT_OUT_ENTRIES = ("compare", "sweep")
@@ -57,9 +63,18 @@ BASELINE_MATCH = ("model", "data", "seed", "test_size", "class_fraction", "embed
 _EVAL_DEFAULTS = flat_fields(EvalConfig())
 PARAM_DEFAULTS = {name: _EVAL_DEFAULTS[EVAL_PARAMS[name]] for name in (*BASELINE_MATCH, "weights")}
 CHAMPION, CHALLENGER = "champion", "challenger"
+SHORT_ID = 8  # hex digits of a run id that the report shows: enough to tell its runs apart
+LABEL_CHARS = 28  # longest run or model name in the report's tables and legends
+# The widest plot: at the 100 dpi of `png` it is shown at its own size in a 1280 px window.
+PLOT_INCHES = 12.0
+SWEEP_PLOTS_PER_ROW = 3
 HTML_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:100em}"
-              "table{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
-              "th,td{border:1px solid #ccc;padding:2px 6px;text-align:right}"
+              ".note{color:#555}"
+              # the last resort for a table too wide to wrap: it scrolls, the page does not
+              ".table{overflow-x:auto;margin-bottom:1em}"
+              "table{border-collapse:collapse;font-size:13px}"
+              "th,td{border:1px solid #ccc;padding:2px 6px;text-align:right;vertical-align:top}"
+              ".text{text-align:left}"
               "img{max-width:100%}")
 
 
@@ -333,9 +348,8 @@ def missing_baselines(board: pd.DataFrame) -> pd.DataFrame:
 
 
 def best_per_model(comparison: Comparison) -> pd.DataFrame:
-    """The best-ranked run of each model architecture."""
-    board = comparison.board.reset_index()
-    return board.drop_duplicates("model")[summary_columns(comparison.config)]
+    """The best-ranked run of each model architecture (`run_id` a column)."""
+    return comparison.board.reset_index().drop_duplicates("model")
 
 
 def side_by_side(comparison: Comparison) -> tuple[pd.DataFrame, str] | None:
@@ -362,8 +376,19 @@ def run_label(board: pd.DataFrame, run_id: str) -> str:
     return f"#{board.at[run_id, 'rank']} {board.at[run_id, 'run_name']} ({run_id})"
 
 
+def shortened(text: str, limit: int = LABEL_CHARS) -> str:
+    """`text`, cut to `limit` characters ending in an ellipsis where it is longer."""
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def short_run(name: str, run_id: str) -> str:
+    """`name (first digits of the run id)`, as the report's tables and legends name a run."""
+    return f"{shortened(name)} ({run_id[:SHORT_ID]})"
+
+
 def summary_columns(config: CompareConfig) -> list[str]:
-    """The leaderboard columns printed and shown before the per-cell block."""
+    """The leaderboard columns printed before the per-cell block (the report's tables join
+    `run_name` and `run_id` into one column, see `report_board`)."""
     return ["rank", config.metric, "gain", "kind", "model", "weights", *KEY_PARAMS,
             "run_name", "run_id"]
 
@@ -374,13 +399,33 @@ def skipped_frame(runs: list[RunRecord]) -> pd.DataFrame:
                          "entry": [r.entry for r in runs], "status": [r.status for r in runs]})
 
 
+def report_board(runs: pd.DataFrame, config: CompareConfig) -> pd.DataFrame:
+    """Ranked runs (board rows with `run_id` a column) as the report's tables show them: the
+    printed columns, run name and id in one short `run` column, as text (see `display`)."""
+    table = runs[summary_columns(config)].copy()
+    table["run"] = [short_run(name, run_id) for name, run_id in
+                    zip(table.pop("run_name"), table.pop("run_id"))]
+    table["model"] = table["model"].map(shortened)
+    return display(table)
+
+
+def cells_table(comparison: Comparison) -> pd.DataFrame:
+    """The metric in every taxa x level cell of the top runs: a row per cell and a column per run,
+    so that more cells make the table longer, not wider than the page."""
+    top = comparison.board.head(comparison.config.top)
+    table = top[comparison.cells].astype(float).T
+    table.columns = [f"#{rank} {shortened(name)}" for rank, name in
+                     zip(top["rank"], top["run_name"])]
+    return display(table.rename_axis("taxa/level").reset_index())
+
+
 def display(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame as text: scores (the float columns) in percent with 2 decimals, numeric key
-    params with 4 significant digits, blanks for missing values."""
+    """The frame as text: scores (the float columns) in percent with 2 decimals ("-" where a
+    run has none), numeric key params with 4 significant digits, other missing values blank."""
     def cell(value: object) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return ""
-        return f"{100 * value:.2f}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            return percent(value)
+        return "" if value is None else str(value)
 
     shown = frame.apply(lambda column: column.map(cell))
     for name in [c for c in KEY_PARAMS if c in frame.columns]:
@@ -487,20 +532,30 @@ def bars_plot(comparison: Comparison) -> Plot:
     pair = matched_pair(board)
     if pair is not None and pair[1] not in shown.index:
         shown = pd.concat([shown, board.loc[[pair[1]]]])
-    figure = Figure(figsize=(max(6.0, 1.1 * len(cells) + 2), 4.5))
+    figure = Figure(figsize=(min(PLOT_INCHES, max(6.0, 1.1 * len(cells) + 2)), 4.5),
+                    layout="constrained")
     axes = figure.add_subplot()
     width = 0.8 / len(shown)
     for i, (run_id, row) in enumerate(shown.iterrows()):
         positions = [x - 0.4 + width * (i + 0.5) for x in range(len(cells))]
+        name = f"{row['model']}, {row['kind']}"
         axes.bar(positions, 100 * row[cells].astype(float).fillna(0.0), width,
-                 label=f"#{row['rank']} {row['model']} ({row['kind']}, {run_id[:8]})")
+                 label=f"#{row['rank']} {short_run(name, run_id)}")
     metric_name = config.metric.rsplit("/", 1)[1]
     axes.set_xticks(range(len(cells)), cells, rotation=30, ha="right")
     axes.set_ylabel(f"{metric_name} (%)")
     axes.set_title(f"{metric_name} by taxa and level, top runs")
-    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    below_axes_legend(figure, len(shown))
     return Plot("metric_by_taxa.png", f"{metric_name} by taxa and level of the top runs",
                 png(figure))
+
+
+def below_axes_legend(figure, entries: int) -> None:
+    """The figure's legend under its axes, at the size of the tick labels: outside, it covers
+    no bar or line however many runs it names."""
+    axes = figure.axes[0]
+    figure.legend(*axes.get_legend_handles_labels(), loc="outside lower center",
+                  ncols=min(entries, 3))
 
 
 def curves_plot(comparison: Comparison) -> Plot | None:
@@ -512,10 +567,10 @@ def curves_plot(comparison: Comparison) -> Plot | None:
     if tuned.empty:
         return None
     metric_key = names.eval_metric(*config.metric.split("/"))
-    figure = Figure(figsize=(11, 4))
+    figure = Figure(figsize=(11, 4), layout="constrained")
     loss_axes, metric_axes = figure.subplots(1, 2)
     for run_id, row in tuned.iterrows():
-        label = f"#{row['rank']} {row['run_name']} ({run_id[:8]})"
+        label = f"#{row['rank']} {short_run(row['run_name'], run_id)}"
         for axes, key in ((loss_axes, names.TRAIN_LOSS), (metric_axes, metric_key)):
             history = metric_history(run_id, key)
             scale = 100 if key == metric_key else 1
@@ -523,7 +578,7 @@ def curves_plot(comparison: Comparison) -> Plot | None:
                       marker=".", label=label)
     loss_axes.set(xlabel="step", ylabel=names.TRAIN_LOSS, title="training loss")
     metric_axes.set(xlabel="epoch", ylabel=f"{metric_key} (%)", title=f"{config.metric} by epoch")
-    metric_axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    below_axes_legend(figure, len(tuned))  # both axes draw the runs in one order and colours
     return Plot("training_curves.png", "training loss and metric of the top fine-tuned runs",
                 png(figure))
 
@@ -550,11 +605,17 @@ def sweep_plots(comparison: Comparison) -> list[Plot]:
 
 def sweep_plot(trials: pd.DataFrame, params: list[str], runs: dict[str, RunRecord],
                metric: str, study: str, parent_id: str) -> Plot:
-    """One scatter per searched parameter: its value in each trial against the trial's metric."""
+    """One scatter per searched parameter: its value in each trial against the trial's metric,
+    SWEEP_PLOTS_PER_ROW to a row so that the figure keeps to the page's width."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(4 * len(params), 3.5))
-    for axes, param in zip(figure.subplots(1, len(params), squeeze=False)[0], params):
+    columns = min(len(params), SWEEP_PLOTS_PER_ROW)
+    rows = math.ceil(len(params) / columns)
+    figure = Figure(figsize=(4 * columns, 3.5 * rows), layout="constrained")
+    grid = figure.subplots(rows, columns, squeeze=False).flatten()
+    for axes in grid[len(params):]:
+        axes.remove()  # the unfilled places of the last row
+    for axes, param in zip(grid, params):
         texts = [runs[run_id].params.get(param, "") for run_id in trials.index]
         scatter_param(axes, texts, (100 * trials[metric].astype(float)).tolist())
         axes.set(xlabel=param, ylabel=f"{metric} (%)")
@@ -589,9 +650,12 @@ def report_sections(comparison: Comparison, plots: list[Plot],
                f"{config.metric} (ties: {config.tie_break}); {len(comparison.skipped)} skipped. "
                f"Gain: the metric minus that of the best-ranked pretrained baseline (an eval run "
                f"of the published weights) with the same {', '.join(BASELINE_MATCH)}.")
-    sections = [Section("Leaderboard", summary,
-                        display(top[summary_columns(config) + comparison.cells])),
-                Section("Best run per model", table=display(best_per_model(comparison)))]
+    metric_name = config.metric.rsplit("/", 1)[1]
+    sections = [Section("Leaderboard", summary, report_board(top, config)),
+                Section(f"Top runs by taxa and level ({metric_name})",
+                        table=cells_table(comparison)),
+                Section("Best run per model", table=report_board(best_per_model(comparison),
+                                                                  config))]
     side = side_by_side(comparison)
     if side is not None:
         table, line = side
@@ -613,27 +677,36 @@ def report_sections(comparison: Comparison, plots: list[Plot],
 
 def to_markdown(title: str, sections: list[Section]) -> str:
     """The report as Markdown, plots linked from `plots/`."""
-    parts = [f"# {title}\n"]
+    parts = [f"# {title}\n", f"{PERCENT_NOTE}\n"]
     for section in sections:
         parts.append(f"## {section.title}\n")
         if section.text:
             parts.append(f"{section.text}\n")
         if section.table is not None:
-            parts.append(markdown_table(section.table))
+            parts.append(markdown_grid(section.table))
         if section.plot is not None:
             parts.append(f"![{section.plot.title}](plots/{section.plot.name})\n")
     return "\n".join(parts)
 
 
+def markdown_grid(table: pd.DataFrame) -> str:
+    """A table of the report in GitHub Markdown, every cell as its text (see `display`); blank
+    where missing."""
+    texts = table.astype(object).where(table.notna(), "").astype(str)
+    lines = ["| " + " | ".join(map(str, texts.columns)) + " |", "|" + "---|" * len(texts.columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in texts.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
 def to_html(title: str, sections: list[Section]) -> str:
     """The report as one HTML file that needs nothing else: inline style, plots as data URIs."""
-    body = [f"<h1>{html.escape(title)}</h1>"]
+    body = [f"<h1>{html.escape(title)}</h1>", f'<p class="note">{html.escape(PERCENT_NOTE)}</p>']
     for section in sections:
         body.append(f"<h2>{html.escape(section.title)}</h2>")
         if section.text:
             body.append(f"<p>{html.escape(section.text)}</p>")
         if section.table is not None:
-            body.append(section.table.to_html(index=False, border=0, na_rep=""))
+            body.append(html_table(section.table))
         if section.plot is not None:
             data = base64.b64encode(section.plot.png).decode("ascii")
             alt = html.escape(section.plot.title)
@@ -643,12 +716,41 @@ def to_html(title: str, sections: list[Section]) -> str:
             f"<body>\n{chr(10).join(body)}\n</body></html>\n")
 
 
+def html_table(table: pd.DataFrame) -> str:
+    """A table as HTML that fits the page: headings break after "/" and "_", text (left aligned)
+    wraps at its spaces and a table still too wide scrolls in its own box."""
+    texts = table.astype(object).where(table.notna(), "").astype(str)
+    classes = ["" if texts[column].map(is_number).all() else ' class="text"'
+               for column in texts.columns]
+    head = "".join(f"<th{kind}>{breakable(str(column))}</th>"
+                   for kind, column in zip(classes, texts.columns))
+    rows = "".join("<tr>" + "".join(f"<td{kind}>{html.escape(value)}</td>"
+                                    for kind, value in zip(classes, row)) + "</tr>\n"
+                   for row in texts.itertuples(index=False))
+    return (f'<div class="table"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{rows}'
+            f"</tbody></table></div>")
+
+
+def is_number(text: str) -> bool:
+    """Whether a table cell is a number, or blank or "-" where a number is missing."""
+    try:
+        float(text)
+    except ValueError:
+        return text in ("", "-")
+    return True
+
+
+def breakable(text: str) -> str:
+    """`text` escaped for HTML, with a line-break opportunity after every "/" and "_"."""
+    return re.sub(r"([/_])", r"\1<wbr>", html.escape(text))
+
+
 def write_report(comparison: Comparison, plots: list[Plot], promotions: list[Promotion],
                  out: Path) -> list[Path]:
     """Write leaderboard.csv, report.md, report.html and plots/*.png under `out`; returns them."""
     (out / "plots").mkdir(parents=True, exist_ok=True)
     written = [out / "leaderboard.csv"]
-    comparison.board.reset_index().to_csv(written[0], index=False)
+    written[0].write_text(csv_text(comparison.board.reset_index()), encoding="utf-8")
     for plot in plots:
         path = out / "plots" / plot.name
         path.write_bytes(plot.png)
