@@ -15,7 +15,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from taxonclip.progress import Progress
 
 MAX_ITERATIONS = 100
 _SEED_STREAM = 0x6B6D  # k-means draws its own numbers, apart from the model's init
@@ -37,14 +38,16 @@ def kmeans(vectors: torch.Tensor, k: int, seed: int, progress: bool = True,
     generator = torch.Generator().manual_seed(seed * 100_003 + _SEED_STREAM)
     centres = _kmeans_plus_plus(points, k, generator)
     assignment = None
-    for _ in tqdm(range(max_iterations), desc="k-means", unit="step",
-                  disable=None if progress else True):
+    bar = Progress(max_iterations, "k-means", "iterations", show=progress)
+    for _ in range(max_iterations):
+        bar.update()
         similarity = points @ centres.T
         new = similarity.argmax(dim=1)
         if assignment is not None and torch.equal(new, assignment):
             break
         assignment = new
         centres = _centres(points, assignment, k, similarity)
+    bar.close()
     return assignment.numpy(), centres
 
 

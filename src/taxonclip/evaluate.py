@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from taxonclip import knn, zero_shot
 from taxonclip.config import EvalConfig, cache_dir
@@ -41,7 +40,9 @@ from taxonclip.data.splits import (GROUP_COLUMN, PARTITION_COLUMN, QUERY_PARTITI
 from taxonclip.distributed import resolve_device
 from taxonclip import names
 from taxonclip.errors import ConfigError, DataError, MetricNotInTable, ModelError
+from taxonclip.formats import PERCENT_NOTE, percent
 from taxonclip.names import ALL_TAXA, COUNT_COLUMNS, VLM4BIO_LEVELS, Levels
+from taxonclip.progress import Progress
 
 TABLE_COLUMNS = ("taxa", "level", *COUNT_COLUMNS, *knn.METRICS)
 # The similarity blocks of one chunk of queries stay under this, however large the gallery.
@@ -125,8 +126,9 @@ def embed_dataset(encoder: torch.nn.Module, dataset, count: int, *, batch_size: 
     encoder.eval()
     store, arrived = None, np.zeros(count, dtype=bool)
     batches = -(-count // batch_size)
-    for images, _, index in tqdm(loader, desc="embed", unit="batch", total=batches,
-                                 disable=None if progress else True):
+    bar = Progress(batches, "embed", "batches", show=progress)
+    for images, _, index in loader:
+        bar.update()
         if len(index) == 0:
             continue
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -136,6 +138,7 @@ def embed_dataset(encoder: torch.nn.Module, dataset, count: int, *, batch_size: 
             store = _scratch_memmap((count, out.shape[1]), dtype)
         store[index.numpy()] = out.float().cpu().numpy()
         arrived[index.numpy()] = True
+    bar.close()
     encoder.train(was_training)
     if store is None:
         raise DataError("no image of the manifest could be decoded")
@@ -589,8 +592,9 @@ def split_csv(result: EvalResult) -> str:
 
 
 def format_table(table: pd.DataFrame) -> str:
-    """The table aligned for a terminal, accuracies as percentages with two decimals."""
+    """The table aligned for a terminal, accuracies as percentages with two decimals, and a
+    line that says so."""
     shown = table.copy()
     for column in [c for c in (*knn.METRICS, *names.ZERO_SHOT_SCORES) if c in shown.columns]:
-        shown[column] = shown[column].map(lambda v: "-" if pd.isna(v) else f"{100 * v:6.2f}")
-    return shown.to_string(index=False)
+        shown[column] = shown[column].map(percent)
+    return f"{shown.to_string(index=False)}\n({PERCENT_NOTE})"

@@ -135,14 +135,27 @@ def evaluate(config: EvalConfig) -> int:
     encoder = resolve_model(config.model, str(resolve_device(config.device)),
                             seed=config.data.seed)
     check_zero_shot(encoder, config)
-    with tracked_run("eval", run_name=f"eval {config.model.name}") as run:
+    with tracked_run("eval", run_name=eval_run_name(config)) as run:
         run.log_params(to_params(config, EVAL_PARAMS))
         run.log_text(report, names.DATA_SUMMARY)
         result = run_evaluation(config, encoder, manifest, split)
         log_evaluation(run, result)
     print(format_table(result.table))
-    print(where_to_look(run.run_id))
+    print(where_to_look(run.run_id, run.experiment_id))
     return 0
+
+
+def eval_run_name(config: EvalConfig) -> str:
+    """The run's name in the MLflow UI: "eval ViT-B/32 pretrained", "eval tiny weights=none
+    gallery_avg zero-shot"."""
+    weights = config.model.weights
+    parts = ["eval", config.model.name,
+             "pretrained" if weights == "pretrained" else f"weights={Path(weights).name}"]
+    if config.embedding != "visual":
+        parts.append(config.embedding)
+    if config.zero_shot:
+        parts.append("zero-shot")
+    return " ".join(parts)
 
 
 def log_evaluation(run, result) -> None:
@@ -160,22 +173,44 @@ def log_evaluation(run, result) -> None:
         run.log_text(result.class_texts.to_csv(index=False), names.ZERO_SHOT_TEXTS)
 
 
-def where_to_look(run_id: str | None) -> str:
-    """Where to see a run in the MLflow UI."""
+def where_to_look(run_id: str | None, experiment_id: str | None = None) -> str:
+    """Where to see a run in the MLflow UI, and the saved view of its experiment's runs."""
+    from taxonclip.tracking.experiments import view_link
     from taxonclip.tracking.runs import redacted_uri, tracking_uri
 
     uri = redacted_uri(tracking_uri())
-    if uri.startswith("http"):
-        return f"MLflow run {run_id}: open {uri} and pick the run to see it"
+    remote = uri.startswith("http")
+    server = uri if remote else LOCAL_UI
+    if experiment_id is None:
+        page = f"open {server} and pick the run to see it"
+    else:
+        page = (f"{server}/#/experiments/{experiment_id}/runs/{run_id}\nits experiment's runs, "
+                f"by {names.HEADLINE_METRIC}: {view_link(server, experiment_id)}")
+    if remote:
+        return f"MLflow run {run_id}: {page}"
     return (f"MLflow run {run_id} in {uri}: see it with `mlflow ui --backend-store-uri {uri}` "
-            f"(or `make server`)")
+            f"(or `make server`), then {page}")
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` and `make server` serve the UI
 
 
 def train(config: TrainConfig) -> int:
     """Fine-tune, evaluate and log one model (`torchrun` starts one process per GPU)."""
+    from taxonclip.evaluate import format_table
+    from taxonclip.formats import percent
     from taxonclip.train import run_training
 
-    run_training(config)
+    outcome = run_training(config)
+    if outcome.evaluation is None:  # ranks other than 0 evaluate nothing
+        return 0
+    print(format_table(outcome.table))
+    print(f"best epoch {outcome.best_epoch} of {config.epochs} by {outcome.metric}: "
+          f"{percent(outcome.best_metric)}%")
+    print(f"its checkpoint: {outcome.best_checkpoint}")
+    print(f"the model: runs:/{outcome.run_id}/{names.MODEL_ARTIFACT}"
+          + (f" (registered as {config.register_as})" if config.register_as else ""))
+    print(where_to_look(outcome.run_id, outcome.experiment_id))
     return 0
 
 

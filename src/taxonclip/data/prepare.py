@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from taxonclip import names
 from taxonclip.data import shards
 from taxonclip.data.manifest import (COLUMNS, Manifest, ManifestReport, check_taxa_names,
                                      clean_name, genus_of, species_of)
 from taxonclip.errors import ConfigError, DataError
+from taxonclip.progress import Progress
 
 PLAN_FILE = "plan.json"
 IMAGE_FORMATS = {"jpeg": ("jpg", "JPEG"), "webp": ("webp", "WEBP")}
@@ -192,7 +192,7 @@ def _shard_slices(n: int, size: int) -> list[slice]:
 
 def _run(jobs: list[_ShardJob], workers: int, images: int, progress: bool) -> list[_ShardDone]:
     """Every shard job, on `workers` processes (inline with one), with a progress bar."""
-    bar = tqdm(total=images, desc="prepare", unit="img", disable=None if progress else True)
+    bar = Progress(images, "prepare", "images", show=progress)
     done = []
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:

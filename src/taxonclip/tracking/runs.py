@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import logging
 import os
+import shlex
 import sys
 import time
 import urllib.error
@@ -24,6 +26,8 @@ import pandas as pd
 
 from taxonclip import names
 from taxonclip.errors import TrackingError
+from taxonclip.formats import PERCENT_NOTE, csv_text, percent
+from taxonclip.tracking.experiments import prepare_experiment
 from taxonclip.tracking.spool import Spool
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -32,6 +36,9 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+# MLflow's own progress bars ("Downloading artifacts") say nothing to a user of this tool, and
+# turn a log file into carriage returns.
+QUIET_DEFAULTS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 HEALTH_TIMEOUT_S = 5.0  # asking a server whether it is there, after a call failed
 
 
@@ -49,6 +56,9 @@ def connect() -> str:
     import mlflow
 
     uri = tracking_uri()
+    for name, value in QUIET_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     if uri.startswith(("http://", "https://")):
         for name, value in HTTP_RETRY_DEFAULTS.items():
             os.environ.setdefault(name, value)
@@ -109,6 +119,7 @@ class NullRun:
     """Stands in for a run where nothing is logged (ranks other than 0)."""
 
     run_id: str | None = None
+    experiment_id: str | None = None
 
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
@@ -122,10 +133,11 @@ class Run:
     reaches the server first sends what waits, in order. Reads (`last_step`, `list_artifacts`)
     need the server."""
 
-    def __init__(self, run_id: str, spool: Spool | None = None):
+    def __init__(self, run_id: str, spool: Spool | None = None, info=None):
         from mlflow.tracking import MlflowClient
 
         self.run_id = run_id
+        self._info = info  # the run's RunInfo where the caller has it: no call to the server
         self.client = MlflowClient()
         self.spool = spool or Spool.of_run(run_id)
         self.queued = len(self.spool.pending())
@@ -184,7 +196,11 @@ class Run:
 
     @functools.cached_property
     def _artifact_uri(self) -> str:
-        return self.client.get_run(self.run_id).info.artifact_uri
+        return self._run_info.artifact_uri
+
+    @functools.cached_property
+    def _run_info(self):
+        return self._info or self.client.get_run(self.run_id).info
 
     def download(self, artifact_path: str, dst: str | Path) -> Path:
         """Fetch one artifact of this run into `dst`."""
@@ -203,14 +219,33 @@ class Run:
         return [f.path for f in self.client.list_artifacts(self.run_id, folder) if not f.is_dir]
 
     def log_eval_metrics(self, table: pd.DataFrame, step: int | None = None) -> None:
-        """Log every cell of the per-taxa table as a metric `eval/<taxa>/<level>/<metric>`."""
+        """Log every score of the per-taxa table as a metric `eval/<taxa>/<level>/<score>`, and
+        the counts of its overall rows as parameters (once: a later call keeps them)."""
         self.log_metrics(table_metrics(table), step=step)
+        self.log_params(table_counts(table))
+
+    def artifact_location(self, artifact_path: str) -> str:
+        """Where one artifact of this run is kept: a path where the artifact store is a local
+        folder, else its URI; while calls wait for the server, the spool they wait in."""
+        if self.queued:
+            return f"{self.spool.folder} (until the tracking server takes it)"
+        uri = self._artifact_uri
+        if uri.startswith("file:"):
+            return str(Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path), artifact_path))
+        if "://" not in uri and not uri.startswith(("mlflow-artifacts:", "runs:")):
+            return str(Path(uri, artifact_path))
+        return f"{uri.rstrip('/')}/{artifact_path}"
+
+    @property
+    def experiment_id(self) -> str:
+        """The id of the experiment the run is in."""
+        return self._run_info.experiment_id
 
     def log_eval_table(self, table: pd.DataFrame) -> None:
         """Log the per-taxa table as an MLflow table (`eval/per_taxa.json`), CSV and Markdown,
         replacing any the run holds (MLflow appends the rows of a second table to the first)."""
         self._send("table", table=table.to_json(orient="split", index=False))
-        self.log_text(table.to_csv(index=False), names.TABLE_CSV)
+        self.log_text(csv_text(table), names.TABLE_CSV)
         self.log_text(markdown_table(table), names.TABLE_MARKDOWN)
 
     def log_model(self, encoder, register_as: str | None = None) -> None:
@@ -367,20 +402,42 @@ class Run:
 
 
 def table_metrics(table: pd.DataFrame) -> dict[str, float]:
-    """The scalar metrics of a per-taxa table, keyed `eval/<taxa>/<level>/<metric>`."""
-    values = table.drop(columns=["taxa", "level"]).select_dtypes("number")
+    """The scores of a per-taxa table as metrics, keyed `eval/<taxa>/<level>/<score>`; the
+    counts (`n_test`, ...) are no curve: see `table_counts`."""
+    scores = table.drop(columns=["taxa", "level", *names.COUNT_COLUMNS],
+                        errors="ignore").select_dtypes("number")
     return {names.eval_metric(row.taxa, row.level, column): float(getattr(row, column))
-            for row in table.itertuples(index=False) for column in values.columns
+            for row in table.itertuples(index=False) for column in scores.columns
             if pd.notna(getattr(row, column))}
 
 
-def markdown_table(table: pd.DataFrame) -> str:
-    """A GitHub-style Markdown table, floats with 4 decimals."""
-    def cell(value: Any) -> str:
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+def table_counts(table: pd.DataFrame) -> dict[str, int]:
+    """The counts of the overall rows (`All`, `All:seen`, ...) as parameters, keyed like the
+    metrics (`eval/All/species/n_test`): they are the same at every epoch, and the counts of
+    every row are in the table."""
+    overall = table[table["taxa"].astype(str).str.startswith(names.ALL_TAXA)]
+    return {names.eval_metric(row.taxa, row.level, column): int(getattr(row, column))
+            for row in overall.itertuples(index=False) for column in names.COUNT_COLUMNS
+            if column in table.columns and pd.notna(getattr(row, column))}
 
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The per-taxa table in GitHub Markdown: the scores in percent with two decimals, then the
+    counts, as two tables narrow enough that a viewer shows every header in full."""
+    keys = ["taxa", "level"]
+    scores = [c for c in table.columns if c not in (*keys, *names.COUNT_COLUMNS)]
+    counts = [c for c in names.COUNT_COLUMNS if c in table.columns]
+    shown = table.copy()
+    for column in scores:
+        shown[column] = shown[column].map(percent)
+    return (f"Scores, {PERCENT_NOTE}:\n\n{_markdown(shown[keys + scores])}\n"
+            f"Counts: scored test images, classes, test images whose label has no train image:"
+            f"\n\n{_markdown(shown[keys + counts])}")
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -417,8 +474,10 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
                             f"{redacted_uri(tracking_uri())}: {exc}") from None
     if launched and launched != active.info.run_id:
         _point_to_resumed(launched, active.info.run_id)
-    run = Run(active.info.run_id)
+    run = Run(active.info.run_id, info=active.info)
     run.resend()  # what an earlier process of this run left in its spool goes first
+    prepare_experiment(run.client, active.info.experiment_id)
+    _describe(run, launched_by_mlflow=launched is not None, resumed=resume_run_id is not None)
     status = "FAILED"
     try:
         yield run
@@ -463,6 +522,29 @@ def sync_spool(folder: Path) -> tuple[str, int]:
         raise TrackingError(f"the tracking server at {redacted_uri(tracking_uri())} is still "
                             f"unreachable; {run.queued} call(s) wait in {folder}")
     return run.run_id, count
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that started this process, as a user would type it again (`taxonclip train
+    ...` for `python -m taxonclip`), with any password in a URL replaced by `***`."""
+    argv = list(sys.argv if argv is None else argv)
+    program = Path(argv[0]).name if argv else "taxonclip"
+    if program in ("__main__.py", "taxonclip"):
+        head = ["taxonclip"]
+    elif program.endswith(".py"):
+        head = ["python", os.path.relpath(argv[0]) if os.path.isabs(argv[0]) else argv[0]]
+    else:
+        head = [program]
+    return shlex.join(head + [redacted_uri(word) if "@" in word else word for word in argv[1:]])
+
+
+def _describe(run: Run, launched_by_mlflow: bool, resumed: bool) -> None:
+    """Write the command that made the run into its description (the MLflow UI's note); a
+    resume adds its own command below the first."""
+    how = " (started by `mlflow run`)" if launched_by_mlflow else ""
+    line = f"{'Resumed' if resumed else 'Made'} by `{command_line()}`{how} in `{os.getcwd()}`."
+    held = run.client.get_run(run.run_id).data.tags.get(names.TAG_NOTE, "") if resumed else ""
+    run.set_tags({names.TAG_NOTE: f"{held}\n\n{line}".strip()})
 
 
 def _point_to_resumed(launched: str, resumed: str) -> None:
