@@ -61,10 +61,10 @@ def test_markdown_table_shows_percent_scores_and_counts_apart():
                           "n_classes": [60], "n_lone": [0], "top1_cos": [0.341666],
                           "macro_top1_cos": [float("nan")]})
     text = markdown_table(table)
-    assert "| taxa | level | top1_cos | macro_top1_cos |" in text
-    assert "| All | species | 34.17 | - |" in text
-    assert "| taxa | level | n_test | n_classes | n_lone |" in text
-    assert "| All | species | 360 | 60 | 0 |" in text
+    assert "| taxa/level | top1_cos | macro_top1_cos |" in text
+    assert "| All/species | 34.17 | - |" in text
+    assert "| taxa/level | n_test | n_classes | n_lone |" in text
+    assert "| All/species | 360 | 60 | 0 |" in text
     assert formats.PERCENT_NOTE in text
 
 
@@ -135,7 +135,7 @@ def test_the_table_artifacts_are_rounded_and_in_percent(trained):
     table = pd.read_csv(io.StringIO(csv)).set_index(["taxa", "level"])
     markdown = Path(client.download_artifacts(run.info.run_id, names.TABLE_MARKDOWN)).read_text()
     value = table.loc[("All", "species"), "top1_cos"]
-    assert f"| All | species | {formats.percent(value)} |" in markdown
+    assert f"| All/species | {formats.percent(value)} |" in markdown
 
 
 def test_the_experiment_opens_on_model_development_with_the_saved_view(trained):

@@ -129,6 +129,7 @@ def run_compare(config: CompareConfig) -> Path:
     if side is not None:
         table, line = side
         print(f"\n{line}\n{display(table).to_string(index=False)}")
+    print(f"({PERCENT_NOTE})")
     with tracked_run("compare", run_name="compare") as run:
         run.log_params(to_params(config, COMPARE_PARAMS))
         promotions = promote(comparison) if config.promote else []

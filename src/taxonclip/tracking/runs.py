@@ -424,15 +424,15 @@ def table_counts(table: pd.DataFrame) -> dict[str, int]:
 def markdown_table(table: pd.DataFrame) -> str:
     """The per-taxa table in GitHub Markdown: the scores in percent with two decimals, then the
     counts, as two tables narrow enough that a viewer shows every header in full."""
-    keys = ["taxa", "level"]
-    scores = [c for c in table.columns if c not in (*keys, *names.COUNT_COLUMNS)]
+    scores = [c for c in table.columns if c not in ("taxa", "level", *names.COUNT_COLUMNS)]
     counts = [c for c in names.COUNT_COLUMNS if c in table.columns]
     shown = table.copy()
     for column in scores:
         shown[column] = shown[column].map(percent)
-    return (f"Scores, {PERCENT_NOTE}:\n\n{_markdown(shown[keys + scores])}\n"
+    shown.insert(0, "taxa/level", shown["taxa"].astype(str) + "/" + shown["level"].astype(str))
+    return (f"Scores, {PERCENT_NOTE}:\n\n{_markdown(shown[['taxa/level', *scores]])}\n"
             f"Counts: scored test images, classes, test images whose label has no train image:"
-            f"\n\n{_markdown(shown[keys + counts])}")
+            f"\n\n{_markdown(shown[['taxa/level', *counts]])}")
 
 
 def _markdown(frame: pd.DataFrame) -> str:
