@@ -46,6 +46,13 @@ def sqlite_tracking(monkeypatch, folder: Path, experiment: str | None = None) ->
         monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
 
 
+def slow_but_all_three(cases) -> list:
+    """The password cases of a test that takes seconds each: the one holding every character
+    (`all three`) runs in `make test`, the others with the slow tests."""
+    return [pytest.param(case, id=case, marks=() if case == "all three" else pytest.mark.slow)
+            for case in cases]
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that nothing listens on now."""
     import socket
@@ -200,3 +207,46 @@ def offline(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("UNICOM_CACHE", raising=False)
     return tmp_path
+
+
+DEMO_EXPERIMENT = "demo-runs"
+DEMO_TRAIN = ["train", "--model", "tiny", "--epochs", "3", "--batch_size", "8", "--lr", "2e-3",
+              "--margin_s", "16", "--margin_m2", "0.2", "--workers", "0"]
+
+
+@pytest.fixture(scope="session")
+def demo_runs(specimens, tmp_path_factory) -> dict:
+    """What `make demo` does, on the small specimens, in one sqlite store: a pretrained eval of
+    the tiny model, a train matched to it (its stdout and stderr kept, as a shell not attached to
+    a terminal gets them, and its command line as `taxonclip train` sets it), and a compare of
+    the two. Returns the store's `client`, the `train` run, `stdout`, `stderr` and `report`."""
+    import io
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    from taxonclip.cli import main
+
+    root = tmp_path_factory.mktemp("demo-runs")
+    patch = pytest.MonkeyPatch()
+    sqlite_tracking(patch, root, DEMO_EXPERIMENT)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        patch.delenv(name, raising=False)
+    patch.chdir(root)
+    data = ["--data", str(specimens)]
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        assert main(["eval", "--model", "tiny", "--workers", "0", *data]) == 0
+        with patch.context() as captured:
+            captured.setattr("sys.stdout", out)
+            captured.setattr("sys.stderr", err)
+            captured.setattr("sys.argv", ["/venv/taxonclip/__main__.py", *DEMO_TRAIN, *data])
+            status = main([*DEMO_TRAIN, *data])
+        assert status == 0, err.getvalue()
+        assert main(["compare", "--experiments", DEMO_EXPERIMENT, "--out", str(root / "report")]) == 0
+    finally:
+        patch.undo()
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", out.getvalue()).group(1)
+    return {"client": client, "train": client.get_run(run_id), "stdout": out.getvalue(),
+            "stderr": err.getvalue(), "report": root / "report" / "report.html"}

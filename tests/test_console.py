@@ -13,15 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from taxonclip import cli, formats, names
+from taxonclip import formats, names
 from taxonclip.progress import Progress
 from taxonclip.tracking import experiments
 from taxonclip.tracking.runs import command_line, markdown_table
-from tests.conftest import sqlite_tracking
-
-TRAIN = ["train", "--model", "tiny", "--epochs", "3", "--batch_size", "8", "--lr", "2e-3",
-         "--margin_s", "16", "--margin_m2", "0.2", "--workers", "0"]
-
 
 def test_percent_and_rounding_are_one_way():
     assert formats.percent(0.341666666) == "34.17"
@@ -69,26 +64,9 @@ def test_markdown_table_shows_percent_scores_and_counts_apart():
 
 
 @pytest.fixture(scope="module")
-def trained(specimens, tmp_path_factory):
-    """One `taxonclip train` through the CLI, its stdout and stderr, and its MLflow run."""
-    from mlflow.tracking import MlflowClient
-
-    folder = tmp_path_factory.mktemp("console")
-    monkeypatch = pytest.MonkeyPatch()
-    sqlite_tracking(monkeypatch, folder, "console")
-    monkeypatch.chdir(folder)
-    out, err = io.StringIO(), io.StringIO()
-    monkeypatch.setattr("sys.stdout", out)
-    monkeypatch.setattr("sys.stderr", err)
-    monkeypatch.setattr("sys.argv", ["/venv/taxonclip/__main__.py", *TRAIN, "--data", "DATA"])
-    try:
-        status = cli.main([*TRAIN, "--data", str(specimens)])
-    finally:
-        monkeypatch.undo()
-    assert status == 0, err.getvalue()
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-    run_id = re.search(r"MLflow run ([0-9a-f]{32})", out.getvalue()).group(1)
-    return out.getvalue(), err.getvalue(), client, client.get_run(run_id)
+def trained(demo_runs):
+    """The stdout and stderr of one `taxonclip train`, its store and its MLflow run."""
+    return demo_runs["stdout"], demo_runs["stderr"], demo_runs["client"], demo_runs["train"]
 
 
 def test_train_prints_the_table_the_best_epoch_its_checkpoint_and_the_run(trained):

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from taxonclip.cli import main
-from tests.conftest import REPO, sqlite_tracking
+from tests.conftest import REPO
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # Headless, and fit for a container: no sandbox (root), no GPU, no small /dev/shm.
@@ -18,7 +17,6 @@ CHROMIUM_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-d
 WIDTH, HEIGHT = 1280, 800
 ARTIFACTS = REPO / "test-artifacts"
 SCREENSHOT = "report-1280.png"
-EXPERIMENT = "report-browser"
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +44,10 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def report(specimens, tmp_path_factory) -> Path:
+def report(demo_runs) -> Path:
     """report.html of a real compare over a pretrained eval of the tiny model and a fine-tuned
     run matched to it: leaderboard, per-cell and side-by-side tables, bars and training curves."""
-    root = tmp_path_factory.mktemp("report-browser")
-    patch = pytest.MonkeyPatch()
-    sqlite_tracking(patch, root, EXPERIMENT)
-    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
-        patch.delenv(name, raising=False)
-    data = ["--model", "tiny", "--data", str(specimens), "--workers", "0"]
-    try:
-        assert main(["eval", *data]) == 0
-        assert main(["train", *data, "--epochs", "2", "--batch_size", "16", "--lr", "1e-3"]) == 0
-        assert main(["compare", "--experiments", EXPERIMENT, "--out", str(root / "report")]) == 0
-    finally:
-        patch.undo()
-    return root / "report" / "report.html"
+    return demo_runs["report"]
 
 
 @pytest.fixture(scope="module")

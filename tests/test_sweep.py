@@ -32,7 +32,7 @@ from taxonclip.sweep import (GRACE_BEATS, HEARTBEAT_ENV, HEARTBEAT_S, MetricNotI
                              redact, run_sweep, suggest)
 from taxonclip.tracking.runs import redacted_uri
 from taxonclip.train import run_training
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, slow_but_all_three
 
 SHIPPED = sorted((REPO / "sweeps").glob("*.yaml"))
 METRIC = names.eval_metric(names.ALL_TAXA, "species", "top1_cos")
@@ -169,13 +169,6 @@ def test_redact_hides_passwords_only():
 PASSWORDS = {"slash": "se/cr3t", "at": "p@ss", "colon": "a:b", "all three": "x/y@z:w"}
 
 
-def _slow_but_all_three(cases) -> list:
-    """The password cases of a test that takes seconds each: the one holding every character
-    runs in `make test`, the others with the slow tests."""
-    return [pytest.param(case, id=case, marks=() if case == "all three" else pytest.mark.slow)
-            for case in cases]
-
-
 @pytest.mark.parametrize("password", PASSWORDS.values(), ids=PASSWORDS)
 def test_redact_hides_passwords_holding_url_characters(password):
     url = f"postgresql://ana:{password}@db.lab:5432/optuna"
@@ -192,7 +185,7 @@ def test_redact_hides_what_it_cannot_parse():
         open_storage(unparsable)
 
 
-@pytest.mark.parametrize("case", _slow_but_all_three(PASSWORDS))
+@pytest.mark.parametrize("case", slow_but_all_three(PASSWORDS))
 def test_unreachable_storage_is_named_without_its_password(case, tmp_path, capsys):
     password = PASSWORDS[case]
     url = f"postgresql://ana:{password}@127.0.0.1:{free_port()}/optuna"
@@ -359,7 +352,7 @@ def _logged_text(runs: list) -> str:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case", _slow_but_all_three(sorted(PASSWORDS)))
+@pytest.mark.parametrize("case", slow_but_all_three(sorted(PASSWORDS)))
 def test_tracking_uri_with_credentials_is_used_and_never_shown(case, tracking, specimens,
                                                                 tmp_path):
     # The test server takes any basic auth: a URI with credentials must reach it like one without.

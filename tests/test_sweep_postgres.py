@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from taxonclip import names
 from taxonclip.sweep import open_storage
+from tests.conftest import slow_but_all_three
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +32,7 @@ TRIALS_PER_WORKER = 2
 WORKERS = 2
 # Passwords holding the characters a naive URL parser splits at, unencoded in the URL; the
 # fixture's server trusts every connection, so any password opens it.
-PASSWORDS = {"slash": "se/cr3t", "at": "p@ss", "colon": "a:b"}
+PASSWORDS = {"slash": "se/cr3t", "at": "p@ss", "colon": "a:b", "all three": "x/y@z:w"}
 
 
 def test_two_workers_share_one_postgres_study(tracking, postgres, specimens, tmp_path):
@@ -69,7 +70,7 @@ def test_two_workers_share_one_postgres_study(tracking, postgres, specimens, tmp
     assert stored == {postgres.replace(":secret@", ":***@")}
 
 
-@pytest.mark.parametrize("case", sorted(PASSWORDS))
+@pytest.mark.parametrize("case", slow_but_all_three(sorted(PASSWORDS)))
 def test_storage_password_with_url_characters_is_never_shown(case, tracking, postgres, specimens,
                                                             tmp_path):
     password, study_name = PASSWORDS[case], f"secret-{case}"

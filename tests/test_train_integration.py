@@ -102,6 +102,7 @@ KILL_AT_STEP = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # test_resume.py kills and resumes at every phase in make test
 def test_killed_training_resumes_into_the_same_run(tracking, specimens, tmp_path, monkeypatch):
     """SIGKILL mid-epoch 2, resume, and end with the weights of an uninterrupted run."""
     args = ["train", "--data", str(specimens), "--epochs", "3", *TRAIN_ARGS]
