@@ -68,6 +68,7 @@ from taxonclip.tracking.runs import Run, RunKilled, tracked_run, tracking_uri
 from taxonclip.config import SWEEP_PARAMS, TRAIN_PARAMS, SweepConfig, TrainConfig, from_params, to_params
 from taxonclip.errors import ConfigError, MetricNotInTable, TaxonclipError, TrackingError
 from taxonclip.evaluate import EvalResult, table_cell
+from taxonclip.formats import percent
 from taxonclip.train import run_training
 
 TOP_LEVEL_KEYS = ("name", "metric", "direction", "sampler", "pruner", "fixed", "search")
@@ -827,7 +828,7 @@ def summary(study: optuna.Study, numbers: list[int], metric: str, storage_url: s
              f"{counts[TrialState.FAIL]} failed), {len(study.get_trials(deepcopy=False))} in all"]
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         best = study.best_trial
-        lines.append(f"best: trial {best.number}, {metric} = {best.value:.4f}, {best.params} "
+        lines.append(f"best: trial {best.number}, {metric} = {percent(best.value)}%, {best.params} "
                      f"(MLflow run {best.user_attrs.get(RUN_ID_ATTR, '?')})")
     lines.append(f"watch the study: optuna-dashboard {dashboard_target(storage_url)}")
     return "\n".join(lines)
