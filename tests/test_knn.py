@@ -185,6 +185,30 @@ def test_onednn_dot_products_are_float32_exact_and_agree_with_torch_matmul(monke
     assert with_onednn.metrics == pytest.approx(with_matmul.metrics, rel=1e-6)
 
 
+def test_a_private_op_that_fails_or_differs_leaves_the_public_matmul():
+    def raises(*args):
+        raise RuntimeError("mkldnn::_linear_pointwise() expected 5 arguments")
+
+    def transposed(query, gallery, *rest):
+        return gallery @ query.T
+
+    def off_by_one(query, gallery, *rest):
+        return query @ gallery.T + 1
+
+    for broken in (raises, transposed, off_by_one, lambda *args: None):
+        assert knn.working_linear(broken) is None
+    assert knn.working_linear(None) is None
+    exact = lambda query, gallery, *rest: query @ gallery.T  # noqa: E731
+    assert knn.working_linear(exact) is (exact if torch.backends.mkldnn.is_available() else None)
+
+
+def test_this_torch_s_onednn_linear_passes_the_check_and_is_used():
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN linear operator: the kNN runs on torch.matmul")
+    assert knn._ONEDNN_LINEAR is op
+
+
 def test_nearest_item_ties_go_to_lowest_gallery_index_and_class_ties_to_lowest_label():
     same = [[1.0, 2.0]]
     gallery, gallery_labels = torch.tensor(same * 2), torch.tensor([5, 3])

@@ -31,8 +31,29 @@ TOP_K = 5
 DEFAULT_CHUNK_SIZE = 512
 _PER_QUERY = ("top1_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "map_at_r")
 _NORM_EPS = 1e-12
-_ONEDNN_LINEAR = (torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available()
-                  and hasattr(torch.ops.mkldnn, "_linear_pointwise") else None)
+
+
+def working_linear(op) -> object | None:
+    """`op` if it computes `query @ gallery.T` as torch's oneDNN linear operator
+    (`torch.ops.mkldnn._linear_pointwise(query, gallery, None, "none", [], "")`) does, else None.
+
+    That operator is private: a torch release may rename it, change its arguments or drop it.
+    So it is tried once on a small product with an exact answer, and anything but that answer
+    (an error, another value) leaves the public `torch.matmul` in its place."""
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+    query = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    gallery = torch.arange(12, dtype=torch.float32).reshape(4, 3) - 5
+    try:
+        product = op(query, gallery, None, "none", [], "")
+    except Exception:  # noqa: BLE001 - any failure of a private op means: do not use it
+        return None
+    exact = isinstance(product, Tensor) and product.shape == (2, 4) and torch.equal(
+        product, query @ gallery.T)
+    return op if exact else None
+
+
+_ONEDNN_LINEAR = working_linear(getattr(torch.ops.mkldnn, "_linear_pointwise", None))
 
 
 @dataclass(frozen=True)
