@@ -17,6 +17,7 @@ from torch import nn
 from taxonclip import distributed
 from taxonclip.errors import ConfigError
 from taxonclip.losses import CombinedMarginLoss, PartialFC, class_shard
+from taxonclip.train import TrainState, train_step
 
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 S, M2 = 16.0, 0.3
@@ -25,6 +26,7 @@ ROWS_OF_RANK = (slice(0, 4), slice(4, 7))  # a global batch of 7, split unevenly
 LABELS = [0, 8, 4, 5, 8, 2, 6]
 SAMPLED_LABELS = [1, 7, 1, 7, 1, 7, 7]
 SPAWN_TIMEOUT_S = 60
+TRAIN_STEPS = 3
 
 
 @pytest.fixture
@@ -105,6 +107,54 @@ def sharded_step(rank: int, sample_rate: float, labels: list[int]) -> dict:
             "full_centres": module.full_centres(), "sampled": module.last_sampled_classes}
 
 
+def training_state(rank: int, world_size: int) -> TrainState:
+    """The shared backbone with PartialFC over this rank's block of the shared centres, AdamW
+    and a constant schedule, as `train.build_state` assembles them (replica: DDP in a group)."""
+    backbone, _, centres = shared_case()
+    encoder = nn.Module()
+    encoder.visual = backbone
+    head = PartialFC(CombinedMarginLoss(s=S, m2=M2), EMBEDDING_SIZE, NUM_CLASSES, 1.0)
+    start, count = class_shard(NUM_CLASSES, world_size, rank)
+    head.weight.data.copy_(centres[start: start + count])
+    optimizer = torch.optim.AdamW([{"params": backbone.parameters()},
+                                   {"params": head.parameters()}], lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    replica = distributed.data_parallel(backbone, torch.device("cpu"))
+    return TrainState(encoder, head, optimizer, scheduler, replica)
+
+
+def global_micro_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs and labels of one global micro-batch (every rank's rows together)."""
+    generator = torch.Generator().manual_seed(1000 * step + micro)
+    inputs = torch.randn(len(LABELS), INPUT_SIZE, generator=generator)
+    return inputs, torch.randint(0, NUM_CLASSES, (len(LABELS),), generator=generator)
+
+
+def train_steps(rank: int, world_size: int, grad_accum: int) -> dict:
+    """TRAIN_STEPS steps of the real `train_step`, each of `grad_accum` micro-batches of this
+    rank's rows (all rows in one process); the backbone and its last gradient at the end, and
+    how many buckets of backbone gradients the DDP hook sent."""
+    sent = []
+    real_hook = distributed.sum_gradients_hook
+
+    def counting_hook(group, bucket):
+        sent.append(bucket.index())
+        return real_hook(group, bucket)
+
+    distributed.sum_gradients_hook = counting_hook
+    state = training_state(rank, world_size)
+    rows = ROWS_OF_RANK[rank] if world_size > 1 else slice(None)
+    for step in range(TRAIN_STEPS):
+        batches = [tuple(part[rows] for part in global_micro_batch(step, micro))
+                   for micro in range(grad_accum)]
+        train_step(state, batches, state.replica, torch.device("cpu"))
+    distributed.sum_gradients_hook = real_hook
+    backbone = state.encoder.visual
+    return {"weight": backbone.weight.detach().clone(), "bias": backbone.bias.detach().clone(),
+            "last_gradient": backbone.weight.grad.clone(), "buckets_sent": len(sent),
+            "ddp": type(state.replica).__name__}
+
+
 def gather_checks(rank: int) -> dict:
     """all_gather_with_grad of uneven batches and broadcast_object inside a real group."""
     x = torch.full((3 - rank, 2), float(rank + 1), requires_grad=True)
@@ -124,6 +174,7 @@ def worker(rank: int, port: int, out: str) -> None:
                "full": sharded_step(rank, 1.0, LABELS)}
     torch.manual_seed(rank + 1)
     results["sampled"] = sharded_step(rank, 0.5, SAMPLED_LABELS)
+    results["steps"] = {accum: train_steps(rank, 2, accum) for accum in (1, 2)}
     distributed.barrier()
     distributed.shutdown()
     torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -211,3 +262,23 @@ def test_sharded_sampling_keeps_positives_and_softmaxes_over_all_sampled(two_ran
     assert loss == pytest.approx(hand_arcface_loss(classes, SAMPLED_LABELS), abs=1e-5)
     torch.testing.assert_close(sampled[0]["backbone_weight"] + sampled[1]["backbone_weight"],
                                backbone.weight.grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_ddp_steps_in_two_processes_equal_one_process_on_the_whole_batch(two_ranks, grad_accum,
+                                                                       no_torchrun):
+    """The real train_step under DistributedDataParallel (gloo), its gradients summed over
+    ranks, against one process on every rank's rows; with grad_accum 2, no_sync sends the
+    backbone's gradients once per step instead of once per micro-batch."""
+    alone = train_steps(0, 1, grad_accum)
+    assert alone["ddp"] == "Linear" and alone["buckets_sent"] == 0
+    for result in two_ranks:
+        ranked = result["steps"][grad_accum]
+        assert ranked["ddp"] == "DistributedDataParallel"
+        torch.testing.assert_close(ranked["weight"], alone["weight"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(ranked["bias"], alone["bias"], rtol=0, atol=1e-5)
+        # AdamW barely notices a constant gradient scale: DDP's mean would pass the weights
+        torch.testing.assert_close(ranked["last_gradient"], alone["last_gradient"], rtol=0,
+                                   atol=1e-5)
+        assert ranked["buckets_sent"] == TRAIN_STEPS  # one bucket a step, whatever grad_accum
+    assert not torch.equal(alone["weight"], shared_case()[0].weight)  # the steps moved it

@@ -23,7 +23,7 @@ from taxonclip.data.prepare import PrepareSettings, prepare
 from taxonclip.data.splits import split_manifest
 from taxonclip.train import prepare_data
 from taxonclip.tracking.models import resolve_model
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -152,11 +152,36 @@ def _torchrun_two_processes(argv: list[str], experiment: str, cwd: Path) -> None
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow  # the two-node test below runs the same training in make test
 def test_torchrun_two_cpu_processes_log_one_run(tracking, specimens, tmp_path):
     """Data-parallel on 2 gloo processes: centres sharded, only rank 0 talks to MLflow."""
     _torchrun_two_processes(["train", "--data", str(specimens), "--epochs", "1", "--device",
                              "cpu", *TRAIN_ARGS], "train-torchrun", tmp_path)
-    run = _only_run("train-torchrun")
+    _check_one_run_of_two_ranks("train-torchrun", specimens, tmp_path)
+
+
+def test_two_nodes_meet_through_the_c10d_rendezvous_and_log_one_run(tracking, specimens, tmp_path):
+    """Two "nodes" of one process each, started apart as on two machines, join through torchrun's
+    c10d rendezvous (`--nnodes 2 --rdzv_backend c10d --rdzv_endpoint host:port`) into one
+    training of world size 2 and one MLflow run."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "train-two-nodes"}
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--nproc_per_node",
+               "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+               "--rdzv_id", "two-nodes", "-m", "taxonclip", "train", "--data", str(specimens),
+               "--epochs", "1", "--device", "cpu", *TRAIN_ARGS]
+    logs = [(tmp_path / f"node{n}.out", tmp_path / f"node{n}.err") for n in range(2)]
+    nodes = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out.open("w"),
+                              stderr=err.open("w")) for out, err in logs]
+    for node, (_, err) in zip(nodes, logs):
+        assert node.wait(timeout=300) == 0, err.read_text()[-3000:]
+    reports = [out.read_text() for out, _ in logs]
+    assert sum("best epoch 1 of 1" in report for report in reports) == 1  # rank 0 alone prints
+    _check_one_run_of_two_ranks("train-two-nodes", specimens, tmp_path)
+
+
+def _check_one_run_of_two_ranks(experiment: str, specimens: Path, tmp_path: Path) -> None:
+    run = _only_run(experiment)
     assert run.info.status == "FINISHED"
     client = MlflowClient()
     steps = [m.step for m in client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)]

@@ -85,7 +85,8 @@ class PartialFC(nn.Module):
     Gradients: each rank's centres get their exact gradient. Each rank's embeddings get the full
     gradient of the global-mean loss for its own rows, so backbone gradients summed over ranks
     equal the single-process gradient. DistributedDataParallel averages over ranks instead, which
-    gives 1/world_size of it: sum the backbone gradients (a DDP communication hook) to keep the
+    gives 1/world_size of it: sum the backbone gradients (`distributed.data_parallel` registers a
+    DDP communication hook that does) to keep the
     single-process gradient, or account for the factor (AdamW's update barely changes under a
     constant gradient scale; a gradient-clipping threshold is affected).
 

@@ -14,6 +14,7 @@ logged again.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 import random
@@ -55,12 +56,15 @@ EpochCallback = Callable[[int, EvalResult], None]
 
 @dataclass
 class TrainState:
-    """Everything a checkpoint holds, and the loop's counters."""
+    """Everything a checkpoint holds, the backbone replica the steps run, and the loop's
+    counters."""
 
     encoder: torch.nn.Module
     head: PartialFC
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    # the backbone the steps run: encoder.visual, in DistributedDataParallel under torchrun
+    replica: torch.nn.Module | None = None
     step: int = 0
     epoch: int = 0
     best_metric: float = -math.inf
@@ -257,30 +261,40 @@ def build_state(encoder, num_classes: int, config: TrainConfig, total_steps: int
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[config.lr, config.lr * config.lr_pfc_weight],
         total_steps=total_steps, pct_start=warmup_fraction(total_steps))
-    return TrainState(encoder, head, optimizer, scheduler)
+    return TrainState(encoder, head, optimizer, scheduler, dist.data_parallel(encoder.visual, device))
 
 
 def train_step(state: TrainState, micro_batches, forward, device: torch.device,
                grad_clip: float = 0.0) -> torch.Tensor:
     """One optimiser step over `micro_batches` [(images, labels)]; returns the mean loss as a
-    device tensor (reading it would wait for the GPU, so the caller reads losses in batches)."""
+    device tensor (reading it would wait for the GPU, so the caller reads losses in batches).
+    `forward` runs `state.replica`; under DDP, every micro-batch but the last skips the
+    backbone's all-reduce (`no_sync`), and the last sends the accumulated gradients."""
     state.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
-    for images, labels in micro_batches:
+    last = len(micro_batches) - 1
+    for index, (images, labels) in enumerate(micro_batches):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            embeddings = forward(images)
-        loss = state.head(embeddings.float(), labels) / len(micro_batches)
-        loss.backward()
+        with _gradient_sync(state.replica, index == last):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                embeddings = forward(images)
+            loss = state.head(embeddings.float(), labels) / len(micro_batches)
+            loss.backward()
         total += loss.detach()
-    dist.all_reduce_gradients(state.encoder.visual.parameters())
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(state.encoder.visual.parameters(), grad_clip)
     state.optimizer.step()
     state.scheduler.step()
     state.step += 1
     return total
+
+
+def _gradient_sync(replica: torch.nn.Module | None, sync: bool):
+    """DDP's `no_sync()` where the gradients of this micro-batch are not to be sent yet."""
+    if sync or not hasattr(replica, "no_sync"):
+        return contextlib.nullcontext()
+    return replica.no_sync()
 
 
 def train_epoch(state: TrainState, loader: EpochLoader, forward, ctx: TrainContext) -> str:
@@ -534,7 +548,7 @@ def _train_in_run(ctx: TrainContext, encoder) -> TrainResult:
         ctx.data = _with_cluster_labels(ctx, encoder)
     loader = make_loader(ctx.data, encoder, config, ctx.info)
     state = build_state(encoder, len(ctx.data.classes), config, sum(ctx.data.epoch_steps), ctx.device)
-    forward = torch.compile(state.encoder) if config.compile else state.encoder
+    forward = torch.compile(state.replica) if config.compile else state.replica
     ctx.logged = _resume(state, ctx)
     if state.epoch == 0:
         ctx.run.log_params({**to_params(config, TRAIN_PARAMS), **_sizes(state, ctx.data)})
