@@ -8,6 +8,7 @@ import socket
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -17,6 +18,9 @@ from torch import nn
 from taxonclip import distributed
 from taxonclip.errors import ConfigError
 from taxonclip.losses import CombinedMarginLoss, PartialFC, class_shard
+from taxonclip.config import DataConfig, EvalConfig
+from taxonclip.data.manifest import read_manifest
+from taxonclip.models import create_model
 from taxonclip.train import TrainState, train_step
 
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -165,7 +169,33 @@ def gather_checks(rank: int) -> dict:
             "broadcast": distributed.broadcast_object(f"run-of-rank-{rank}")}
 
 
-def worker(rank: int, port: int, out: str) -> None:
+def spread_evaluation(specimens: str) -> dict:
+    """`evaluate(spread=True)` of a random tiny model in this process group: the result (None
+    off rank 0) and the rows this rank embedded."""
+    from taxonclip import evaluate as evaluation
+
+    embedded = []
+    real = evaluation.embed_dataset
+
+    def recording(*args, **kwargs):
+        vectors, kept = real(*args, **kwargs)
+        embedded.extend(kept.tolist())
+        return vectors, kept
+
+    evaluation.embed_dataset = recording
+    result = evaluation.evaluate(spread_config(specimens), create_model("tiny", "none"),
+                                 spread=True)
+    evaluation.embed_dataset = real
+    return {"table": None if result is None else result.table, "embedded": embedded}
+
+
+def spread_config(specimens: str) -> EvalConfig:
+    """Evaluation of the specimens on the CPU, nothing cached."""
+    return EvalConfig(data=DataConfig(data=specimens), workers=0, device="cpu",
+                      cache_embeddings=False, batch_size=16)
+
+
+def worker(rank: int, port: int, out: str, specimens: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -175,6 +205,7 @@ def worker(rank: int, port: int, out: str) -> None:
     torch.manual_seed(rank + 1)
     results["sampled"] = sharded_step(rank, 0.5, SAMPLED_LABELS)
     results["steps"] = {accum: train_steps(rank, 2, accum) for accum in (1, 2)}
+    results["evaluation"] = spread_evaluation(specimens)
     distributed.barrier()
     distributed.shutdown()
     torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -187,10 +218,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> list[dict]:
+def two_ranks(tmp_path_factory, specimens) -> list[dict]:
     """Both ranks' results of one run of `worker` in 2 gloo processes."""
     out = tmp_path_factory.mktemp("ranks")
-    context = mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=False)
+    context = mp.spawn(worker, args=(free_port(), str(out), str(specimens)), nprocs=2, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -282,3 +313,20 @@ def test_ddp_steps_in_two_processes_equal_one_process_on_the_whole_batch(two_ran
                                    atol=1e-5)
         assert ranked["buckets_sent"] == TRAIN_STEPS  # one bucket a step, whatever grad_accum
     assert not torch.equal(alone["weight"], shared_case()[0].weight)  # the steps moved it
+
+
+def test_evaluation_under_torchrun_spreads_the_images_and_scores_on_rank_0(two_ranks, specimens,
+                                                                          no_torchrun):
+    """Each rank embeds a disjoint share of the images, together all of them once; rank 0's
+    table equals the table of one process embedding everything."""
+    from taxonclip.evaluate import evaluate
+
+    shares = [set(result["evaluation"]["embedded"]) for result in two_ranks]
+    rows = len(read_manifest(specimens).table)
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    assert shares[0] | shares[1] == set(range(rows))
+    assert sum(len(result["evaluation"]["embedded"]) for result in two_ranks) == rows
+    assert two_ranks[1]["evaluation"]["table"] is None
+    alone = evaluate(spread_config(str(specimens)), create_model("tiny", "none")).table
+    pd.testing.assert_frame_equal(two_ranks[0]["evaluation"]["table"], alone, check_exact=False,
+                                  atol=1e-6)

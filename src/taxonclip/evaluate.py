@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from taxonclip import knn, zero_shot
 from taxonclip.config import EvalConfig, cache_dir
@@ -37,6 +37,7 @@ from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.splits import (GROUP_COLUMN, PARTITION_COLUMN, QUERY_PARTITIONS,
                                    SEEN_PARTITIONS, Split, make_split, select_classes)
+from taxonclip import distributed
 from taxonclip.distributed import resolve_device
 from taxonclip import names
 from taxonclip.errors import ConfigError, DataError, MetricNotInTable, ModelError
@@ -157,32 +158,72 @@ def _scratch_memmap(shape: tuple[int, int], dtype) -> np.memmap:
 
 
 def embed_visual(encoder: torch.nn.Module, manifest: Manifest, config: EvalConfig,
-                device: torch.device) -> tuple[torch.Tensor, np.ndarray]:
-    """The visual embeddings of every manifest row, read from its files or its shards."""
+                 device: torch.device, spread: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """The visual embeddings of every manifest row, read from its files or its shards.
+
+    With `spread`, called by every rank of a process group: each rank embeds its share (every
+    world_size-th image, or every world_size-th shard) and every rank receives all of them. A
+    rank's failure (an unreadable image) is raised on every rank, so none waits for it."""
     table = manifest.table
-    if not manifest.shards:
-        return embed_images(encoder, table["image_path"].tolist(), batch_size=config.batch_size,
-                            workers=config.workers, device=device, missing=config.data.missing)
-    rows = ShardedRows.of(table, manifest.shards, np.arange(len(table)))
-    skip = config.data.missing == "skip"
-    workers = min(config.workers, len(manifest.shards))
-    if config.decode == "device":
-        stream = ShardStream(rows, Encoded(), skip_undecodable=skip)
-        vectors, kept = embed_dataset(
-            encoder, stream, len(table), batch_size=config.batch_size, workers=workers,
-            device=device, collate=collate_encoded,
-            to_device=DeviceDecoder(encoder.tensor_transform(train=False), device))
-    else:
-        stream = ShardStream(rows, Decoded(encoder.eval_transform()), skip_undecodable=skip)
-        vectors, kept = embed_dataset(encoder, stream, len(table), batch_size=config.batch_size,
-                                      workers=workers, device=device)
-    if len(kept) < len(table) and config.data.missing == "error":
+    rank, world = (distributed.rank(), distributed.world_size()) if spread else (0, 1)
+    failure = None
+    try:
+        vectors, kept = _embed_share(encoder, manifest, config, device, rank, world)
+    except DataError as error:
+        if world == 1:
+            raise
+        vectors, kept, failure = torch.zeros(0), np.zeros(0, dtype=np.int64), str(error)
+    if world > 1:
+        vectors, kept = _gathered_shares(vectors, kept, failure)
+    if manifest.shards and len(kept) < len(table) and config.data.missing == "error":
         absent = np.setdiff1d(np.arange(len(table)), kept)
         shown = ", ".join(table["image_path"].iloc[absent[:5]])
         raise DataError(f"{len(absent)} of {len(table)} images of {manifest.report.source} are not "
                         f"in its shards or do not decode (e.g. {shown}); prepare the data again, "
                         f"or set missing=skip to leave them out")
     return vectors, kept
+
+
+def _embed_share(encoder: torch.nn.Module, manifest: Manifest, config: EvalConfig,
+                 device: torch.device, rank: int, world: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The embeddings of rank `rank`'s share of the rows, and their positions."""
+    table = manifest.table
+    if not manifest.shards:
+        if world == 1:
+            return embed_images(encoder, table["image_path"].tolist(), batch_size=config.batch_size,
+                                workers=config.workers, device=device, missing=config.data.missing)
+        dataset = ImageDataset(table["image_path"].tolist(), encoder.eval_transform(),
+                               missing=config.data.missing)
+        return embed_dataset(encoder, Subset(dataset, range(rank, len(table), world)), len(table),
+                             batch_size=config.batch_size, workers=config.workers, device=device,
+                             progress=rank == 0)
+    rows = ShardedRows.of(table, manifest.shards, np.arange(len(table)))
+    shards = range(rank, len(manifest.shards), world)
+    skip = config.data.missing == "skip"
+    workers = min(config.workers, len(shards))
+    if config.decode == "device":
+        stream = ShardStream(rows, Encoded(), shards=shards, skip_undecodable=skip)
+        return embed_dataset(
+            encoder, stream, len(table), batch_size=config.batch_size, workers=workers,
+            device=device, collate=collate_encoded, progress=rank == 0,
+            to_device=DeviceDecoder(encoder.tensor_transform(train=False), device))
+    stream = ShardStream(rows, Decoded(encoder.eval_transform()), shards=shards,
+                         skip_undecodable=skip)
+    return embed_dataset(encoder, stream, len(table), batch_size=config.batch_size,
+                         workers=workers, device=device, progress=rank == 0)
+
+
+def _gathered_shares(vectors: torch.Tensor, kept: np.ndarray,
+                     failure: str | None) -> tuple[torch.Tensor, np.ndarray]:
+    """Every rank's share, on every rank, in row order; a failure of any rank raised on all."""
+    shares = distributed.all_gather_objects((kept, vectors.numpy(), failure))
+    failures = [failed for _, _, failed in shares if failed is not None]
+    if failures:
+        raise DataError(failures[0])
+    rows = np.concatenate([rows for rows, _, _ in shares])
+    order = np.argsort(rows, kind="stable")
+    stacked = np.concatenate([part for _, part, _ in shares if len(part)])
+    return torch.from_numpy(stacked[order]), rows[order]
 
 
 @torch.no_grad()
@@ -214,13 +255,14 @@ def fuse(visual: torch.Tensor | None, text: torch.Tensor | None, kind: str) -> t
 
 
 def embed_manifest(encoder: torch.nn.Module, manifest: Manifest, config: EvalConfig,
-                   device: torch.device) -> Embeddings:
-    """Embeddings of every manifest row as `config.embedding` asks."""
+                   device: torch.device, spread: bool = False) -> Embeddings:
+    """Embeddings of every manifest row as `config.embedding` asks (images spread over the
+    ranks with `spread`, see `embed_visual`)."""
     table = manifest.table
     start = time.perf_counter()
     visual, kept = None, np.arange(len(table))
     if config.embedding != "text":
-        visual, kept = embed_visual(encoder, manifest, config, device)
+        visual, kept = embed_visual(encoder, manifest, config, device, spread)
     img_per_s = len(kept) / max(time.perf_counter() - start, 1e-9)
     if config.embedding == "visual":
         return Embeddings(visual, visual, kept, img_per_s)
@@ -419,18 +461,26 @@ def check_has_test_images(manifest: Manifest, split: Split) -> None:
 
 
 def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | None = None,
-             split: Split | None = None, seen: Seen | None = None) -> EvalResult:
+             split: Split | None = None, seen: Seen | None = None,
+             spread: bool = False) -> EvalResult | None:
     """Embed the manifest (or reuse cached embeddings) and compute the per-taxa table.
 
     Without `manifest` and `split`, they come from `prepare_evaluation`. After training on a
     subset of the classes, `seen` names them: every class is evaluated and the table gains
-    seen/unseen rows, as it does for an official split's seen and unseen partitions."""
+    seen/unseen rows, as it does for an official split's seen and unseen partitions. With
+    `spread`, every rank of a process group calls it and embeds its share of the images; rank 0
+    scores and returns the result, the other ranks return None."""
     device = resolve_device(config.device)
     if manifest is None or split is None:
         manifest, split = prepare_evaluation(config)
     check_no_label_in_queries(manifest, config.embedding)
     encoder = encoder.to(device)
-    embeddings = _cached_embeddings(encoder, manifest, config, device)
+    if spread:  # a training's evaluation: never cached
+        embeddings = embed_manifest(encoder, manifest, config, device, spread=True)
+        if distributed.rank() != 0:
+            return None
+    else:
+        embeddings = _cached_embeddings(encoder, manifest, config, device)
     if len(embeddings.kept) < len(manifest.table):
         manifest, split = _keep_rows(manifest, split, embeddings.kept)
     start = time.perf_counter()

@@ -638,12 +638,11 @@ def _sizes(state: TrainState, data: TrainData) -> dict:
 
 
 def _evaluate_epoch(state: TrainState, ctx: TrainContext) -> EvalResult | None:
-    """Evaluate on rank 0, log the epoch's metrics unless a resumed run holds them, and keep the
-    best epoch by `config.metric`."""
-    result = None
+    """Evaluate (every rank embeds its share, rank 0 scores), log the epoch's metrics unless a
+    resumed run holds them, and keep the best epoch by `config.metric`."""
+    result = evaluate(ctx.config.eval_config(), state.encoder, ctx.data.manifest, ctx.data.split,
+                      seen=ctx.data.seen, spread=True)
     if ctx.info.is_main:
-        result = evaluate(ctx.config.eval_config(), state.encoder, ctx.data.manifest,
-                          ctx.data.split, seen=ctx.data.seen)
         if state.epoch > ctx.logged.last_eval_epoch:
             # one call, so that a kill leaves the epoch's metrics all logged or none
             ctx.run.log_metrics({**table_metrics(result.table),
