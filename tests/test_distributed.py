@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from taxonclip import distributed
-from taxonclip.errors import ConfigError
+from taxonclip.errors import ConfigError, DataError
 from taxonclip.losses import CombinedMarginLoss, PartialFC, class_shard
 from taxonclip.config import DataConfig, EvalConfig
 from taxonclip.data.manifest import read_manifest
@@ -189,6 +189,30 @@ def spread_evaluation(specimens: str) -> dict:
     return {"table": None if result is None else result.table, "embedded": embedded}
 
 
+def spread_failure(rank: int, specimens: str) -> str:
+    """`evaluate(spread=True)` where rank 1 alone cannot read an image of its share: the
+    message each rank ends with (a rank waiting for the other in vain would never end)."""
+    from taxonclip.data import images
+    from taxonclip import evaluate as evaluation
+
+    real = images.ImageDataset.__getitem__
+
+    def unreadable(self, i):
+        if i == 1:
+            raise DataError(f"image {self.paths[i]} cannot be read")
+        return real(self, i)
+
+    if rank == 1:
+        images.ImageDataset.__getitem__ = unreadable
+    try:
+        evaluation.evaluate(spread_config(specimens), create_model("tiny", "none"), spread=True)
+    except DataError as error:
+        return str(error)
+    finally:
+        images.ImageDataset.__getitem__ = real
+    return "no error"
+
+
 def spread_config(specimens: str) -> EvalConfig:
     """Evaluation of the specimens on the CPU, nothing cached."""
     return EvalConfig(data=DataConfig(data=specimens), workers=0, device="cpu",
@@ -206,6 +230,7 @@ def worker(rank: int, port: int, out: str, specimens: str) -> None:
     results["sampled"] = sharded_step(rank, 0.5, SAMPLED_LABELS)
     results["steps"] = {accum: train_steps(rank, 2, accum) for accum in (1, 2)}
     results["evaluation"] = spread_evaluation(specimens)
+    results["failure"] = spread_failure(rank, specimens)
     distributed.barrier()
     distributed.shutdown()
     torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -330,3 +355,8 @@ def test_evaluation_under_torchrun_spreads_the_images_and_scores_on_rank_0(two_r
     alone = evaluate(spread_config(str(specimens)), create_model("tiny", "none")).table
     pd.testing.assert_frame_equal(two_ranks[0]["evaluation"]["table"], alone, check_exact=False,
                                   atol=1e-6)
+
+
+def test_an_unreadable_image_on_one_rank_stops_every_rank_with_its_message(two_ranks):
+    messages = [result["failure"] for result in two_ranks]
+    assert messages[0] == messages[1] and "cannot be read" in messages[0], messages
