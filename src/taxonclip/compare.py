@@ -46,7 +46,7 @@ from taxonclip import names
 from taxonclip.config import (COMPARE_PARAMS, EVAL_PARAMS, TRAIN_PARAMS, CompareConfig,
                               EvalConfig, flat_fields, to_params)
 from taxonclip.errors import ConfigError, ModelError, TrackingError
-from taxonclip.formats import PERCENT_NOTE, csv_text, percent
+from taxonclip.formats import PERCENT_NOTE, csv_text, markdown_grid, percent
 from taxonclip.tracking import queries
 from taxonclip.tracking.models import MODEL_URI_PREFIXES
 from taxonclip.tracking.queries import RunRecord
@@ -688,15 +688,6 @@ def to_markdown(title: str, sections: list[Section]) -> str:
         if section.plot is not None:
             parts.append(f"![{section.plot.title}](plots/{section.plot.name})\n")
     return "\n".join(parts)
-
-
-def markdown_grid(table: pd.DataFrame) -> str:
-    """A table of the report in GitHub Markdown, every cell as its text (see `display`); blank
-    where missing."""
-    texts = table.astype(object).where(table.notna(), "").astype(str)
-    lines = ["| " + " | ".join(map(str, texts.columns)) + " |", "|" + "---|" * len(texts.columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in texts.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
 
 
 def to_html(title: str, sections: list[Section]) -> str:

@@ -37,3 +37,11 @@ def csv_text(frame: pd.DataFrame) -> str:
         if pd.api.types.is_float_dtype(shown[column]):
             shown[column] = shown[column].map(rounded)
     return shown.to_csv(index=False)
+
+
+def markdown_grid(table: pd.DataFrame) -> str:
+    """`table` in GitHub Markdown, every cell as its text; blank where a value is missing."""
+    texts = table.astype(object).where(table.notna(), "").astype(str)
+    lines = ["| " + " | ".join(map(str, texts.columns)) + " |", "|" + "---|" * len(texts.columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in texts.itertuples(index=False)]
+    return "\n".join(lines) + "\n"

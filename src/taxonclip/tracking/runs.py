@@ -26,7 +26,7 @@ import pandas as pd
 
 from taxonclip import names
 from taxonclip.errors import TrackingError
-from taxonclip.formats import PERCENT_NOTE, csv_text, percent
+from taxonclip.formats import PERCENT_NOTE, csv_text, markdown_grid, percent
 from taxonclip.tracking.experiments import prepare_experiment
 from taxonclip.tracking.spool import Spool
 
@@ -208,9 +208,8 @@ class Run:
 
     def has_logged_model(self) -> bool:
         """Whether the run already logged its `model` (a resume then logs it no more)."""
-        experiment_id = self.client.get_run(self.run_id).info.experiment_id
         found = self.client.search_logged_models(
-            [experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND "
+            [self.experiment_id], filter_string=f"source_run_id = '{self.run_id}' AND "
                                            f"name = '{names.MODEL_ARTIFACT}'", max_results=1)
         return len(found) > 0
 
@@ -430,15 +429,9 @@ def markdown_table(table: pd.DataFrame) -> str:
     for column in scores:
         shown[column] = shown[column].map(percent)
     shown.insert(0, "taxa/level", shown["taxa"].astype(str) + "/" + shown["level"].astype(str))
-    return (f"Scores, {PERCENT_NOTE}:\n\n{_markdown(shown[['taxa/level', *scores]])}\n"
+    return (f"Scores, {PERCENT_NOTE}:\n\n{markdown_grid(shown[['taxa/level', *scores]])}\n"
             f"Counts: scored test images, classes, test images whose label has no train image:"
-            f"\n\n{_markdown(shown[['taxa/level', *counts]])}")
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+            f"\n\n{markdown_grid(shown[['taxa/level', *counts]])}")
 
 
 @contextlib.contextmanager
