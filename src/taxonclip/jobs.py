@@ -205,7 +205,7 @@ def train(config: TrainConfig) -> int:
     if outcome.evaluation is None:  # ranks other than 0 evaluate nothing
         return 0
     print(format_table(outcome.table))
-    print(f"best epoch {outcome.best_epoch} of {config.epochs} by {outcome.metric}: "
+    print(f"best epoch {outcome.best_epoch} of {outcome.epochs} by {outcome.metric}: "
           f"{percent(outcome.best_metric)}%")
     print(f"its checkpoint: {outcome.best_checkpoint}")
     print(f"the model: runs:/{outcome.run_id}/{names.MODEL_ARTIFACT}"

@@ -415,6 +415,7 @@ class TrainResult:
     run_id: str | None
     experiment_id: str | None
     metric: str
+    epochs: int  # the run's own (a resume's request names none)
     best_epoch: int
     best_metric: float
     best_checkpoint: str | None
@@ -566,7 +567,7 @@ def _train_in_run(ctx: TrainContext, encoder) -> TrainResult:
     _finish(state, ctx, result)
     best = _checkpoint_name(state.best_epoch)
     checkpoint = ctx.run.artifact_location(f"{names.CHECKPOINT_DIR}/{best}")
-    return TrainResult(result, ctx.run.run_id, ctx.run.experiment_id, config.metric,
+    return TrainResult(result, ctx.run.run_id, ctx.run.experiment_id, config.metric, config.epochs,
                        state.best_epoch, state.best_metric, checkpoint)
 
 
