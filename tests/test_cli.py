@@ -19,6 +19,24 @@ def test_data_synth_then_check(tmp_path, capsys):
     assert "rows: 32" in printed and "species: 8, genera: 4, taxa: 2" in printed
 
 
+def test_data_check_with_a_class_fraction_reports_the_species_eval_scores(tmp_path, capsys):
+    """`--class-fraction` is a parameter of data check: what it prints must be of the subset
+    that eval and train of that fraction use, not of the whole manifest."""
+    from taxonclip.data.manifest import read_manifest
+    from taxonclip.data.splits import select_classes
+
+    main(["data", "synth", "--out", str(tmp_path / "set"), "--taxa", "2", "--genera", "2",
+          "--species", "5", "--images", "4", "--size", "32"])
+    capsys.readouterr()
+    kept = select_classes(read_manifest(tmp_path / "set").table, 0.3, seed=3)
+
+    assert main(["data", "check", str(tmp_path / "set"), "--class-fraction", "0.3", "--seed", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert len(kept) == 6
+    assert "class_fraction 0.3 (seed 3) keeps 6 of 20 species, 24 of 80 rows" in printed
+    assert "species: 6 classes, 24 rows" in printed
+
+
 def test_data_check_bad_column_exits_1_without_traceback(tmp_path, capsys):
     manifest = tmp_path / "m.csv"
     manifest.write_text("file,name\na.jpg,Danaus plexippus\n")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from taxonclip import knn, zero_shot
-from taxonclip.config import EvalConfig, cache_dir
+from taxonclip.config import DataConfig, EvalConfig, cache_dir
 from taxonclip.data.images import ImageDataset, collate_skipping
 from taxonclip.data.shards import PREPARED_FILE, SOURCE_DIGEST_COLUMN, read_prepared_info
 from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows, ShardStream,
@@ -431,9 +431,7 @@ def prepare_evaluation(config: EvalConfig) -> tuple[Manifest, Split]:
     manifest = load_manifest(config.data)
     check_no_label_in_queries(manifest, config.embedding)
     check_decoder(manifest, config.decode)
-    if config.data.class_fraction < 1.0:
-        manifest = _with_species(manifest, select_classes(manifest.table, config.data.class_fraction,
-                                                          config.data.seed))
+    manifest = with_class_fraction(manifest, config.data)
     split = make_split(manifest.table, config.data)
     check_has_test_images(manifest, split)
     return manifest, split
@@ -549,8 +547,12 @@ def _mean_hit(hits: torch.Tensor) -> float:
     return float(hits.double().mean()) if len(hits) else float("nan")
 
 
-def _with_species(manifest: Manifest, species: list[str]) -> Manifest:
-    """Only the rows of the given species (`class_fraction` of an evaluation)."""
+def with_class_fraction(manifest: Manifest, data: DataConfig) -> Manifest:
+    """Only the rows of the seeded subset of species that `data.class_fraction` keeps (all of
+    them at 1): the classes an evaluation scores."""
+    if data.class_fraction >= 1.0:
+        return manifest
+    species = select_classes(manifest.table, data.class_fraction, data.seed)
     table = manifest.table[manifest.table["species"].isin(species)].reset_index(drop=True)
     return replace(manifest, table=table)
 

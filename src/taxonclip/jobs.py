@@ -36,15 +36,22 @@ def synth_bioscan(out: str, seed: int, size: int) -> int:
 def check(data: DataConfig) -> int:
     """Validate a manifest and print what it holds, what each level scores and trains on, and
     what the split leaks (identical images, groups on both sides); invalid input, or a split
-    with nothing to score, raises a DataError."""
+    with nothing to score, raises a DataError. A `class_fraction` below 1 reports the seeded
+    subset of species that an evaluation of that fraction scores."""
     from taxonclip.data.audit import data_report
     from taxonclip.data.manifest import load_manifest
     from taxonclip.data.splits import make_split
-    from taxonclip.evaluate import caption_note, check_has_test_images
+    from taxonclip.evaluate import caption_note, check_has_test_images, with_class_fraction
 
-    manifest = load_manifest(data)
+    whole = load_manifest(data)
+    manifest = with_class_fraction(whole, data)
+    subset_note = "" if manifest is whole else (
+        f"class_fraction {data.class_fraction:g} (seed {data.seed}) keeps "
+        f"{manifest.table['species'].nunique()} of {whole.table['species'].nunique()} species, "
+        f"{len(manifest.table)} of {len(whole.table)} rows (those eval scores and train learns): "
+        f"what follows is of them")
     split = make_split(manifest.table, data)
-    print(data_report(manifest, split, caption_note(manifest))[0])
+    print(data_report(manifest, split, caption_note(manifest), subset_note)[0])
     if manifest.shards:
         from taxonclip.data.prepare import shard_note
 

@@ -72,11 +72,14 @@ class SplitAudit:
         return "\n".join(lines)
 
 
-def data_report(manifest: Manifest, split: Split, caption_note: str = "") -> tuple[str, SplitAudit]:
-    """What `data check` prints and every run logs: the manifest's summary, what each level
-    scores and trains on, a note on the captions, and the leakage audit (also returned)."""
+def data_report(manifest: Manifest, split: Split, caption_note: str = "",
+                subset_note: str = "") -> tuple[str, SplitAudit]:
+    """What `data check` prints and every run logs: the manifest's summary, a note on the subset
+    of it that the rest describes (if any), what each level scores and trains on, a note on the
+    captions, and the leakage audit (also returned)."""
     audit = audit_split(manifest.table, split)
-    parts = [manifest.report.summary(), level_summary(manifest.table, split, manifest.levels),
+    parts = [manifest.report.summary(), subset_note,
+             level_summary(manifest.table, split, manifest.levels),
              caption_note,
              audit.summary()]
     return "\n".join(part for part in parts if part), audit
