@@ -132,6 +132,28 @@ def test_matches_reference_on_gaussian_embeddings_of_different_norms():
     assert_matches_reference(result, expected)
 
 
+def test_matches_reference_when_the_gallery_spans_many_blocks():
+    """Nearest items are found block by block past 64 gallery items: ties between blocks, and a
+    last block shorter than the others, must still go to the lowest index."""
+    query, query_labels, gallery, gallery_labels = integer_embeddings_with_ties(seed=10)
+    gallery = torch.cat([gallery.flip(0), gallery, gallery[:27] * 2, gallery])
+    gallery_labels = torch.cat([gallery_labels.flip(0), (gallery_labels + 10) % 60,
+                                gallery_labels[:27], (gallery_labels + 20) % 60])
+
+    assert_matches_reference(knn_metrics(query, query_labels, gallery, gallery_labels, chunk_size=11),
+                             reference_metrics(query, query_labels, gallery, gallery_labels))
+
+
+@pytest.mark.parametrize("items", [1, 63, 64, 65, 128, 1000, 8001])
+def test_first_smallest_is_the_first_occurrence_argmin_gives(items):
+    generator = torch.Generator().manual_seed(items)
+    values = torch.randint(0, 4, (50, items), generator=generator).float()
+    values[0] = 7.0
+    values[1, -1] = -1.0
+
+    assert torch.equal(knn._first_smallest(values), values.argmin(dim=1))
+
+
 def test_float32_agrees_with_float64_reference():
     query, query_labels, gallery, gallery_labels = integer_embeddings_with_ties(seed=5)
     expected = reference_metrics(query, query_labels, gallery, gallery_labels)
