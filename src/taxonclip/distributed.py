@@ -74,8 +74,9 @@ def world_size() -> int:
 
 def batch_sizes(size: int, device: torch.device) -> list[int]:
     """Every rank's `size` (its number of rows), in rank order: one exchange and one read back to
-    the host, to share between gathers of tensors with the same rows. `[size]` without a group."""
-    if not is_distributed():
+    the host, to share between gathers of tensors with the same rows. `[size]` without a group
+    or in a group of one, which then waits for no device."""
+    if world_size() == 1:
         return [size]
     count = torch.tensor([size], device=device)
     counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
@@ -88,17 +89,18 @@ def all_gather_with_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     sizes (`sizes`, from `batch_sizes`, when already known). The backward pass sums the incoming
     gradient over ranks and returns this rank's slice, so the gradient reaching each rank's inputs
     is the full gradient of whatever every rank computed from the gathered tensor (summed over
-    ranks, this is the single-process gradient). Without a process group it returns `x` itself."""
-    if not is_distributed():
+    ranks, this is the single-process gradient). Without a process group, or in a group of one,
+    it returns `x` itself."""
+    if world_size() == 1:
         return x
     return _AllGather.apply(x, sizes)
 
 
 def all_gather_no_grad(x: Tensor, sizes: list[int] | None = None) -> Tensor:
     """Concatenate `x` from every rank along dim 0, in rank order, outside autograd (labels,
-    counts, saved centres); `sizes` as for `all_gather_with_grad`. Without a process group it
-    returns `x` itself."""
-    if not is_distributed():
+    counts, saved centres); `sizes` as for `all_gather_with_grad`. Without a process group, or
+    in a group of one, it returns `x` itself."""
+    if world_size() == 1:
         return x
     return torch.cat(_gather_parts(x.detach(), sizes))
 
