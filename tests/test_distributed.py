@@ -171,22 +171,28 @@ def gather_checks(rank: int) -> dict:
 
 def spread_evaluation(specimens: str) -> dict:
     """`evaluate(spread=True)` of a random tiny model in this process group: the result (None
-    off rank 0) and the rows this rank embedded."""
+    off rank 0), the rows this rank embedded, and how many embeddings it held once they were
+    gathered (None: it holds none)."""
     from taxonclip import evaluate as evaluation
 
-    embedded = []
-    real = evaluation.embed_dataset
+    embedded, held = [], []
+    real_dataset, real_visual = evaluation.embed_dataset, evaluation.embed_visual
 
     def recording(*args, **kwargs):
-        vectors, kept = real(*args, **kwargs)
+        vectors, kept = real_dataset(*args, **kwargs)
         embedded.extend(kept.tolist())
         return vectors, kept
 
-    evaluation.embed_dataset = recording
+    def holding(*args, **kwargs):
+        vectors, kept = real_visual(*args, **kwargs)
+        held.append(None if vectors is None else len(vectors))
+        return vectors, kept
+
+    evaluation.embed_dataset, evaluation.embed_visual = recording, holding
     result = evaluation.evaluate(spread_config(specimens), create_model("tiny", "none"),
                                  spread=True)
-    evaluation.embed_dataset = real
-    return {"table": None if result is None else result.table, "embedded": embedded}
+    evaluation.embed_dataset, evaluation.embed_visual = real_dataset, real_visual
+    return {"table": None if result is None else result.table, "embedded": embedded, "held": held}
 
 
 def spread_failure(rank: int, specimens: str) -> str:
@@ -342,8 +348,8 @@ def test_ddp_steps_in_two_processes_equal_one_process_on_the_whole_batch(two_ran
 
 def test_evaluation_under_torchrun_spreads_the_images_and_scores_on_rank_0(two_ranks, specimens,
                                                                           no_torchrun):
-    """Each rank embeds a disjoint share of the images, together all of them once; rank 0's
-    table equals the table of one process embedding everything."""
+    """Each rank embeds a disjoint share of the images, together all of them once; rank 0
+    gathers them all, and its table equals the table of one process embedding everything."""
     from taxonclip.evaluate import evaluate
 
     shares = [set(result["evaluation"]["embedded"]) for result in two_ranks]
@@ -352,6 +358,8 @@ def test_evaluation_under_torchrun_spreads_the_images_and_scores_on_rank_0(two_r
     assert shares[0] | shares[1] == set(range(rows))
     assert sum(len(result["evaluation"]["embedded"]) for result in two_ranks) == rows
     assert two_ranks[1]["evaluation"]["table"] is None
+    # rank 0 gathers every embedding; rank 1 keeps none of them once its share is sent
+    assert [result["evaluation"]["held"] for result in two_ranks] == [[rows], [None]]
     alone = evaluate(spread_config(str(specimens)), create_model("tiny", "none")).table
     pd.testing.assert_frame_equal(two_ranks[0]["evaluation"]["table"], alone, check_exact=False,
                                   atol=1e-6)

@@ -153,6 +153,16 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's `obj` (picklable), in rank order, on rank `dst` alone; None on the others.
+    `[obj]` without a group."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, gathered, dst=dst)
+    return gathered
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Every rank receives rank `src`'s `obj` (any picklable value: a run id, a path).
     Without a process group it returns `obj`."""

@@ -158,12 +158,15 @@ def _scratch_memmap(shape: tuple[int, int], dtype) -> np.memmap:
 
 
 def embed_visual(encoder: torch.nn.Module, manifest: Manifest, config: EvalConfig,
-                 device: torch.device, spread: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-    """The visual embeddings of every manifest row, read from its files or its shards.
+                 device: torch.device, spread: bool = False) -> tuple[torch.Tensor | None, np.ndarray]:
+    """The visual embeddings of every manifest row, read from its files or its shards, and the
+    rows they are of.
 
     With `spread`, called by every rank of a process group: each rank embeds its share (every
-    world_size-th image, or every world_size-th shard) and every rank receives all of them. A
-    rank's failure (an unreadable image) is raised on every rank, so none waits for it."""
+    world_size-th image, or every world_size-th shard) and rank 0 receives all of them; the
+    other ranks return None for the embeddings. Every rank learns which rows were embedded, so
+    a rank's failure (an unreadable image) or a missing image is raised on every rank, and none
+    waits for another in vain."""
     table = manifest.table
     rank, world = (distributed.rank(), distributed.world_size()) if spread else (0, 1)
     failure = None
@@ -214,15 +217,19 @@ def _embed_share(encoder: torch.nn.Module, manifest: Manifest, config: EvalConfi
 
 
 def _gathered_shares(vectors: torch.Tensor, kept: np.ndarray,
-                     failure: str | None) -> tuple[torch.Tensor, np.ndarray]:
-    """Every rank's share, on every rank, in row order; a failure of any rank raised on all."""
-    shares = distributed.all_gather_objects((kept, vectors.numpy(), failure))
-    failures = [failed for _, _, failed in shares if failed is not None]
+                     failure: str | None) -> tuple[torch.Tensor | None, np.ndarray]:
+    """Every rank's share in row order, on rank 0 (None on the others), and the rows of all
+    shares on every rank; a failure of any rank raised on all."""
+    outcomes = distributed.all_gather_objects((kept, failure))
+    failures = [failed for _, failed in outcomes if failed is not None]
     if failures:
         raise DataError(failures[0])
-    rows = np.concatenate([rows for rows, _, _ in shares])
+    rows = np.concatenate([rows for rows, _ in outcomes])
     order = np.argsort(rows, kind="stable")
-    stacked = np.concatenate([part for _, part, _ in shares if len(part)])
+    shares = distributed.gather_objects(vectors.numpy())
+    if shares is None:
+        return None, rows[order]
+    stacked = np.concatenate([share for share in shares if len(share)])
     return torch.from_numpy(stacked[order]), rows[order]
 
 
@@ -255,14 +262,16 @@ def fuse(visual: torch.Tensor | None, text: torch.Tensor | None, kind: str) -> t
 
 
 def embed_manifest(encoder: torch.nn.Module, manifest: Manifest, config: EvalConfig,
-                   device: torch.device, spread: bool = False) -> Embeddings:
+                   device: torch.device, spread: bool = False) -> Embeddings | None:
     """Embeddings of every manifest row as `config.embedding` asks (images spread over the
-    ranks with `spread`, see `embed_visual`)."""
+    ranks with `spread`, see `embed_visual`: then None on every rank but 0)."""
     table = manifest.table
     start = time.perf_counter()
     visual, kept = None, np.arange(len(table))
     if config.embedding != "text":
         visual, kept = embed_visual(encoder, manifest, config, device, spread)
+        if visual is None:  # another rank than 0 of a spread evaluation: it holds no share now
+            return None
     img_per_s = len(kept) / max(time.perf_counter() - start, 1e-9)
     if config.embedding == "visual":
         return Embeddings(visual, visual, kept, img_per_s)
@@ -475,7 +484,7 @@ def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | 
     encoder = encoder.to(device)
     if spread:  # a training's evaluation: never cached
         embeddings = embed_manifest(encoder, manifest, config, device, spread=True)
-        if distributed.rank() != 0:
+        if embeddings is None:
             return None
     else:
         embeddings = _cached_embeddings(encoder, manifest, config, device)
