@@ -527,8 +527,9 @@ def _class_prototypes(encoder, texts: pd.DataFrame, batch_size: int,
     for level, group in texts.groupby("level", sort=False):
         index = {name: i for i, name in enumerate(dict.fromkeys(group["class"]))}
         owners = group["class"].map(index).to_numpy()
-        prototypes[level] = (zero_shot.prototypes(embedded[group.index.to_numpy()], owners,
-                                                  len(index)), index)
+        # copied: pandas hands out read-only arrays, which torch warns about when it wraps them
+        rows = torch.tensor(group.index.to_numpy())
+        prototypes[level] = (zero_shot.prototypes(embedded[rows], owners, len(index)), index)
     return prototypes
 
 
