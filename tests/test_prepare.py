@@ -353,3 +353,19 @@ def test_bad_shards_and_folders_are_named(specimens, tmp_path):
     with pytest.raises(DataError, match="no 'taxa' in their .json rows; name the taxa"):
         read_manifest(str(no_taxa))
     assert read_manifest(str(no_taxa), taxa="Insects").table["genus"].tolist() == ["Aus"]
+
+
+def test_the_rows_json_is_the_same_however_many_rows_a_block_holds(monkeypatch):
+    from taxonclip.data import prepare as preparing
+
+    table = pd.DataFrame({"image_path": [f"{i}.jpg" for i in range(23)],
+                          "scientific_name": [f"Danaus sp{i % 4}" for i in range(23)],
+                          "caption": [None if i % 3 else f"text {i}" for i in range(23)],
+                          "size": np.arange(23, dtype=np.int64)})
+    whole = preparing._json_rows(table)
+    monkeypatch.setattr(preparing, "_JSON_BLOCK_ROWS", 5)
+
+    assert preparing._json_rows(table) == whole
+    assert [json.loads(row) for row in whole] == [
+        {"scientific_name": f"Danaus sp{i % 4}", "caption": None if i % 3 else f"text {i}", "size": i}
+        for i in range(23)]

@@ -39,6 +39,7 @@ from taxonclip.errors import ConfigError, DataError
 from taxonclip.progress import Progress
 
 PLAN_FILE = "plan.json"
+_JSON_BLOCK_ROWS = 10_000
 IMAGE_FORMATS = {"jpeg": ("jpg", "JPEG"), "webp": ("webp", "WEBP")}
 # an image already no larger than the size keeps its own bytes when it is in one of these
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -143,11 +144,17 @@ def prepare(manifest: Manifest, out: str | Path, settings: PrepareSettings = Pre
 
 
 def _json_rows(table: pd.DataFrame) -> list[str]:
-    """Each row's JSON (every column but the source path; blanks as null), keys sorted."""
-    frame = table.drop(columns=["image_path"]).astype(object)
-    frame = frame.where(frame.notna(), None)
-    return [json.dumps(record, sort_keys=True, ensure_ascii=False, default=_plain)
-            for record in frame.to_dict("records")]
+    """Each row's JSON (every column but the source path; blanks as null), keys sorted.
+
+    Made block by block: the dictionaries of all rows at once (about four times the size of
+    their JSON) would take gigabytes for a table of millions of rows."""
+    rows = []
+    for start in range(0, len(table), _JSON_BLOCK_ROWS):
+        frame = table.iloc[start:start + _JSON_BLOCK_ROWS].drop(columns=["image_path"]).astype(object)
+        frame = frame.where(frame.notna(), None)
+        rows.extend(json.dumps(record, sort_keys=True, ensure_ascii=False, default=_plain)
+                    for record in frame.to_dict("records"))
+    return rows
 
 
 def _plain(value: object) -> object:
