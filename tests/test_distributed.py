@@ -30,6 +30,7 @@ ROWS_OF_RANK = (slice(0, 4), slice(4, 7))  # a global batch of 7, split unevenly
 LABELS = [0, 8, 4, 5, 8, 2, 6]
 SAMPLED_LABELS = [1, 7, 1, 7, 1, 7, 7]
 SPAWN_TIMEOUT_S = 60
+COMPILE_TIMEOUT_S = 300
 TRAIN_STEPS = 3
 
 
@@ -134,9 +135,10 @@ def global_micro_batch(step: int, micro: int) -> tuple[torch.Tensor, torch.Tenso
     return inputs, torch.randint(0, NUM_CLASSES, (len(LABELS),), generator=generator)
 
 
-def train_steps(rank: int, world_size: int, grad_accum: int) -> dict:
+def train_steps(rank: int, world_size: int, grad_accum: int, compiled: bool = False) -> dict:
     """TRAIN_STEPS steps of the real `train_step`, each of `grad_accum` micro-batches of this
-    rank's rows (all rows in one process); the backbone and its last gradient at the end, and
+    rank's rows (all rows in one process), through `torch.compile` of the replica as training's
+    `compile=true` runs it if `compiled`; the backbone and its last gradient at the end, and
     how many buckets of backbone gradients the DDP hook sent."""
     sent = []
     real_hook = distributed.sum_gradients_hook
@@ -147,11 +149,12 @@ def train_steps(rank: int, world_size: int, grad_accum: int) -> dict:
 
     distributed.sum_gradients_hook = counting_hook
     state = training_state(rank, world_size)
+    forward = torch.compile(state.replica) if compiled else state.replica
     rows = ROWS_OF_RANK[rank] if world_size > 1 else slice(None)
     for step in range(TRAIN_STEPS):
         batches = [tuple(part[rows] for part in global_micro_batch(step, micro))
                    for micro in range(grad_accum)]
-        train_step(state, batches, state.replica, torch.device("cpu"))
+        train_step(state, batches, forward, torch.device("cpu"))
     distributed.sum_gradients_hook = real_hook
     backbone = state.encoder.visual
     return {"weight": backbone.weight.detach().clone(), "bias": backbone.bias.detach().clone(),
@@ -242,24 +245,40 @@ def worker(rank: int, port: int, out: str, specimens: str) -> None:
     torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
+def compiled_worker(rank: int, port: int, out: str) -> None:
+    """`train_steps` through torch.compile of the DDP replica, with and without grad_accum."""
+    torch.set_num_threads(1)
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    distributed.init_from_env("cpu")
+    results = {accum: train_steps(rank, 2, accum, compiled=True) for accum in (1, 2)}
+    distributed.barrier()
+    distributed.shutdown()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory, specimens) -> list[dict]:
-    """Both ranks' results of one run of `worker` in 2 gloo processes."""
-    out = tmp_path_factory.mktemp("ranks")
-    context = mp.spawn(worker, args=(free_port(), str(out), str(specimens)), nprocs=2, join=False)
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+def spawned_results(target, out: Path, *args, timeout_s: float = SPAWN_TIMEOUT_S) -> list[dict]:
+    """Both ranks' results of `target(rank, port, out, *args)` in 2 gloo processes."""
+    context = mp.spawn(target, args=(free_port(), str(out), *args), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"the 2 gloo processes did not finish within {SPAWN_TIMEOUT_S} s")
+            pytest.fail(f"the 2 gloo processes did not finish within {timeout_s} s")
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, specimens) -> list[dict]:
+    """Both ranks' results of one run of `worker` in 2 gloo processes."""
+    return spawned_results(worker, tmp_path_factory.mktemp("ranks"), str(specimens))
 
 
 def single_process_step(sample_rate: float, labels: list[int], classes: list[int] | None = None):
@@ -344,6 +363,20 @@ def test_ddp_steps_in_two_processes_equal_one_process_on_the_whole_batch(two_ran
                                    atol=1e-5)
         assert ranked["buckets_sent"] == TRAIN_STEPS  # one bucket a step, whatever grad_accum
     assert not torch.equal(alone["weight"], shared_case()[0].weight)  # the steps moved it
+
+
+@pytest.mark.slow
+def test_compiled_ddp_steps_in_two_processes_equal_one_process_on_the_whole_batch(tmp_path,
+                                                                                no_torchrun):
+    """compile=true under torchrun: torch.compile of the DDP replica (its graph split at the
+    buckets by DDP's optimizer) steps as one uncompiled process does, grad_accum included."""
+    alone = {accum: train_steps(0, 1, accum) for accum in (1, 2)}
+    for result in spawned_results(compiled_worker, tmp_path, timeout_s=COMPILE_TIMEOUT_S):
+        for accum, ranked in result.items():
+            assert ranked["ddp"] == "DistributedDataParallel"
+            torch.testing.assert_close(ranked["weight"], alone[accum]["weight"], rtol=0, atol=1e-5)
+            torch.testing.assert_close(ranked["bias"], alone[accum]["bias"], rtol=0, atol=1e-5)
+            assert ranked["buckets_sent"] == TRAIN_STEPS
 
 
 def test_evaluation_under_torchrun_spreads_the_images_and_scores_on_rank_0(two_ranks, specimens,
