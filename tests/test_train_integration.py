@@ -180,6 +180,27 @@ def test_two_nodes_meet_through_the_c10d_rendezvous_and_log_one_run(tracking, sp
     _check_one_run_of_two_ranks("train-two-nodes", specimens, tmp_path)
 
 
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_cluster_what_one_process_clusters(tracking, specimens, tmp_path,
+                                                                       monkeypatch):
+    """label=cluster under torchrun: both ranks embed their share of the training images, rank 0
+    clusters them all, and the images get the clusters that one process gives them."""
+    cluster_args = ["--data", str(specimens), "--epochs", "1", "--device", "cpu", "--label",
+                    "cluster", "--clusters", "0.5", *TRAIN_ARGS]
+    _torchrun_two_processes(["train", *cluster_args], "clusters-torchrun", tmp_path)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "clusters-alone")
+    assert main(["train", *cluster_args]) == 0
+
+    client = MlflowClient()
+    runs = [_only_run(name) for name in ("clusters-torchrun", "clusters-alone")]
+    spread, alone = (pd.read_csv(client.download_artifacts(run.info.run_id, names.CLUSTER_ASSIGNMENT,
+                                                           str(tmp_path / run.info.run_id)))
+                     for run in runs)
+    assert len(alone) == len(split_manifest(read_manifest(specimens).table, 0.2, 0).train)
+    pd.testing.assert_frame_equal(spread, alone)
+    assert runs[0].data.metrics[names.CLUSTER_COUNT] == runs[1].data.metrics[names.CLUSTER_COUNT] == 6
+
+
 def _check_one_run_of_two_ranks(experiment: str, specimens: Path, tmp_path: Path) -> None:
     run = _only_run(experiment)
     assert run.info.status == "FINISHED"

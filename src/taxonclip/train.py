@@ -581,29 +581,29 @@ def _headline(result: EvalResult | None, state: TrainState, config: TrainConfig)
 
 
 def _with_cluster_labels(ctx: TrainContext, encoder) -> TrainData:
-    """The training rows labelled by k-means clusters of the starting model's embeddings: rank 0
-    computes them (or reads those of the run it resumes) and every rank receives them."""
-    assignment = None
-    if ctx.info.is_main:
-        assignment = _logged_assignment(ctx) if ctx.config.resume else None
-        if assignment is None:
-            assignment = _cluster(ctx, encoder)
-    assignment = dist.broadcast_object(assignment)
+    """The training rows labelled by k-means clusters of the starting model's embeddings (or
+    those of the run it resumes, which rank 0 reads); every rank receives them."""
+    logged = _logged_assignment(ctx) if ctx.info.is_main and ctx.config.resume else None
+    logged = dist.broadcast_object(logged)
+    assignment = logged if logged is not None else dist.broadcast_object(_cluster(ctx, encoder))
     return replace(ctx.data, labels=assignment.astype(np.int64),
                    classes=[f"cluster {i}" for i in range(int(assignment.max()) + 1)])
 
 
-def _cluster(ctx: TrainContext, encoder) -> np.ndarray:
-    """Embed the training images, cluster them, and log the k-means seconds, the clusters'
-    NMI and ARI against species and genus, and each image's cluster."""
+def _cluster(ctx: TrainContext, encoder) -> np.ndarray | None:
+    """Embed the training images (every rank its share), cluster them on rank 0, and log the
+    k-means seconds, the clusters' NMI and ARI against species and genus, and each image's
+    cluster; the assignment on rank 0, None on the other ranks."""
     data, config = ctx.data, ctx.config
     rows = data.manifest.table.iloc[data.rows].reset_index(drop=True)
+    k = clusters.cluster_count(config.clusters, rows["species"].nunique(), len(rows))
     vectors, kept = embed_visual(encoder.to(ctx.device), replace(data.manifest, table=rows),
-                                 config.eval_config(), ctx.device)
+                                 config.eval_config(), ctx.device, spread=True)
     if len(kept) < len(rows):
         raise DataError(f"{len(rows) - len(kept)} training images did not decode; label=cluster "
                         f"clusters every training image (fix them, or drop them from the manifest)")
-    k = clusters.cluster_count(config.clusters, rows["species"].nunique(), len(rows))
+    if vectors is None:  # another rank than 0: its share went to rank 0
+        return None
     start = time.perf_counter()
     assignment, _ = clusters.kmeans(vectors, k, config.data.seed)
     metrics = {names.CLUSTER_COUNT: k, names.CLUSTER_KMEANS_SECONDS: time.perf_counter() - start}
