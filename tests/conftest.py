@@ -54,12 +54,32 @@ def slow_but_all_three(cases) -> list:
 
 
 def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on now."""
+    """A TCP port on the loopback interface that nothing listens on now, chosen below the
+    kernel's range of ephemeral ports: the tests' many client connections (to their MLflow
+    servers) take their local ports from that range, and one of them could take a port from it
+    between this answer and the bind that needs it (a rendezvous store then never starts)."""
+    import random
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    for port in random.Random().sample(range(_FIRST_PORT, _ephemeral_ports_start()), 100):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port from {_FIRST_PORT} up to the ephemeral ports")
+
+
+_FIRST_PORT = 10_000
+
+
+def _ephemeral_ports_start() -> int:
+    """The first port of the kernel's ephemeral range (Linux), else IANA's 49152."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
 
 
 def wait_for_http(url: str, process, seconds: float = 90.0) -> None:

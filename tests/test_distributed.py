@@ -4,7 +4,6 @@ against the single-process full softmax."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from taxonclip.config import DataConfig, EvalConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.models import create_model
 from taxonclip.train import TrainState, train_step
+from tests.conftest import free_port
 
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 S, M2 = 16.0, 0.3
@@ -255,12 +255,6 @@ def compiled_worker(rank: int, port: int, out: str) -> None:
     distributed.barrier()
     distributed.shutdown()
     torch.save(results, Path(out) / f"rank{rank}.pt")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def spawned_results(target, out: Path, *args, timeout_s: float = SPAWN_TIMEOUT_S) -> list[dict]:
