@@ -48,6 +48,7 @@ def test_ddp_row_in_a_plain_process_is_compared_with_the_step_outside_a_group():
                      output, re.MULTILINE), output
 
 
+@pytest.mark.slow  # the plain-process case above runs the same rows in make test
 def test_ddp_row_under_torchrun_is_the_global_rate_printed_by_rank_0_alone():
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
                 "--master_port", str(free_port())]

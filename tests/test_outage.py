@@ -73,8 +73,8 @@ def server(tmp_path, monkeypatch):
 
 def _stop_after_first_checkpoint(monkeypatch, server: Server, back_after: float | None) -> None:
     """Stop the server right after the first checkpoint is saved; start it again `back_after`
-    seconds later (never, for None). While it is away every step takes a little time, so that
-    the training outlasts a 30 s outage."""
+    seconds later (never, for None). While an outage that ends lasts, every step takes a little
+    time, so that the training outlasts a 30 s outage."""
     real_save, real_step, down = train_module._save_checkpoint, train_module.train_step, []
 
     def save_then_stop(state, ctx):
@@ -91,7 +91,8 @@ def _stop_after_first_checkpoint(monkeypatch, server: Server, back_after: float 
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "_save_checkpoint", save_then_stop)
-    monkeypatch.setattr(train_module, "train_step", slow_while_down)
+    if back_after is not None:
+        monkeypatch.setattr(train_module, "train_step", slow_while_down)
 
 
 def _assert_whole(run_id: str, epochs: int) -> None:
