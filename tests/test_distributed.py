@@ -228,11 +228,23 @@ def spread_config(specimens: str) -> EvalConfig:
                       cache_embeddings=False, batch_size=16)
 
 
-def worker(rank: int, port: int, out: str, specimens: str) -> None:
+def join_group_of_two(rank: int, port: int) -> distributed.DistInfo:
+    """This spawned process as rank `rank` of a 2-process gloo group, as torchrun would start it."""
     torch.set_num_threads(1)
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    info = distributed.init_from_env("cpu")
+    return distributed.init_from_env("cpu")
+
+
+def leave_group_with(results: dict, rank: int, out: str) -> None:
+    """Leave the group once both ranks are done, and save this rank's results for the test."""
+    distributed.barrier()
+    distributed.shutdown()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+
+
+def worker(rank: int, port: int, out: str, specimens: str) -> None:
+    info = join_group_of_two(rank, port)
     results = {"info": info, **gather_checks(rank),
                "full": sharded_step(rank, 1.0, LABELS)}
     torch.manual_seed(rank + 1)
@@ -240,21 +252,14 @@ def worker(rank: int, port: int, out: str, specimens: str) -> None:
     results["steps"] = {accum: train_steps(rank, 2, accum) for accum in (1, 2)}
     results["evaluation"] = spread_evaluation(specimens)
     results["failure"] = spread_failure(rank, specimens)
-    distributed.barrier()
-    distributed.shutdown()
-    torch.save(results, Path(out) / f"rank{rank}.pt")
+    leave_group_with(results, rank, out)
 
 
 def compiled_worker(rank: int, port: int, out: str) -> None:
     """`train_steps` through torch.compile of the DDP replica, with and without grad_accum."""
-    torch.set_num_threads(1)
-    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    distributed.init_from_env("cpu")
+    join_group_of_two(rank, port)
     results = {accum: train_steps(rank, 2, accum, compiled=True) for accum in (1, 2)}
-    distributed.barrier()
-    distributed.shutdown()
-    torch.save(results, Path(out) / f"rank{rank}.pt")
+    leave_group_with(results, rank, out)
 
 
 def spawned_results(target, out: Path, *args, timeout_s: float = SPAWN_TIMEOUT_S) -> list[dict]:

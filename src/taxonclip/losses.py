@@ -85,10 +85,10 @@ class PartialFC(nn.Module):
     Gradients: each rank's centres get their exact gradient. Each rank's embeddings get the full
     gradient of the global-mean loss for its own rows, so backbone gradients summed over ranks
     equal the single-process gradient. DistributedDataParallel averages over ranks instead, which
-    gives 1/world_size of it: sum the backbone gradients (`distributed.data_parallel` registers a
-    DDP communication hook that does) to keep the
-    single-process gradient, or account for the factor (AdamW's update barely changes under a
-    constant gradient scale; a gradient-clipping threshold is affected).
+    gives 1/world_size of it: sum the backbone gradients to keep the single-process gradient
+    (`distributed.data_parallel` registers a DDP communication hook that does), or account for
+    the factor (AdamW's update barely changes under a constant gradient scale; a
+    gradient-clipping threshold is affected).
 
     Sampling uses torch's default generator on the weight's device: seed it with
     `torch.manual_seed` for reproducible runs. After each step `last_sampled_classes` holds the

@@ -56,7 +56,8 @@ def prototypes(text_embeddings: torch.Tensor, owners: np.ndarray, classes: int) 
     """Per class, the normalised mean of its normalised text embeddings (`owners`: the class of
     each text)."""
     unit = F.normalize(text_embeddings.float(), dim=1)
-    sums = unit.new_zeros(classes, unit.shape[1]).index_add_(0, torch.tensor(owners, dtype=torch.int64), unit)
+    owner_ids = torch.tensor(owners, dtype=torch.int64)  # a copy: pandas' arrays are read-only
+    sums = unit.new_zeros(classes, unit.shape[1]).index_add_(0, owner_ids, unit)
     return F.normalize(sums, dim=1)
 
 
