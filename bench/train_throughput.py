@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -207,21 +206,15 @@ def run(method: Method, args, info: DistInfo, peak: float, flops: int | None) ->
             "step_ms": 1000 * seconds, "tflop_step": flops / 1e12, "mfu": mfu}
 
 
-def free_port() -> int:
-    """A TCP port on the loopback interface that nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def join_group_of_one(device: torch.device) -> DistInfo:
     """A process group of this process alone (NCCL on CUDA, gloo on the CPU), at MASTER_ADDR and
-    MASTER_PORT where set (else 127.0.0.1 and a free port): in it a plain process runs the DDP
-    row with the wrapper and collectives every rank of a training runs."""
+    MASTER_PORT where set (else 127.0.0.1 and any port the system gives its store, since no other
+    process has to find it): in it a plain process runs the DDP row with the wrapper and
+    collectives every rank of a training runs."""
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # DDP's device_ids need an index
     address = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    port = os.environ.get("MASTER_PORT") or free_port()
+    port = os.environ.get("MASTER_PORT") or 0
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                          init_method=f"tcp://{address}:{port}", rank=0, world_size=1)
     return DistInfo(rank=0, world_size=1, device=device)
