@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+# the defaults of weights= and seed= are the configured ones
+from taxonclip.config import DataConfig, ModelConfig
 from taxonclip.errors import ModelError
 from taxonclip.models import clip_models, open_clip_models, tiny, unicom
 from taxonclip.models.adapter import ModelAdapter, missing_members
@@ -64,8 +66,8 @@ def get_spec(name: str) -> ModelSpec:
                      f"(or a runs:/<run_id>/model URI of a logged model)")
 
 
-def create_model(name: str, weights: str = "pretrained", device: str | torch.device = "cpu",
-                 seed: int = 0) -> Encoder:
+def create_model(name: str, weights: str = ModelConfig.weights,
+                 device: str | torch.device = "cpu", seed: int = DataConfig.seed) -> Encoder:
     """The encoder `name` (see `list_models`) in fp32 and eval mode on `device`.
 
     `weights`: `pretrained` (OpenAI's for CLIP, UNICOM's, tiny's fixed seed-0 init; `openai` and
@@ -81,7 +83,8 @@ def is_published(source: str, weights: str) -> bool:
     return weights.strip().lower() in adapter_of(source).weight_words
 
 
-def load_encoder(spec: ModelSpec, weights: str = "pretrained", seed: int = 0) -> Encoder:
+def load_encoder(spec: ModelSpec, weights: str = ModelConfig.weights,
+                 seed: int = DataConfig.seed) -> Encoder:
     """The encoder of any spec, also one outside the registry; `weights` and `seed` as in
     `create_model`."""
     adapter = adapter_of(spec.source)
