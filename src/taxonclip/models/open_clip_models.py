@@ -1,6 +1,7 @@
-"""The open_clip family (source `open_clip`): models named `open_clip:<architecture>` for any name of `open_clip.list_models()`
-(BioCLIP is `open_clip:ViT-B-16`): built by open_clip itself, with their weights from a file or
-from a Hugging Face hub cache folder (`hf-hub:imageomics/bioclip`), never downloaded here.
+"""The open_clip family (source `open_clip`): models named `open_clip:<architecture>` for any
+name of `open_clip.list_models()` (BioCLIP is `open_clip:ViT-B-16`), built by open_clip itself,
+with their weights from a file or from a Hugging Face hub cache folder
+(`hf-hub:imageomics/bioclip`), never downloaded here, and open_clip's tokenizer of each.
 
 The encoder keeps open_clip's image tower as `visual` and the rest of the model (token
 embedding, text transformer, projection) as `text.model`, so a state dict of the whole open_clip
