@@ -5,8 +5,8 @@ An adapter says which models it lists, builds their towers, maps weights files o
 layout, loads its published weights and tokenizes captions for its text tower. Building an
 encoder, seeded or from a state dict, is the same for every family and lives here.
 
-To add a family: a module with a subclass that sets every member `missing_members` names, its
-`ADAPTER = TheAdapter()`, and one line in `registry.ADAPTERS`.
+To add a family: a module with a `ModelAdapter` subclass (its class attributes set, its abstract
+methods defined), `ADAPTER = TheAdapter()`, and one line in `registry.ADAPTERS`.
 """
 
 from __future__ import annotations
