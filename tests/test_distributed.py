@@ -17,7 +17,7 @@ from torch import nn
 from taxonclip import distributed
 from taxonclip.errors import ConfigError, DataError
 from taxonclip.losses import CombinedMarginLoss, PartialFC, class_shard
-from taxonclip.config import DataConfig, EvalConfig
+from taxonclip.config import DataConfig, EvalConfig, LossConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.models import create_model
 from taxonclip.train import TrainState, train_step
@@ -101,7 +101,7 @@ def shared_case() -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
 def sharded_step(rank: int, sample_rate: float, labels: list[int]) -> dict:
     """One PartialFC step on this rank's rows, with this rank's block of the shared centres."""
     backbone, inputs, centres = shared_case()
-    module = PartialFC(CombinedMarginLoss(s=S, m2=M2), EMBEDDING_SIZE, NUM_CLASSES, sample_rate)
+    module = PartialFC(CombinedMarginLoss.from_config(LossConfig(s=S, m2=M2)), EMBEDDING_SIZE, NUM_CLASSES, sample_rate)
     start, count = class_shard(NUM_CLASSES, 2, rank)
     module.weight.data.copy_(centres[start: start + count])
     rows = ROWS_OF_RANK[rank]
@@ -118,7 +118,7 @@ def training_state(rank: int, world_size: int) -> TrainState:
     backbone, _, centres = shared_case()
     encoder = nn.Module()
     encoder.visual = backbone
-    head = PartialFC(CombinedMarginLoss(s=S, m2=M2), EMBEDDING_SIZE, NUM_CLASSES, 1.0)
+    head = PartialFC(CombinedMarginLoss.from_config(LossConfig(s=S, m2=M2)), EMBEDDING_SIZE, NUM_CLASSES, 1.0)
     start, count = class_shard(NUM_CLASSES, world_size, rank)
     head.weight.data.copy_(centres[start: start + count])
     optimizer = torch.optim.AdamW([{"params": backbone.parameters()},
@@ -286,7 +286,7 @@ def single_process_step(sample_rate: float, labels: list[int], classes: list[int
     if classes is not None:
         centres = centres[classes]
         labels = [classes.index(label) for label in labels]
-    module = PartialFC(CombinedMarginLoss(s=S, m2=M2), EMBEDDING_SIZE, len(centres), sample_rate)
+    module = PartialFC(CombinedMarginLoss.from_config(LossConfig(s=S, m2=M2)), EMBEDDING_SIZE, len(centres), sample_rate)
     module.weight.data.copy_(centres)
     loss = module(backbone(inputs), torch.tensor(labels))
     loss.backward()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -32,6 +33,13 @@ def expected_logits(cosines: torch.Tensor, labels: list[int], s: float, m2: floa
     return out
 
 
+def margin_loss(**given: float) -> CombinedMarginLoss:
+    """The margin loss with LossConfig's default for every parameter not given."""
+    defaults = LossConfig()
+    return CombinedMarginLoss(**{name: given.get(name, getattr(defaults, name))
+                                 for name in ("s", "m1", "m2", "m3", "filter")})
+
+
 def random_cosines(rows: int = 5, columns: int = 7, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.rand(rows, columns, generator=generator) * 2 - 1
@@ -43,7 +51,7 @@ def random_cosines(rows: int = 5, columns: int = 7, seed: int = 0) -> torch.Tens
 def test_margin_logits_match_the_formula(margins):
     cosines = random_cosines()
     labels = [3, 0, 6, 3, 1]
-    loss = CombinedMarginLoss(s=30.0, **margins)
+    loss = margin_loss(s=30.0, **margins)
     got = loss(cosines, torch.tensor(labels))
     want = expected_logits(cosines, labels, 30.0, **margins)
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
@@ -54,7 +62,7 @@ def test_rows_whose_class_is_elsewhere_get_no_margin_but_are_filtered():
     cosines[1, 2] = 0.9
     cosines[2, 1] = 0.95
     labels = [-1, 2, -1]
-    got = CombinedMarginLoss(s=10.0, m2=0.5, filter=0.8)(cosines, torch.tensor(labels))
+    got = margin_loss(s=10.0, m2=0.5, filter=0.8)(cosines, torch.tensor(labels))
     assert got[0].tolist() == pytest.approx((10.0 * cosines[0]).tolist())
     assert got[1, 2].item() == pytest.approx(10.0 * math.cos(math.acos(0.9) + 0.5), abs=1e-5)
     assert got[2, 1].item() == 0.0
@@ -63,7 +71,7 @@ def test_rows_whose_class_is_elsewhere_get_no_margin_but_are_filtered():
 def test_input_cosines_are_left_unchanged():
     cosines = random_cosines()
     before = cosines.clone()
-    CombinedMarginLoss(s=8.0, m2=0.5, filter=0.2)(cosines, torch.tensor([0, 1, 2, 3, 4]))
+    margin_loss(s=8.0, m2=0.5, filter=0.2)(cosines, torch.tensor([0, 1, 2, 3, 4]))
     assert torch.equal(cosines, before)
 
 
@@ -72,7 +80,7 @@ def test_margin_gradient_is_straight_through():
     cosines = random_cosines(4, 5, seed=1).mul(0.9).requires_grad_()
     labels = [2, 0, 4, 2]
     upstream = torch.randn(4, 5, generator=torch.Generator().manual_seed(2))
-    (CombinedMarginLoss(s=16.0, m2=0.5)(cosines, torch.tensor(labels)) * upstream).sum().backward()
+    (margin_loss(s=16.0, m2=0.5)(cosines, torch.tensor(labels)) * upstream).sum().backward()
     torch.testing.assert_close(cosines.grad, 16.0 * upstream)
     for i, j in enumerate(labels):
         theta = math.acos(float(cosines.detach()[i, j]))
@@ -83,7 +91,7 @@ def test_margin_gradient_is_straight_through():
 def test_filtered_cosines_get_no_gradient():
     cosines = torch.tensor([[0.9, 0.1, 0.7], [0.2, 0.95, -0.3]], requires_grad=True)
     labels = [0, 2]
-    CombinedMarginLoss(s=4.0, m2=0.0, filter=0.5)(cosines, torch.tensor(labels)).sum().backward()
+    margin_loss(s=4.0, m2=0.0, filter=0.5)(cosines, torch.tensor(labels)).sum().backward()
     for i in range(2):
         for j in range(3):
             zeroed = j != labels[i] and float(cosines.detach()[i, j]) > 0.5
@@ -95,7 +103,7 @@ def test_arcface_target_is_capped_at_pi():
     s, m2 = 20.0, 0.5
     thetas = torch.linspace(0.0, math.pi, 200, dtype=torch.float64)
     cosines = torch.cos(thetas)[:, None]
-    targets = CombinedMarginLoss(s=s, m2=m2)(cosines, torch.zeros(200, dtype=torch.long))[:, 0]
+    targets = margin_loss(s=s, m2=m2)(cosines, torch.zeros(200, dtype=torch.long))[:, 0]
     for theta, cosine, target in zip(thetas.tolist(), cosines[:, 0].tolist(), targets.tolist()):
         if theta >= math.pi - m2 + 1e-6:
             assert target == pytest.approx(-s, abs=1e-9)
@@ -109,7 +117,7 @@ def test_arcface_target_is_capped_at_pi():
                                        (dict(filter=1.5), "filter"), (dict(filter=-0.1), "filter")])
 def test_unsupported_margins_are_a_config_error(bad, name):
     with pytest.raises(ConfigError, match=name):
-        CombinedMarginLoss(**bad)
+        margin_loss(**bad)
     with pytest.raises(ConfigError, match=name):
         LossConfig(**bad)
 
@@ -134,7 +142,7 @@ def hand_loss(embeddings, centres, labels, s, m2=0.0, m3=0.0, filter=0.0):
 
 def partial_fc(num_classes=7, size=5, sample_rate=1.0, seed=0, **margins):
     torch.manual_seed(seed)
-    margin = CombinedMarginLoss(**({"s": 16.0, "m2": 0.3} | margins))
+    margin = margin_loss(**({"s": 16.0, "m2": 0.3} | margins))
     return PartialFC(margin, size, num_classes, sample_rate)
 
 
@@ -262,6 +270,26 @@ def test_embedding_size_mismatch_is_a_config_error():
 def test_bad_partial_fc_parameters_are_a_config_error(kwargs, name):
     with pytest.raises(ConfigError, match=name):
         partial_fc(**kwargs)
+
+
+@pytest.mark.parametrize("module", [CombinedMarginLoss, PartialFC])
+def test_the_loss_keeps_no_defaults_of_its_own(module):
+    # its parameters' defaults are LossConfig's alone: a default here could differ from them
+    defaults = [name for name, parameter in inspect.signature(module).parameters.items()
+                if parameter.default is not inspect.Parameter.empty]
+    assert defaults == []
+
+
+def test_the_configured_margin_loss_and_sample_rate_check_are_configs():
+    config = LossConfig()
+    assert CombinedMarginLoss.from_config(config).extra_repr() == (
+        f"s={config.s}, m1={config.m1}, m2={config.m2}, m3={config.m3}, filter={config.filter}")
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError) as from_loss:
+            partial_fc(sample_rate=bad)
+        with pytest.raises(ConfigError) as from_config:
+            LossConfig(sample_rate=bad)
+        assert str(from_loss.value) == str(from_config.value)
 
 
 def test_runs_under_bf16_autocast_with_float32_gradients():

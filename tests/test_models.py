@@ -20,10 +20,9 @@ from taxonclip.errors import ModelError
 from taxonclip.models import (Encoder, ModelSpec, create_model, encoder_from_config, get_spec,
                               list_models, load_encoder)
 from taxonclip.models import weights as published
-from taxonclip.models.clip_models import CLIP, clip
-from taxonclip.models.registry import ClipArch, UnicomArch
+from taxonclip.models.clip_models import CLIP, ClipArch, clip
 from taxonclip.models.transforms import CLIP_MEAN, CLIP_STD
-from taxonclip.models.unicom import UnicomViT
+from taxonclip.models.unicom import UnicomArch, UnicomViT
 
 SMALL_UNICOM = dict(image_size=16, patch_size=8, width=8, layers=2, heads=2, embed_dim=6)
 SMALL_UNICOM_SPEC = ModelSpec("unicom:small", "unicom", 6, 16, SMALL_UNICOM)

@@ -55,6 +55,29 @@ def test_a_weights_file_and_a_hub_cache_give_open_clips_outputs(reference, tmp_p
         assert encoder.weights == weights
 
 
+def test_the_tokenizer_is_open_clips_own(monkeypatch):
+    from taxonclip.models import open_clip_models
+    from taxonclip.models.registry import adapter_of
+
+    spec = get_spec("open_clip:ViT-B-16")
+    tokenize_as_family = adapter_of(spec.source).tokenizer(spec)
+    texts = ["a photo of Danaus plexippus.", "Pieris rapae on a leaf " * 40]
+    expected = open_clip.get_tokenizer("ViT-B-16")(texts)
+    assert torch.equal(tokenize_as_family(texts), expected)
+    assert torch.equal(expected, tokenize(texts, 77).long())  # BioCLIP's is CLIP's encoding
+
+    def not_cached(*args, **kwargs):
+        raise OSError("not in the Hugging Face cache")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", not_cached)
+    open_clip_models._tokenizer.cache_clear()
+    try:
+        with pytest.raises(ModelError, match="tokenizer of open_clip:ViT-B-16 is not available"):
+            tokenize_as_family(texts)
+    finally:
+        open_clip_models._tokenizer.cache_clear()
+
+
 def test_missing_weights_name_what_to_place_where(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(ModelError, match=r"no open_clip_pytorch_model.bin .* under .*models--imageomics--bioclip"):

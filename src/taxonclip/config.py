@@ -140,7 +140,7 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         check_margins(self.s, self.m1, self.m2, self.m3, self.filter)
-        _check_range("sample_rate", self.sample_rate, 0.0, 1.0, low_open=True)
+        check_sample_rate(self.sample_rate)
 
 
 # what `device` and `decode` mean is the same for eval and train
@@ -432,6 +432,11 @@ def check_margins(s: float, m1: float, m2: float, m3: float, filter: float) -> N
     if not 0 <= filter < 1:
         raise ConfigError(f"parameter 'margin_filter' (cosine threshold) must be in [0, 1), "
                           f"got {filter}")
+
+
+def check_sample_rate(sample_rate: float) -> None:
+    """PartialFC's fraction of the class centres in each step's softmax: in (0, 1]."""
+    _check_range("sample_rate", sample_rate, 0.0, 1.0, low_open=True)
 
 
 def check_label(label: str, levels: names.Levels, source: object) -> None:

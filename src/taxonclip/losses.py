@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taxonclip import distributed
-from taxonclip.config import check_margins
+from taxonclip.config import LossConfig, check_margins, check_sample_rate
 from taxonclip.errors import ConfigError, DataError
 
 
@@ -39,13 +39,19 @@ class CombinedMarginLoss(nn.Module):
 
     `forward(logits, labels)`: `logits` are cosines (N × C), `labels` (N) index their columns, −1
     for a row whose class is not among these columns (it then gets no margin). It returns a new
-    tensor and leaves `logits` unchanged."""
+    tensor and leaves `logits` unchanged.
 
-    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
-                 filter: float = 0.0) -> None:
+    Every parameter is required: their defaults are `LossConfig`'s (`from_config`)."""
+
+    def __init__(self, *, s: float, m1: float, m2: float, m3: float, filter: float) -> None:
         super().__init__()
         check_margins(s, m1, m2, m3, filter)
         self.s, self.m1, self.m2, self.m3, self.filter = s, m1, m2, m3, filter
+
+    @classmethod
+    def from_config(cls, loss: LossConfig) -> CombinedMarginLoss:
+        """The margin loss of the configured s, m1, m2, m3 and filter."""
+        return cls(s=loss.s, m1=loss.m1, m2=loss.m2, m3=loss.m3, filter=loss.filter)
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         columns = torch.arange(logits.shape[1], device=logits.device)
@@ -95,7 +101,7 @@ class PartialFC(nn.Module):
     global class indices of the centres used, in increasing order."""
 
     def __init__(self, margin_loss: Callable[[Tensor, Tensor], Tensor], embedding_size: int,
-                 num_classes: int, sample_rate: float = 1.0) -> None:
+                 num_classes: int, sample_rate: float) -> None:
         super().__init__()
         world_size, rank = distributed.world_size(), distributed.rank()
         _check_partial_fc(embedding_size, num_classes, sample_rate, world_size)
@@ -236,5 +242,4 @@ def _check_partial_fc(embedding_size: int, num_classes: int, sample_rate: float,
     if num_classes < world_size:
         raise ConfigError(f"PartialFC 'num_classes'={num_classes} is fewer than the "
                           f"{world_size} process(es) it is split across")
-    if not 0 < sample_rate <= 1:
-        raise ConfigError(f"loss parameter 'sample_rate' must be in (0, 1], got {sample_rate}")
+    check_sample_rate(sample_rate)

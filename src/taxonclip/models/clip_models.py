@@ -1,4 +1,5 @@
-"""OpenAI CLIP towers built from the `clip` package's modules, in fp32.
+"""The OpenAI CLIP family (source `clip`): its architectures, towers built from the `clip`
+package's modules in fp32, its tokenizer, and OpenAI's published weights.
 
 An encoder keeps CLIP's image tower under `visual.*` (the same keys as CLIP) and its text tower
 under `text.*`; `logit_scale`, used only by CLIP's contrastive pre-training, is dropped.
@@ -6,10 +7,16 @@ under `text.*`; `logit_scale`, used only by CLIP's contrastive pre-training, is 
 
 from __future__ import annotations
 
+import functools
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from taxonclip.models.adapter import ModelAdapter
+from taxonclip.models.encoder import Encoder, ModelSpec, Tokenizer, arch_spec
+from taxonclip.models.weights import CLIP_RELEASES, clip_cache_dir
 
 with warnings.catch_warnings():
     # clip imports pkg_resources, whose deprecation notice concerns the clip package, not users.
@@ -76,3 +83,63 @@ def to_encoder_keys(state_dict: dict) -> dict:
 def tokenize(texts: list[str], context_length: int) -> torch.Tensor:
     """CLIP token ids (len(texts), context_length); texts that are too long are truncated."""
     return clip.tokenize(texts, context_length=context_length, truncate=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClipArch:
+    """An OpenAI CLIP architecture: the keyword arguments of `clip.model.CLIP`, in its order. A
+    spec's `arch` is this as a dict, as checkpoints store it, so the names stay CLIP's."""
+
+    embed_dim: int  # of the joint image-text embedding
+    image_resolution: int  # the side of the square input images
+    vision_layers: int
+    vision_width: int
+    vision_patch_size: int
+    context_length: int = 77  # text tokens
+    vocab_size: int = 49408  # CLIP's byte-pair vocabulary
+    transformer_width: int  # of the text tower, as are its heads and layers
+    transformer_heads: int
+    transformer_layers: int
+
+    @property
+    def input_size(self) -> int:
+        """The side of the square images the model takes."""
+        return self.image_resolution
+
+
+class ClipAdapter(ModelAdapter):
+    """OpenAI CLIP: `ViT-B/32` ... `ViT-L/14@336px`, OpenAI's weights from ~/.cache/clip."""
+
+    source = "clip"
+    has_text = True
+    weight_words = ("pretrained", "openai")
+    specs = tuple(arch_spec(name, "clip", arch) for name, arch in (
+        ("ViT-B/32", ClipArch(embed_dim=512, image_resolution=224, vision_layers=12,
+                              vision_width=768, vision_patch_size=32, transformer_width=512,
+                              transformer_heads=8, transformer_layers=12)),
+        ("ViT-B/16", ClipArch(embed_dim=512, image_resolution=224, vision_layers=12,
+                              vision_width=768, vision_patch_size=16, transformer_width=512,
+                              transformer_heads=8, transformer_layers=12)),
+        ("ViT-L/14", ClipArch(embed_dim=768, image_resolution=224, vision_layers=24,
+                              vision_width=1024, vision_patch_size=14, transformer_width=768,
+                              transformer_heads=12, transformer_layers=12)),
+        ("ViT-L/14@336px", ClipArch(embed_dim=768, image_resolution=336, vision_layers=24,
+                                    vision_width=1024, vision_patch_size=14,
+                                    transformer_width=768, transformer_heads=12,
+                                    transformer_layers=12)),
+    ))
+
+    def towers(self, spec: ModelSpec) -> tuple[nn.Module, nn.Module | None]:
+        return clip_towers(spec.arch)
+
+    def tokenizer(self, spec: ModelSpec) -> Tokenizer | None:
+        return functools.partial(tokenize, context_length=spec.arch["context_length"])
+
+    def encoder_keys(self, state_dict: dict) -> dict:
+        return to_encoder_keys(state_dict)
+
+    def pretrained(self, spec: ModelSpec) -> Encoder:
+        return self.load_release(spec, CLIP_RELEASES, clip_cache_dir())
+
+
+ADAPTER = ClipAdapter()

@@ -1,6 +1,7 @@
-"""open_clip models, named `open_clip:<architecture>` for any name of `open_clip.list_models()`
-(BioCLIP is `open_clip:ViT-B-16`): built by open_clip itself, with their weights from a file or
-from a Hugging Face hub cache folder (`hf-hub:imageomics/bioclip`), never downloaded here.
+"""The open_clip family (source `open_clip`): models named `open_clip:<architecture>` for any
+name of `open_clip.list_models()` (BioCLIP is `open_clip:ViT-B-16`), built by open_clip itself,
+with their weights from a file or from a Hugging Face hub cache folder
+(`hf-hub:imageomics/bioclip`), never downloaded here, and open_clip's tokenizer of each.
 
 The encoder keeps open_clip's image tower as `visual` and the rest of the model (token
 embedding, text transformer, projection) as `text.model`, so a state dict of the whole open_clip
@@ -9,6 +10,7 @@ model maps onto the encoder by prefixing its non-visual keys.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import torch
 from torch import nn
 
 from taxonclip.errors import ModelError
+from taxonclip.models.adapter import ModelAdapter
+from taxonclip.models.encoder import Encoder, ModelSpec, Tokenizer
 
 PREFIX = "open_clip:"
 HUB_PREFIX = "hf-hub:"
@@ -103,12 +107,62 @@ def hub_file(reference: str) -> Path:
     return found[-1]
 
 
-def read_weights(path: Path) -> dict:
-    """The state dict in an open_clip weights file (`.safetensors`, or a torch file read
-    without pickle)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def tokenize(texts: list[str], arch: str, context_length: int) -> torch.Tensor:
+    """Token ids (len(texts), context_length) of open_clip's tokenizer for `arch` (CLIP's
+    byte-pair encoding for BioCLIP); texts that are too long are truncated."""
+    return _tokenizer(arch, context_length)(texts)
 
-        return load_file(str(path))
-    stored = torch.load(path, map_location="cpu", weights_only=True)
-    return stored.get("state_dict", stored) if isinstance(stored, dict) else stored
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer(arch: str, context_length: int):
+    try:
+        return _open_clip().get_tokenizer(arch, context_length=context_length)
+    except (OSError, ValueError, RuntimeError) as error:
+        # a tokenizer of the Hugging Face hub is looked up in its cache, never downloaded here
+        raise ModelError(f"the tokenizer of open_clip:{arch} is not available on this machine: "
+                         f"{type(error).__name__}: {error}") from None
+
+
+class OpenClipAdapter(ModelAdapter):
+    """open_clip: any `open_clip:<architecture>`, its weights from a file or the hub cache."""
+
+    source = "open_clip"
+    has_text = True
+    weight_words = ("pretrained",)
+    specs = ()  # none listed: every architecture of open_clip.list_models() is one
+    weights_help = (f", or hf-hub:<org>/<name> of the Hugging Face cache (BioCLIP: weights="
+                    f"hf-hub:imageomics/bioclip, or the path of its {WEIGHT_FILES[0]})")
+    # open_clip keeps buffers outside the state dict (the text attention mask), which an
+    # allocation without initialisation would leave as garbage
+    loads_uninitialised = False
+
+    def spec_of(self, name: str) -> ModelSpec | None:
+        """The spec of `open_clip:<architecture>`, its sizes and normalisation open_clip's."""
+        if not name.startswith(PREFIX):
+            return None
+        arch = architecture(name)
+        found = facts(arch)
+        return ModelSpec(f"{PREFIX}{arch}", self.source, found["embed_dim"], found["input_size"],
+                         {"architecture": arch, "context_length": found["context_length"]},
+                         mean=found["mean"], std=found["std"])
+
+    def towers(self, spec: ModelSpec) -> tuple[nn.Module, nn.Module | None]:
+        return towers(spec.arch["architecture"])
+
+    def tokenizer(self, spec: ModelSpec) -> Tokenizer | None:
+        return functools.partial(tokenize, arch=spec.arch["architecture"],
+                                 context_length=spec.arch["context_length"])
+
+    def encoder_keys(self, state_dict: dict) -> dict:
+        return to_encoder_keys(state_dict)
+
+    def referenced_file(self, weights: str) -> Path | None:
+        return hub_file(weights) if weights.startswith(HUB_PREFIX) else None
+
+    def pretrained(self, spec: ModelSpec) -> Encoder:
+        raise ModelError(f"{spec.name}: open_clip weights come from a file or the Hugging Face "
+                         f"cache: weights=/path/{WEIGHT_FILES[0]} or "
+                         f"weights=hf-hub:<org>/<name> (BioCLIP: hf-hub:imageomics/bioclip)")
+
+
+ADAPTER = OpenClipAdapter()

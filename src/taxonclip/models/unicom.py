@@ -1,18 +1,24 @@
-"""The UNICOM vision transformer.
+"""The UNICOM family (source `unicom`): its vision transformer, which has no text tower, and the
+published `FP16-ViT-*.pt` weights from ~/.cache/unicom (or `$UNICOM_CACHE`).
 
-Differs from CLIP's ViT: the patch projection has a bias, the position embedding covers the
-patches only (no class token), the MLP uses ReLU6, and the embedding is read from *all* patch
-tokens through a head of two Linear + BatchNorm1d pairs. Parameter names follow the published
-`FP16-ViT-*.pt` checkpoints so that they load strictly.
+The UNICOM vision transformer differs from CLIP's ViT: the patch projection has a bias, the
+position embedding covers the patches only (no class token), the MLP uses ReLU6, and the
+embedding is read from *all* patch tokens through a head of two Linear + BatchNorm1d pairs.
+Parameter names follow the published `FP16-ViT-*.pt` checkpoints so that they load strictly.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from taxonclip.errors import ModelError
+from taxonclip.models.adapter import ModelAdapter
+from taxonclip.models.encoder import Encoder, ModelSpec, Tokenizer, arch_spec
+from taxonclip.models.weights import UNICOM_RELEASES, unicom_cache_dir
 
 HEAD_BATCHNORM_EPS = 2e-5
 
@@ -101,3 +107,57 @@ class UnicomViT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.feature(self.norm(x).flatten(1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class UnicomArch:
+    """A UNICOM vision transformer: the keyword arguments of `UnicomViT`, in its order (a spec's
+    `arch` is this as a dict, as checkpoints store it)."""
+
+    image_size: int  # the side of the square input images (the head is tied to it)
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    embed_dim: int
+
+    @property
+    def input_size(self) -> int:
+        """The side of the square images the model takes."""
+        return self.image_size
+
+
+class UnicomAdapter(ModelAdapter):
+    """UNICOM: `unicom:ViT-B/32` ... `unicom:ViT-L/14@336px`, image tower only."""
+
+    source = "unicom"
+    has_text = False
+    weight_words = ("pretrained", "unicom")
+    # per the published checkpoints' head shapes, only UNICOM's B/32 embeds in 512 dimensions
+    specs = tuple(arch_spec(name, "unicom", arch) for name, arch in (
+        ("unicom:ViT-B/32", UnicomArch(image_size=224, patch_size=32, width=768, layers=12,
+                                       heads=12, embed_dim=512)),
+        ("unicom:ViT-B/16", UnicomArch(image_size=224, patch_size=16, width=768, layers=12,
+                                       heads=12, embed_dim=768)),
+        ("unicom:ViT-L/14", UnicomArch(image_size=224, patch_size=14, width=1024, layers=24,
+                                       heads=16, embed_dim=768)),
+        ("unicom:ViT-L/14@336px", UnicomArch(image_size=336, patch_size=14, width=1024,
+                                             layers=24, heads=16, embed_dim=768)),
+    ))
+
+    def towers(self, spec: ModelSpec) -> tuple[nn.Module, nn.Module | None]:
+        return UnicomViT(**spec.arch), None
+
+    def tokenizer(self, spec: ModelSpec) -> Tokenizer | None:
+        return None
+
+    def encoder_keys(self, state_dict: dict) -> dict:
+        # the published files hold the image tower alone, under its own names
+        return {key if key.startswith("visual.") else f"visual.{key}": value
+                for key, value in state_dict.items()}
+
+    def pretrained(self, spec: ModelSpec) -> Encoder:
+        return self.load_release(spec, UNICOM_RELEASES, unicom_cache_dir())
+
+
+ADAPTER = UnicomAdapter()

@@ -248,7 +248,7 @@ class Run:
         self.log_text(markdown_table(table), names.TABLE_MARKDOWN)
 
     def log_model(self, encoder, register_as: str | None = None) -> None:
-        """Log the encoder as the run's `model` (see `tracking.models.log_model`)."""
+        """Log the encoder as the run's `model` (see `tracking.logged_model.log_model`)."""
         self._send("model", encoder=encoder, register_as=register_as)
 
     def end(self, status: str) -> None:
@@ -373,7 +373,7 @@ class Run:
 
     def _spooled_model(self, record: dict) -> dict:
         """The model call with its encoder written into the spool as a logged model's files."""
-        from taxonclip.tracking.models import write_encoder_files
+        from taxonclip.tracking.logged_model import write_encoder_files
 
         folder = self.spool.staging("model")
         folder.mkdir()
@@ -381,12 +381,13 @@ class Run:
         return {"call": "model", "folder": str(folder), "register_as": record["register_as"]}
 
     def _write_model(self, register_as: str | None, encoder=None, folder: str | None = None) -> None:
-        from taxonclip.tracking.models import (CONFIG_FILE, WEIGHTS_FILE, log_model,
-                                               read_logged_encoder)
+        from taxonclip.tracking.logged_model import (CONFIG_FILE, WEIGHTS_FILE, log_model,
+                                                     read_logged_encoder)
 
         if encoder is None:
             encoder = read_logged_encoder(Path(folder) / CONFIG_FILE, Path(folder) / WEIGHTS_FILE)
-        log_model(self.run_id, encoder, register_as)
+        with activated(self.run_id):
+            log_model(encoder, register_as)
         if folder is not None:
             self.spool.release(folder)
 
