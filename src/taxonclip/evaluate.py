@@ -152,7 +152,8 @@ def _compacted(store: np.ndarray, kept: np.ndarray, block: int = 65536) -> np.nd
     if len(kept) == len(store):
         return store
     for start in range(0, len(kept), block):
-        store[start:start + block] = store[kept[start:start + block]]
+        rows = kept[start:start + block]
+        store[start:start + len(rows)] = store[rows]
     return store[:len(kept)]
 
 
