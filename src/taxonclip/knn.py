@@ -35,9 +35,9 @@ TOP_K = 5
 # larger chunks; on GPUs the time per chunk is small either way
 DEFAULT_CHUNK_SIZE = 512
 # similarities of one chunk of queries with one block of gallery items (two blocks of this many
-# float32 values, 64 MB each, and the block of gallery items are alive at once); a gallery within
-# one block is read once
-BLOCK_ELEMENTS = 1 << 24
+# float32 values, 16 MB each, and the block of gallery items are alive at once; larger blocks
+# measured no faster): a gallery within one block (8,192 items for chunks of 512) is read once
+BLOCK_ELEMENTS = 1 << 22
 # values the ranking of one chunk keeps per query and gallery block (MAP@R of a class that holds
 # most of the gallery ranks deep: such queries go in smaller chunks)
 RANK_ELEMENTS = 1 << 23
