@@ -126,12 +126,38 @@ class _Gallery:
     resident: Tensor | None
 
     def blocks(self):
-        """(start, items) of each block of the gallery, in the order of the gallery."""
+        """(start, items) of each block of the gallery, in the order of the gallery: read into
+        the same two buffers each time (the store's type, then the compute type and device
+        where they differ), or views of a store that needs neither a gather nor a conversion."""
         if self.resident is not None:
             yield 0, self.resident
             return
+        source, raw, converted = self.source, None, None
         for start in range(0, len(self.classes), self.block):
-            yield start, self.source.read(slice(start, start + self.block))
+            stop = min(start + self.block, len(self.classes))
+            if source.rows is None:
+                items = source.vectors[start:stop]
+            else:
+                if raw is None:
+                    raw = source.vectors.new_empty(self.block, source.vectors.shape[1])
+                items = torch.index_select(source.vectors, 0, source.rows[start:stop], out=raw[:stop - start])
+            if items.dtype != source.dtype or items.device != source.device:
+                if converted is None:
+                    converted = torch.empty(self.block, items.shape[1], device=source.device, dtype=source.dtype)
+                items = converted[:stop - start].copy_(items)
+            yield start, items
+
+
+@dataclass(frozen=True)
+class _Workspace:
+    """Memory every chunk reuses: its cosines with a block, and its distance sums per class."""
+
+    cosines: Tensor
+    distance_sums: Tensor
+
+    def take(self, name: str, rows: int, columns: int) -> Tensor:
+        """The first rows x columns values of a buffer, as a matrix."""
+        return getattr(self, name)[:rows * columns].view(rows, columns)
 
 
 @torch.no_grad()
@@ -161,7 +187,12 @@ def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_la
     # its own largest class needs for MAP@R, not as deep as the largest class of all
     counts = bank.counts.cpu()
     order = counts[query_classes].argsort(stable=True)
-    chunks = [_chunk_outcomes(queries.read(order[chunk]), query_classes[order[chunk]].to(device), bank)
+    # allocated once: fresh blocks of this size, on every chunk, fragment the C library's heap
+    rows = min(chunk_size, len(queries))
+    workspace = _Workspace(torch.empty(rows * min(bank.block, len(items)), device=device, dtype=dtype),
+                           torch.empty(rows * len(label_ids), device=device, dtype=dtype))
+    chunks = [_chunk_outcomes(queries.read(order[chunk]), query_classes[order[chunk]].to(device), bank,
+                              workspace)
               for chunk in _chunks(counts[query_classes[order]], chunk_size, len(bank.classes))]
     outcomes = {name: _unsorted([chunk[name].cpu() for chunk in chunks], order)
                 for name in (*_PER_QUERY, "prediction")}
@@ -249,19 +280,21 @@ def _gallery(source: _Source, classes: Tensor, n_classes: int, block: int) -> _G
                     unit_means=unit_sums / counts.clamp_min(1)[:, None], resident=resident)
 
 
-def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery) -> dict[str, Tensor]:
+def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
+                    workspace: _Workspace) -> dict[str, Tensor]:
     """Per-query hits of every metric, average precision and `top1_cos` class for one chunk,
     the gallery taken block by block."""
     query_squared_norms = _squared_norms(query, "query")
     relevant = gallery.counts[query_classes]
     depth = _depth(relevant.max(), len(gallery.classes))
     ranked = nearest_l2 = None
-    distance_sums = query.new_zeros(len(query), len(gallery.counts))
+    distance_sums = workspace.take("distance_sums", len(query), len(gallery.counts)).zero_()
     for start, items in gallery.blocks():
         stop = start + len(items)
         dots = _dot_products(query, items)
         # ranked by cosine, the query's own norm left out: it scales its whole row alike
-        cosines = dots * gallery.inverse_norms[start:stop]
+        cosines = torch.mul(dots, gallery.inverse_norms[start:stop],
+                            out=workspace.take("cosines", len(query), stop - start))
         ranked = _merged(ranked, _ranked(cosines, min(depth, stop - start)), start, depth)
         del cosines
         distances = torch.add(gallery.squared_norms[start:stop], dots, alpha=-2, out=dots)
@@ -272,7 +305,7 @@ def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery) -> 
     hits = nearest == query_classes[:, None]
     # the query's own norm scales every class alike: it cannot change which class is best
     mean_cos = _best_class(_dot_products(query, gallery.unit_means), gallery.counts, largest=True)
-    mean_l2 = _best_class(distance_sums / gallery.counts, gallery.counts, largest=False)
+    mean_l2 = _best_class(distance_sums.div_(gallery.counts), gallery.counts, largest=False)
     return {"top1_cos": hits[:, 0], "top3_cos": hits[:, :3].any(dim=1),
             "top5_cos": hits[:, :TOP_K].any(dim=1), "mean_cos": mean_cos == query_classes,
             "top1_l2": gallery.classes[nearest_l2[1]] == query_classes,
@@ -403,10 +436,11 @@ def _add_class_vectors(sums: Tensor, vectors: Tensor, classes: Tensor) -> Tensor
 
 
 def _best_class(scores: Tensor, counts: Tensor, largest: bool) -> Tensor:
-    """Best-scoring class per row among classes with gallery items; ties to the lowest class id."""
+    """Best-scoring class per row among classes with gallery items; ties to the lowest class id.
+    `scores` (a temporary) is overwritten."""
     if largest:
-        return scores.masked_fill(counts == 0, float("-inf")).argmax(dim=1)
-    return scores.masked_fill(counts == 0, float("inf")).argmin(dim=1)
+        return scores.masked_fill_(counts == 0, float("-inf")).argmax(dim=1)
+    return scores.masked_fill_(counts == 0, float("inf")).argmin(dim=1)
 
 
 def _average_precision(hits: Tensor, relevant: Tensor) -> Tensor:
