@@ -1,76 +1,72 @@
-"""Evaluation at scale: `taxonclip eval` of the tiny model on a generated prepared folder whose
-gallery is 200,000 images, and the peak memory of the process that runs it.
+"""Scoring at scale: the per-taxa table of a memory-mapped store of synthetic embeddings, and the
+peak memory of the process that scores it against the size of the store.
 
-    python bench/eval_scale.py                          # 250,000 images: gallery 200,000, queries 50,000
-    python bench/eval_scale.py --images 20000           # a quick run
-    python bench/eval_scale.py --keep /tmp/eval-scale   # keep the generated set, reuse it next time
+    python bench/eval_scale.py --gallery 2000000 --queries 50000     # 4.2 GB store of 512-d float32
+    python bench/eval_scale.py --gallery 20000 --queries 2000 --check   # also the in-memory table
 
-The test split is 20% of each species, and the gallery is the train split, so --images 250,000
-(1,000 images of each of 250 species) gives a gallery of exactly 200,000 and 50,000 queries.
+No images and no model: the store holds --gallery + --queries random 512-d vectors around the
+centres of --species classes (float32, or float16 as a GPU embeds), written block by block by a
+child process into an `.npy` file. Queries and gallery items are interleaved in the store, as a
+seeded split leaves them. The species fall into --taxa taxa, and the table is scored at species
+level: one row per taxa and the `All` row, as `taxonclip eval` scores them
+(`evaluate.evaluation_table` on the memory-mapped array).
 
-The images are generated specimens (`taxonclip.data.synthetic.render`) of --image-size px:
-each species is drawn in a few poses, and every image is one of them with its own noise and
-flip, written as a JPEG file of about 1 kB; `prepare` then writes them into shards (they are
-below its size, so they keep their bytes) and the files are deleted. Every query has images
-of its own pose in the gallery, so the accuracies are near 100%: the set measures scale, not
-the model. Generation runs in a
-child process, so that this process stays small (a child's ru_maxrss starts from the memory
-of the process that launched it).
+The scoring runs in a child process of its own, which opens the store with `np.load(mmap_mode)`;
+its peak RSS (Linux's VmHWM) counts the pages of the store it has read as well as its own
+memory, so the goal is peak RSS <= the store's size + 1 GB. With --check (small sizes only) the
+child also computes the table from an in-memory copy of the store, each row's queries and gallery
+copied out, and says whether the two tables are identical.
 
-The evaluation is the command line itself, `python -m taxonclip eval --model tiny --data
-<folder> --workers W`, in a child process with MLFLOW_TRACKING_URI on a temporary sqlite file and
-TAXONCLIP_CACHE on a temporary folder (so no cached embeddings are found). Reported:
-
-- peak RSS: ru_maxrss of that child (os.wait4: getrusage(RUSAGE_CHILDREN) for this one child),
-  the peak of the largest single process, which is the eval process itself (its DataLoader
-  workers are smaller, and not added to it);
-- peak RSS sum: the resident memory of the eval process and all its descendants (DataLoader
-  workers, their forkserver) summed, sampled every 0.25 s; an upper bound of what they held
-  together, as pages they share count once in each;
-- wall seconds and images per second end to end, and the embedding speed that the run logged
-  to MLflow (`eval/embed_img_per_s`).
-
-Prints a Markdown table (for the README), then the child's own table of accuracies.
+The last line reads `peak_rss_gb=<x> store_gb=<y>`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import resource
-import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
-from functools import cache
+from dataclasses import replace
 from pathlib import Path
 
-TAXA, GENERA, SPECIES = 5, 10, 5  # 250 species
-POSES = 8  # renders per species; every image is one of them with its own noise
-NOISE_SIGMA = 6.0
-JPEG_QUALITY = 90
-BLOCK = 10_000  # images per generation job and per folder of files
-SETTINGS_FILE = "eval_scale.json"
-SAMPLE_SECONDS = 0.25
-LIMIT_BYTES = 4e9
+import numpy as np
+
+WRITE_BLOCK = 1 << 16  # rows generated and written at a time
+SPREAD = 2.0  # noise around each class centre, against centres of unit variance per dimension
+CHECK_LIMIT = 200_000  # rows up to which --check may copy the store into memory
+GOAL_SLACK_GB = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=250_000,
-                        help="images in all; the gallery (train split) is 80%% of them")
-    parser.add_argument("--image-size", type=int, default=32, help="px of the generated images")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the eval")
-    parser.add_argument("--keep", type=Path, default=None,
-                        help="generate the set into this folder and reuse it when it holds the same one")
+    parser.add_argument("--gallery", type=int, default=2_000_000, help="gallery (train) embeddings")
+    parser.add_argument("--queries", type=int, default=50_000, help="query (test) embeddings")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--species", type=int, default=10_000)
+    parser.add_argument("--taxa", type=int, default=4)
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                        help="of the store: float32 as the CPU embeds, float16 as a GPU does")
+    parser.add_argument("--chunk-size", type=int, default=512, help="queries per chunk")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--generate", type=Path, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="write the store into this folder and reuse it when it holds the same one")
+    parser.add_argument("--check", action="store_true",
+                        help=f"also the table of an in-memory copy (up to {CHECK_LIMIT:,} rows)")
+    parser.add_argument("--write", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--score", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.check and args.gallery + args.queries > CHECK_LIMIT:
+        parser.error(f"--check copies the store into memory: at most {CHECK_LIMIT:,} rows")
+    return args
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ("gallery", "queries", "dim", "species", "taxa",
+                                                   "dtype", "seed")}
 
 
 def machine() -> str:
@@ -83,211 +79,175 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def settings_of(args: argparse.Namespace) -> dict:
-    return {"images": args.images, "image_size": args.image_size, "seed": args.seed,
-            "species": TAXA * GENERA * SPECIES, "poses": POSES, "noise": NOISE_SIGMA}
+# --- the store (written by a child process) --------------------------------------------------
+
+def write_store(folder: Path, args: argparse.Namespace) -> None:
+    """The store `embeddings.npy` and `labels.npz` (species of each row, query rows) in `folder`."""
+    rows = args.gallery + args.queries
+    rng = np.random.default_rng(args.seed)
+    centres = rng.standard_normal((args.species, args.dim), dtype=np.float32)
+    # every species has gallery items; the rest of the rows are drawn at random
+    species = np.concatenate([np.arange(args.species), rng.integers(0, args.species, rows - args.species)])
+    rng.shuffle(species)
+    queries = np.sort(rng.choice(rows, args.queries, replace=False))
+    is_query = np.zeros(rows, bool)
+    is_query[queries] = True
+    # a species' items may all have been drawn as queries: give it one back as a gallery item
+    missing = np.setdiff1d(np.arange(args.species), species[~is_query])
+    for label in missing:
+        is_query[np.flatnonzero((species == label) & is_query)[0]] = False
+    store = np.lib.format.open_memmap(folder / "embeddings.npy", mode="w+", dtype=args.dtype,
+                                      shape=(rows, args.dim))
+    for start in range(0, rows, WRITE_BLOCK):
+        part = species[start:start + WRITE_BLOCK]
+        noise = rng.standard_normal((len(part), args.dim), dtype=np.float32)
+        store[start:start + len(part)] = centres[part] + SPREAD * noise
+    store.flush()
+    del store
+    np.savez(folder / "labels.npz", species=species, queries=np.flatnonzero(is_query))
 
 
-# --- generation (in a child process) ---------------------------------------------------------
-
-@cache
-def catalogue(seed: int) -> list:
-    from taxonclip.data.synthetic import taxonomy
-
-    return [sp for taxon in range(TAXA) for sp in taxonomy(seed, taxon, TAXA, GENERA, SPECIES)]
+def store_ready(folder: Path, args: argparse.Namespace) -> bool:
+    record = folder / "eval_scale.json"
+    return (record.is_file() and json.loads(record.read_text()) == settings_of(args)
+            and (folder / "labels.npz").is_file())
 
 
-@cache
-def pose(seed: int, species: int, index: int, size: int):
-    """One render of a species, as a float array."""
-    import numpy as np
-
-    from taxonclip.data.synthetic import render
-
-    rng = np.random.default_rng([seed, species, index])
-    return np.asarray(render(catalogue(seed)[species], rng, size), np.float32)
-
-
-def write_block(job: tuple[str, int, int, int, int]) -> list[tuple[str, str, str]]:
-    """Images start..stop-1 as JPEG files in `folder`; their manifest rows."""
-    import numpy as np
-    from PIL import Image
-
-    folder, start, stop, size, seed = job
-    n_species = len(catalogue(seed))
-    rng = np.random.default_rng([seed, start])
-    rows = []
-    for i in range(start, stop):
-        species = i % n_species
-        pixels = pose(seed, species, int(rng.integers(POSES)), size)
-        pixels = pixels + NOISE_SIGMA * rng.standard_normal(pixels.shape, dtype=np.float32)
-        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-        if rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        name = f"{start // BLOCK:03d}/{i:07d}.jpg"
-        image.save(Path(folder, name), "JPEG", quality=JPEG_QUALITY)
-        sp = catalogue(seed)[species]
-        rows.append((name, sp.name, sp.genus.taxon))
-    return rows
-
-
-def generate(folder: Path, args: argparse.Namespace) -> None:
-    """Write the images as files, prepare them into `folder`/prepared, delete the files; prints
-    the seconds of each step as JSON."""
-    from taxonclip.data.manifest import read_manifest
-    from taxonclip.data.prepare import prepare
-
+def ensure_store(folder: Path, args: argparse.Namespace) -> float | None:
+    """Write the store in a child process unless `folder` holds it; the seconds it took."""
+    if store_ready(folder, args):
+        return None
     start = time.perf_counter()
-    staging = Path(tempfile.mkdtemp(prefix="images-", dir=folder))
-    jobs = [(str(staging), s, min(s + BLOCK, args.images), args.image_size, args.seed)
-            for s in range(0, args.images, BLOCK)]
-    for _, first, *_ in jobs:
-        (staging / f"{first // BLOCK:03d}").mkdir()
-    with ProcessPoolExecutor() as pool:
-        rows = [row for block in pool.map(write_block, jobs) for row in block]
-    with open(staging / "manifest.csv", "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(("image_path", "scientific_name", "taxa"))
-        writer.writerows(rows)
-    written = time.perf_counter()
-    result = prepare(read_manifest(staging / "manifest.csv"), folder / "prepared", progress=False)
-    shutil.rmtree(staging)
-    print(json.dumps({"write_seconds": written - start, "prepare_seconds": time.perf_counter() - written,
-                      "bytes": result.output_bytes}))
+    run_child(args, "--write", folder)
+    (folder / "eval_scale.json").write_text(json.dumps(settings_of(args)))
+    return time.perf_counter() - start
 
 
-def dataset(folder: Path, args: argparse.Namespace) -> tuple[Path, dict | None]:
-    """The prepared folder of the set, generated in a child process unless `folder` holds it;
-    with the child's timings when it was generated now."""
-    prepared, record = folder / "prepared", folder / SETTINGS_FILE
-    if record.is_file():
-        if json.loads(record.read_text()) != settings_of(args):
-            sys.exit(f"{folder} holds another generated set ({record.read_text()}); choose another --keep")
-        if (prepared / "prepared.json").is_file():
-            return prepared, None
-    record.write_text(json.dumps(settings_of(args)))
-    command = [sys.executable, __file__, "--generate", str(folder), "--images", str(args.images),
-               "--image-size", str(args.image_size), "--seed", str(args.seed)]
+# --- scoring (in a child process) --------------------------------------------------------------
+
+def scoring_inputs(folder: Path, args: argparse.Namespace, mmap_mode: str | None = "c"):
+    """The store (memory-mapped, or read into memory), its table and split, and the levels."""
+    import pandas as pd
+    import torch
+
+    from taxonclip.data.splits import split_manifest
+    from taxonclip.names import Levels
+
+    labels = np.load(folder / "labels.npz")
+    species = labels["species"]
+    # categories, as a reader's string columns would cost more memory than the scoring measured
+    names = pd.Categorical.from_codes(species, [f"species {i:05d}" for i in range(args.species)])
+    taxa = pd.Categorical.from_codes(species % args.taxa, [f"taxon {i}" for i in range(args.taxa)])
+    table = pd.DataFrame({"species": names, "taxa": taxa})
+    is_query = np.zeros(len(species), bool)
+    is_query[labels["queries"]] = True
+    # the split's own type from its own constructor, with these rows on each side
+    template = split_manifest(pd.DataFrame({"species": ["a", "a"], "scientific_name": ["a", "a"],
+                                            "taxa": ["t", "t"], "image_id": ["0", "1"]}), 0.5, args.seed)
+    split = replace(template, train=np.flatnonzero(~is_query), test=labels["queries"],
+                    test_size=args.queries / len(species))
+    vectors = np.load(folder / "embeddings.npy", mmap_mode=mmap_mode)
+    return torch.from_numpy(vectors), table, split, Levels(scored=("species",), within_taxa=("species",))
+
+
+def in_memory_table(vectors, table, split, levels, args: argparse.Namespace):
+    """The table as scoring computed it before it read the store in place: every row's queries
+    and gallery copied out of the store in memory."""
+    import pandas as pd
+    import torch
+
+    from taxonclip import evaluate, knn
+
+    vectors = vectors.float()
+    is_train, is_test = np.zeros(len(table), bool), np.zeros(len(table), bool)
+    is_train[split.train], is_test[split.test] = True, True
+    rows = []
+    for scope, level in evaluate.table_cells(table["taxa"].unique(), False, levels):
+        in_gallery, in_queries = evaluate._scope(scope, table, None)
+        codes = torch.as_tensor(pd.factorize(table[level])[0], dtype=torch.long)
+        gallery, queries = np.flatnonzero(in_gallery & is_train), np.flatnonzero(in_queries & is_test)
+        result = knn.knn_metrics(vectors[queries], codes[queries], vectors[gallery], codes[gallery],
+                                 chunk_size=args.chunk_size, device=args.device)
+        rows.append({"taxa": scope, "level": level, "n_test": result.n_test,
+                     "n_classes": result.n_classes, "n_lone": result.n_lone, **result.metrics})
+    return pd.DataFrame(rows, columns=list(evaluate.TABLE_COLUMNS))
+
+
+def score(folder: Path, args: argparse.Namespace) -> dict:
+    """The table of the memory-mapped store, the seconds it took and this process's memory
+    (with --check, whether the in-memory copy gives the same table)."""
+    from taxonclip.evaluate import evaluation_table
+
+    vectors, table, split, levels = scoring_inputs(folder, args)
+    before = rss_bytes("VmRSS")
+    start = time.perf_counter()
+    result = evaluation_table(vectors, table, split, chunk_size=args.chunk_size, device=args.device,
+                              levels=levels)
+    seconds = time.perf_counter() - start
+    outcome = {"seconds": seconds, "rss_before": before, "peak_rss": rss_bytes("VmHWM"),
+               "table": result.to_json(orient="records")}
+    if args.check:
+        reference = in_memory_table(*scoring_inputs(folder, args, mmap_mode=None)[:1], table, split,
+                                    levels, args)
+        outcome["same_as_in_memory"] = bool(result.equals(reference))
+    return outcome
+
+
+def rss_bytes(field: str) -> int:
+    """This process's VmRSS (now) or VmHWM (peak) from /proc/self/status, in bytes."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) * 1024
+
+
+def run_child(args: argparse.Namespace, mode: str, folder: Path) -> str:
+    command = [sys.executable, __file__, mode, str(folder), "--gallery", str(args.gallery),
+               "--queries", str(args.queries), "--dim", str(args.dim), "--species", str(args.species),
+               "--taxa", str(args.taxa), "--dtype", args.dtype, "--chunk-size", str(args.chunk_size),
+               "--device", args.device, "--seed", str(args.seed)] + (["--check"] if args.check else [])
     finished = subprocess.run(command, capture_output=True, text=True, check=False)
     if finished.returncode != 0:
-        sys.exit(f"generation failed:\n{finished.stderr}")
-    return prepared, json.loads(finished.stdout.splitlines()[-1])
-
-
-# --- measurement ------------------------------------------------------------------------------
-
-def process_tree(root: int) -> list[int]:
-    """`root` and every process below it."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
-
-
-def rss_bytes(pids: list[int]) -> int:
-    """The summed resident memory of these processes (those still alive): an upper bound of
-    their memory, as the pages the forked workers share are counted once in each."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/status") as status:
-                total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) * 1024
-        except (OSError, StopIteration):
-            continue
-    return total
-
-
-def run_eval(data: Path, scratch: Path, workers: int) -> dict:
-    """`taxonclip eval` in a child process: its exit status, wall seconds, ru_maxrss (bytes),
-    the peak summed RSS of its process tree, and its output."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}",
-           "TAXONCLIP_CACHE": str(scratch / "cache")}
-    command = [sys.executable, "-m", "taxonclip", "eval", "--model", "tiny", "--data", str(data),
-               "--workers", str(workers)]
-    with open(scratch / "stdout.txt", "w+") as out, open(scratch / "stderr.txt", "w+") as err:
-        start = time.perf_counter()
-        child = subprocess.Popen(command, env=env, cwd=scratch, stdout=out, stderr=err)
-        peak_tree, pid = 0, 0
-        while pid == 0:
-            peak_tree = max(peak_tree, rss_bytes(process_tree(child.pid)))
-            time.sleep(SAMPLE_SECONDS)
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        seconds = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return {"status": child.returncode, "seconds": seconds, "peak_rss": usage.ru_maxrss * 1024,
-                "peak_tree": peak_tree, "stdout": out.read(), "stderr": err.read(),
-                "embed_img_per_s": logged_metric(scratch / "mlflow.db", "eval/embed_img_per_s")}
-
-
-def logged_metric(database: Path, key: str) -> float | None:
-    """The last value of a metric in an MLflow sqlite store."""
-    with sqlite3.connect(database) as store:
-        row = store.execute("SELECT value FROM metrics WHERE key = ? ORDER BY step DESC, "
-                            "timestamp DESC LIMIT 1", (key,)).fetchone()
-    return None if row is None else row[0]
-
-
-def all_species_counts(table: str) -> tuple[int, int]:
-    """(n_test, n_classes) of the `All species` row of the eval's printed table."""
-    for line in table.splitlines():
-        words = line.split()
-        if words[:2] == ["All", "species"]:
-            return int(words[2]), int(words[3])
-    raise ValueError("the eval printed no 'All species' row")
+        sys.exit(f"{mode[2:]} failed:\n{finished.stderr[-4000:]}")
+    return finished.stdout
 
 
 # --- report -----------------------------------------------------------------------------------
 
-def gigabytes(n_bytes: float) -> str:
-    return f"{n_bytes / 1e9:.2f} GB"
+def report(args: argparse.Namespace, written: float | None, outcome: dict, store_bytes: int) -> str:
+    import pandas as pd
 
+    from taxonclip.evaluate import format_table
 
-def print_report(args: argparse.Namespace, made: dict | None, result: dict) -> None:
-    queries, classes = all_species_counts(result["stdout"])
-    gallery = args.images - queries
-    embed = result["embed_img_per_s"]
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if made is not None:
-        print(f"\ngenerated {args.images:,} images in {made['write_seconds']:.0f} s, prepared in "
-              f"{made['prepare_seconds']:.0f} s ({made['bytes'] / 1e6:.0f} MB of shards)")
-    print(f"\nmachine: {machine()}; {args.images:,} images of {args.image_size} px, {classes} "
-          f"species; test split 20%: gallery (train split) {gallery:,}, queries (test split) "
-          f"{queries:,}; this process's own peak RSS {gigabytes(own)}\n")
-    print("| command | images | gallery | queries | wall s | img/s end to end | embed img/s | "
-          "peak RSS (ru_maxrss) | peak RSS sum (eval + workers) | ru_maxrss under 4 GB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| `taxonclip eval --model tiny --workers {args.workers}` | {args.images:,} | {gallery:,} | "
-          f"{queries:,} | {result['seconds']:.0f} | {args.images / result['seconds']:.0f} | "
-          f"{'-' if embed is None else f'{embed:.0f}'} | {gigabytes(result['peak_rss'])} | "
-          f"{gigabytes(result['peak_tree'])} | {'yes' if result['peak_rss'] < LIMIT_BYTES else 'no'} |")
-    print("\n" + result["stdout"])
+    peak, store = outcome["peak_rss"] / 1e9, store_bytes / 1e9
+    lines = [f"machine: {machine()}; store {args.gallery + args.queries:,} x {args.dim} {args.dtype} "
+             f"({store:.2f} GB){'' if written is None else f', written in {written:.0f} s'}", "",
+             "| command | gallery | queries | store GB | scoring s | RSS before GB | peak RSS GB | "
+             "goal (store + 1 GB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|",
+             f"| `python bench/eval_scale.py --gallery {args.gallery} --queries {args.queries}"
+             f"{' --dtype float16' if args.dtype == 'float16' else ''}` | {args.gallery:,} | "
+             f"{args.queries:,} | {store:.2f} | {outcome['seconds']:.0f} | "
+             f"{outcome['rss_before'] / 1e9:.2f} | {peak:.2f} | "
+             f"{'met' if peak <= store + GOAL_SLACK_GB else 'missed'} |", "",
+             format_table(pd.read_json(__import__('io').StringIO(outcome["table"]), orient="records"))]
+    if "same_as_in_memory" in outcome:
+        lines.append(f"same table as the in-memory reference: "
+                     f"{'yes' if outcome['same_as_in_memory'] else 'no'}")
+    lines.append(f"peak_rss_gb={peak:.2f} store_gb={store:.2f}")
+    return "\n".join(lines)
 
 
 def measure(folder: Path, args: argparse.Namespace) -> None:
-    data, made = dataset(folder, args)
-    with tempfile.TemporaryDirectory(prefix="eval-run-") as scratch:
-        result = run_eval(data, Path(scratch), args.workers)
-    if result["status"] != 0:
-        sys.exit(f"taxonclip eval failed (exit status {result['status']}):\n{result['stderr']}")
-    print_report(args, made, result)
+    written = ensure_store(folder, args)
+    outcome = json.loads(run_child(args, "--score", folder).splitlines()[-1])
+    print(report(args, written, outcome, (folder / "embeddings.npy").stat().st_size))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.generate is not None:
-        generate(args.generate, args)
+    if args.write is not None:
+        write_store(args.write, args)
+    elif args.score is not None:
+        print(json.dumps(score(args.score, args)))
     elif args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         measure(args.keep, args)

@@ -18,6 +18,7 @@ from taxonclip import evaluate as evaluate_module
 from taxonclip import knn
 from taxonclip.knn import METRICS
 from taxonclip.models import create_model
+from taxonclip.names import Levels
 
 
 def _config(specimens, **overrides) -> EvalConfig:
@@ -258,3 +259,102 @@ def test_seen_and_unseen_rows_after_training_on_a_fraction(specimens, tiny):
 
 def test_eval_config_compares_chunks_of_the_size_knn_is_tuned_for():
     assert EvalConfig().chunk_size == knn.DEFAULT_CHUNK_SIZE
+
+
+def _scale_table(rows: int, seed: int) -> pd.DataFrame:
+    """Rows of 3 taxa, 12 genera and 40 species, and a few rows without a genus."""
+    rng = np.random.default_rng(seed)
+    species = rng.integers(0, 40, rows)
+    genus = pd.Series([f"g{s % 12}" for s in species], dtype=object)
+    genus[rng.random(rows) < 0.05] = None
+    return pd.DataFrame({"image_id": [str(i) for i in range(rows)], "image_path": [""] * rows,
+                         "scientific_name": [f"s{s}" for s in species],
+                         "species": [f"s{s}" for s in species], "genus": genus,
+                         "taxa": [f"T{s % 3}" for s in species]})
+
+
+def _in_memory_table(vectors: torch.Tensor, table: pd.DataFrame, split, seen) -> pd.DataFrame:
+    """The per-taxa table as scoring computed it before the store was read in place: each row's
+    queries and gallery copied out of an in-memory tensor, all at once."""
+    is_train, is_test = np.zeros(len(table), bool), np.zeros(len(table), bool)
+    is_train[split.train], is_test[split.test] = True, True
+    is_seen = table[seen.level].isin(seen.classes).to_numpy()
+    rows = []
+    for scope, level in evaluate_module.table_cells(table["taxa"].unique(), True, FEW_LEVELS):
+        in_gallery, in_queries = evaluate_module._scope(scope, table, is_seen)
+        known = table[level].notna().to_numpy()
+        codes = torch.as_tensor(pd.factorize(table[level])[0], dtype=torch.long)
+        gallery = np.flatnonzero(in_gallery & is_train & known)
+        queries = np.flatnonzero(in_queries & is_test & known)
+        result = knn.knn_metrics(vectors[queries], codes[queries], vectors[gallery], codes[gallery])
+        rows.append({"taxa": scope, "level": level, "n_test": result.n_test,
+                     "n_classes": result.n_classes, "n_lone": result.n_lone, **result.metrics})
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread: many small operations, which on a busy machine would each wait for
+    the slowest of the threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_table_of_a_memory_mapped_store_equals_the_in_memory_reference(tmp_path, monkeypatch, dtype,
+                                                                         one_thread):
+    """Rows read in place from a memory-mapped store, the gallery in many blocks, give the table
+    of in-memory copies, and no tensor as large as the store is ever made."""
+    table = _scale_table(300, seed=3)
+    vectors = torch.randn(len(table), DIM, generator=torch.Generator().manual_seed(3)).to(
+        getattr(torch, np.dtype(dtype).name))
+    vectors[200:230] = vectors[:30]  # exact duplicates: ties
+    store = np.lib.format.open_memmap(tmp_path / "store.npy", mode="w+", dtype=dtype,
+                                      shape=tuple(vectors.shape))
+    store[:] = vectors.numpy()
+    store.flush()
+    split = split_manifest(table, 0.3, 0)
+    seen = Seen("species", frozenset(f"s{s}" for s in range(0, 40, 2)))
+    expected = _in_memory_table(vectors.float(), table, split, seen)
+    monkeypatch.setattr(knn, "BLOCK_ELEMENTS", 32 * 50)  # chunks of 32 queries, blocks of 50 items
+
+    mapped = torch.from_numpy(np.load(tmp_path / "store.npy", mmap_mode="r+"))
+    with MostVectors() as recorder:
+        result = evaluation_table(mapped, table, split, seen=seen, chunk_size=32, levels=FEW_LEVELS)
+
+    pd.testing.assert_frame_equal(result, expected, check_exact=True)
+    assert recorder.most <= 50  # a block of the gallery, not the 210 rows of its train split
+
+
+DIM = 24  # a size no other tensor of the scoring has
+FEW_LEVELS = Levels(scored=("species", "genus"), within_taxa=("species",))
+
+
+class MostVectors(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the most embeddings (rows of DIM values) any torch operation returns at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor) and tensor.ndim == 2 and tensor.shape[1] == DIM:
+                self.most = max(self.most, tensor.shape[0])
+        return out
+
+
+def test_skipped_images_leave_the_kept_rows_in_place_in_the_store(tmp_path):
+    store = np.lib.format.open_memmap(tmp_path / "store.npy", mode="w+", dtype=np.float32,
+                                      shape=(10, 3))
+    store[:] = np.arange(30, dtype=np.float32).reshape(10, 3)
+    kept = np.array([0, 2, 3, 7, 9])
+    expected = store[kept].copy()
+
+    compacted = evaluate_module._compacted(store, kept, block=2)
+
+    assert np.array_equal(compacted, expected)
+    assert np.shares_memory(compacted, store)

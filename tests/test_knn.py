@@ -22,8 +22,8 @@ def reference_metrics(query, query_labels, gallery, gallery_labels) -> dict:
     queries, items = query.tolist(), gallery.tolist()
     labels, item_labels = query_labels.tolist(), gallery_labels.tolist()
     classes = sorted(set(item_labels))
-    hits = {name: [] for name in METRICS if name != "macro_top1_cos"}
-    per_class = {}
+    hits = {name: [] for name in METRICS if not name.startswith("macro_")}
+    per_class, per_class_top5 = {}, {}
     predictions, n_lone = [], 0
     for q, label in zip(queries, labels):
         cos = [dot(q, g) / math.sqrt(dot(q, q)) / math.sqrt(dot(g, g)) for g in items]
@@ -38,6 +38,7 @@ def reference_metrics(query, query_labels, gallery, gallery_labels) -> dict:
         mean_l2 = {c: mean([dist[j] for j in members[c]]) for c in classes}
         nearest_l2 = min(range(len(items)), key=lambda j: (dist[j], j))
         hits["top1_cos"].append(item_labels[ranking[0]] == label)
+        hits["top3_cos"].append(label in [item_labels[j] for j in ranking[:3]])
         hits["top5_cos"].append(label in [item_labels[j] for j in ranking[:5]])
         hits["mean_cos"].append(max(classes, key=lambda c: (mean_cos[c], -c)) == label)
         hits["top1_l2"].append(item_labels[nearest_l2] == label)
@@ -45,8 +46,10 @@ def reference_metrics(query, query_labels, gallery, gallery_labels) -> dict:
         hits["map_at_r"].append(average_precision([item_labels[j] == label for j in ranking],
                                                   len(members[label])))
         per_class.setdefault(label, []).append(item_labels[ranking[0]] == label)
+        per_class_top5.setdefault(label, []).append(hits["top5_cos"][-1])
     metrics = {name: mean(values) for name, values in hits.items()}
     metrics["macro_top1_cos"] = mean([mean(values) for values in per_class.values()])
+    metrics["macro_top5_cos"] = mean([mean(values) for values in per_class_top5.values()])
     return {"metrics": metrics, "n_test": len(queries), "n_lone": n_lone,
             "n_classes": len(per_class), "predictions": predictions}
 
@@ -360,3 +363,105 @@ def test_bad_input_gets_one_clear_error(change, error, message):
 
     with pytest.raises(error, match=message):
         knn_metrics(**arguments)
+
+
+def test_top3_and_macro_top5_of_a_known_ranking():
+    # one query per row: class 7 is 2nd nearest for the first, 4th for the second, absent for the
+    # third; a fourth query of class 8 finds its class first
+    angles = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    gallery = torch.stack([angles.cos(), angles.sin()], dim=1).double()
+    query = torch.tensor([[1.0, 0.0]]).double().repeat(4, 1)
+    gallery_labels = [torch.tensor(labels) for labels in
+                      ([1, 7, 2, 3, 4, 5], [1, 2, 3, 7, 4, 5], [1, 2, 3, 4, 5, 6], [8, 1, 2, 3, 4, 5])]
+    hits = []
+    for labels, query_label in zip(gallery_labels, (7, 7, 6, 8)):
+        hits.append(knn_metrics(query[:1], torch.tensor([query_label]), gallery, labels).metrics)
+
+    assert [h["top3_cos"] for h in hits] == [1.0, 0.0, 0.0, 1.0]
+    assert [h["top5_cos"] for h in hits] == [1.0, 1.0, 0.0, 1.0]
+    # macro: each class's accuracy weighs the same, whatever its number of queries; class 9 is
+    # the 6th nearest item of its query
+    labels = torch.tensor([7, 1, 2, 3, 4, 9])
+    result = knn_metrics(query, torch.tensor([7, 7, 7, 9]), gallery, labels)
+    assert result.metrics["top5_cos"] == result.metrics["top1_cos"] == 3 / 4
+    assert result.metrics["macro_top5_cos"] == result.metrics["macro_top1_cos"] == (1 + 0) / 2
+    assert result.metrics["top3_cos"] == 3 / 4
+
+
+def random_store(seed: int, rows: int = 900, dim: int = 12):
+    """Float32 embeddings with exact duplicates (ties) and 30 classes."""
+    generator = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(rows, dim, generator=generator) * torch.rand(rows, 1, generator=generator) * 3
+    vectors[rows // 2:rows // 2 + 40] = vectors[:40]
+    labels = torch.randint(0, 30, (rows,), generator=generator)
+    return vectors, labels
+
+
+@pytest.mark.parametrize("block_elements", [1 << 25, 40 * 64, 40 * 7])
+def test_rows_of_a_store_score_as_their_copies_in_any_block_size(monkeypatch, block_elements):
+    """Queries and gallery picked by index from one store, the gallery read in blocks of several
+    sizes, give exactly the metrics of copies of those rows in one block."""
+    vectors, labels = random_store(seed=11)
+    gallery_rows = torch.arange(0, 900, 3)
+    query_rows = torch.tensor(sorted(set(range(900)) - set(gallery_rows.tolist())))[::2]
+    copied = knn_metrics(vectors[query_rows], labels[query_rows], vectors[gallery_rows],
+                         labels[gallery_rows], chunk_size=40)
+    monkeypatch.setattr(knn, "BLOCK_ELEMENTS", block_elements)
+
+    picked = knn_metrics(vectors, labels[query_rows], vectors, labels[gallery_rows], chunk_size=40,
+                         query_rows=query_rows, gallery_rows=gallery_rows)
+
+    assert picked.metrics == copied.metrics
+    assert torch.equal(picked.predictions, copied.predictions)
+
+
+def test_gallery_in_many_blocks_matches_reference_with_ties(monkeypatch):
+    monkeypatch.setattr(knn, "BLOCK_ELEMENTS", 7 * 6)  # blocks of 6 items for chunks of 7
+    query, query_labels, gallery, gallery_labels = integer_embeddings_with_ties(seed=12)
+
+    assert_matches_reference(knn_metrics(query, query_labels, gallery, gallery_labels, chunk_size=7),
+                             reference_metrics(query, query_labels, gallery, gallery_labels))
+
+
+def test_deep_rankings_go_in_smaller_chunks_with_the_same_results(monkeypatch):
+    vectors, labels = random_store(seed=13)
+    labels[:600] = 0  # one class of 600 gallery items: MAP@R ranks 600 deep
+    whole = knn_metrics(vectors[:200], labels[:200], vectors, labels, chunk_size=64)
+    monkeypatch.setattr(knn, "RANK_ELEMENTS", 4000)
+
+    assert knn._chunks(torch.full((5,), 600), 64, 900)[0].tolist() == [0, 1, 2]
+    small = knn_metrics(vectors[:200], labels[:200], vectors, labels, chunk_size=64)
+    assert small.metrics == whole.metrics
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_screened_ranking_is_the_stable_descending_sort(seed):
+    """Rows screened by group maxima rank exactly as a stable sort: ties at the cut, ties inside
+    and outside the kept groups, a short last group."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(0, 400, (64, 1000 + seed), generator=generator).float()
+    values[:8] = torch.randn(8, 1000 + seed, generator=generator)  # no ties: screened, not sorted
+    values[8:16] = torch.randint(0, 3, (8, 1000 + seed), generator=generator).float()  # many ties
+    for depth in (1, 5, 12):
+        ranked_values, indices = knn._ranked(values, depth)
+        expected = values.sort(dim=1, descending=True, stable=True).indices[:, :depth]
+        assert torch.equal(indices, expected), depth
+        assert torch.equal(ranked_values, values.gather(1, expected))
+
+
+def test_float16_store_is_compared_in_float32():
+    vectors, labels = random_store(seed=14)
+    half = vectors.half()
+    rows = torch.arange(300, 900)
+
+    stored = knn_metrics(half, labels[:300], half, labels[rows], gallery_rows=rows,
+                         query_rows=torch.arange(300))
+    widened = knn_metrics(half[:300].float(), labels[:300], half[rows].float(), labels[rows])
+
+    assert stored.metrics == widened.metrics
+
+
+def test_rows_outside_the_store_are_refused():
+    with pytest.raises(DataError, match="gallery rows must lie in 0..2"):
+        knn_metrics(torch.ones(2, 3), torch.tensor([0, 1]), torch.ones(3, 3), torch.tensor([0]),
+                    gallery_rows=torch.tensor([3]))

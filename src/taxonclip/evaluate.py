@@ -46,8 +46,6 @@ from taxonclip.names import ALL_TAXA, COUNT_COLUMNS, VLM4BIO_LEVELS, Levels
 from taxonclip.progress import Progress
 
 TABLE_COLUMNS = ("taxa", "level", *COUNT_COLUMNS, *knn.METRICS)
-# The similarity blocks of one chunk of queries stay under this, however large the gallery.
-BLOCK_BYTES = 1 << 28
 QUERY_TEXT_EMBEDDINGS = ("text", "avg", "concat")  # the modes that put a caption into a query
 GALLERY_TEXT_EMBEDDINGS = ("gallery_avg",)  # captions on the gallery side only
 
@@ -144,8 +142,19 @@ def embed_dataset(encoder: torch.nn.Module, dataset, count: int, *, batch_size: 
     if store is None:
         raise DataError("no image of the manifest could be decoded")
     kept = np.flatnonzero(arrived)
-    vectors = torch.from_numpy(store)
-    return (vectors if len(kept) == count else vectors[kept]), kept
+    return torch.from_numpy(_compacted(store, kept)), kept
+
+
+def _compacted(store: np.ndarray, kept: np.ndarray, block: int = 65536) -> np.ndarray:
+    """The rows `kept` (ascending) of `store`, moved to its front in place and returned as a
+    view: a block at a time, never a copy of the store in memory. Row kept[i] >= i, so a block
+    is read before any later write can reach it."""
+    if len(kept) == len(store):
+        return store
+    for start in range(0, len(kept), block):
+        rows = kept[start:start + block]
+        store[start:start + len(rows)] = store[rows]
+    return store[:len(kept)]
 
 
 def _scratch_memmap(shape: tuple[int, int], dtype) -> np.memmap:
@@ -426,9 +435,10 @@ def _row(scope: str, level: str, vectors: tuple[torch.Tensor, torch.Tensor], lab
     known = labels.notna().to_numpy()
     codes = torch.as_tensor(pd.factorize(labels)[0], dtype=torch.long)
     gallery, queries = np.flatnonzero(gallery & known), np.flatnonzero(queries & known)
-    chunk_size = max(1, min(chunk_size, BLOCK_BYTES // (8 * max(len(gallery), 1))))
-    result = knn.knn_metrics(query_vectors[queries], codes[queries], gallery_vectors[gallery],
-                             codes[gallery], chunk_size=chunk_size, device=device)
+    # rows of the (memory-mapped) embeddings, read a chunk at a time: never a copy of the store
+    result = knn.knn_metrics(query_vectors, codes[queries], gallery_vectors, codes[gallery],
+                             chunk_size=chunk_size, device=device,
+                             query_rows=torch.from_numpy(queries), gallery_rows=torch.from_numpy(gallery))
     return {"taxa": scope, "level": level, "n_test": result.n_test, "n_classes": result.n_classes,
             "n_lone": result.n_lone, **result.metrics}
 

@@ -1,8 +1,13 @@
 """Nearest-neighbour metrics: every test embedding labelled by the train embeddings of one scope.
 
-The research group's four metrics (`top1_cos`, `mean_cos`, `top1_l2`, `mean_l2`) and three the field
-also reports (`top5_cos`, `macro_top1_cos`, `map_at_r`), computed with matrix products over chunks
-of queries, so memory grows with `chunk_size x gallery`, never with `test x train`.
+The research group's four metrics (`top1_cos`, `mean_cos`, `top1_l2`, `mean_l2`) and those the
+field also reports (`top3_cos`, `top5_cos`, `macro_top1_cos`, `macro_top5_cos`, `map_at_r`),
+computed with matrix products of chunks of queries with blocks of gallery items, so memory grows
+with `chunk x block`, never with `test x train` nor with the size of the embedding store.
+
+Queries and gallery items may be rows of a larger (memory-mapped) store, picked by index: each
+chunk and each block is read from it when it is needed, converted to the compute type there
+(a float16 store is compared in float32), and nothing else of the store is copied.
 
 Conventions:
 - Cosine metrics compare L2-normalised embeddings; Euclidean metrics compare the embeddings as
@@ -25,14 +30,23 @@ from taxonclip.errors import ConfigError, DataError
 
 METRICS = names.SCORES
 TOP_K = 5
-# queries compared with the whole gallery at a time: on CPUs, blocks of 512 x some thousand
-# gallery items stay in the processor's cache between the passes over them, and measured faster
-# than larger chunks; on GPUs the time per chunk is small either way
+# queries compared with the gallery at a time: on CPUs, blocks of 512 x some thousand gallery
+# items stay in the processor's cache between the passes over them, and measured faster than
+# larger chunks; on GPUs the time per chunk is small either way
 DEFAULT_CHUNK_SIZE = 512
-_PER_QUERY = ("top1_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "map_at_r")
+# similarities of one chunk of queries with one block of gallery items (two blocks of this many
+# float32 values, 16 MB each, and the block of gallery items are alive at once; larger blocks
+# measured no faster): a gallery within one block (8,192 items for chunks of 512) is read once
+BLOCK_ELEMENTS = 1 << 22
+# values the ranking of one chunk keeps per query and gallery block (MAP@R of a class that holds
+# most of the gallery ranks deep: such queries go in smaller chunks)
+RANK_ELEMENTS = 1 << 23
+_PER_QUERY = ("top1_cos", "top3_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "map_at_r")
 _NORM_EPS = 1e-12
 # values per block when a row's nearest item is found block by block (`_first_smallest`)
 _BLOCK_WIDTH = 64
+# values per group whose maximum screens a row before ranking (`_ranked`)
+_GROUP_WIDTH = 16
 
 
 def working_linear(op) -> object | None:
@@ -64,8 +78,8 @@ class KnnResult:
 
     `metrics` holds every name in `METRICS` as a float in [0, 1], NaN when no query is valid.
     `n_test` counts the queries given; `n_lone` those whose label has no gallery item;
-    `n_classes` the distinct labels among the other (valid) queries, the classes that
-    `macro_top1_cos` averages over. `predictions` holds the `top1_cos` label of every query,
+    `n_classes` the distinct labels among the other (valid) queries, the classes that the
+    macro metrics average over. `predictions` holds the `top1_cos` label of every query,
     lone ones included, for confusion analysis.
     """
 
@@ -77,49 +91,134 @@ class KnnResult:
 
 
 @dataclass(frozen=True)
-class _Gallery:
-    """The gallery on the compute device, with what every chunk of queries needs from it."""
+class _Source:
+    """Rows of an embedding store: all of `vectors`, or those at `rows` (int64, CPU), read on
+    `device` as `dtype` a few at a time."""
 
     vectors: Tensor
-    inverse_norms: Tensor
-    squared_norms: Tensor
+    rows: Tensor | None
+    device: torch.device
+    dtype: torch.dtype
+
+    def __len__(self) -> int:
+        return len(self.vectors) if self.rows is None else len(self.rows)
+
+    def read(self, positions: slice | Tensor) -> Tensor:
+        """The rows at these positions of the selection (a slice stays a view of the store)."""
+        if self.rows is not None:
+            positions = self.rows[positions]
+        return self.vectors[positions].to(self.device, self.dtype)
+
+
+@dataclass(frozen=True)
+class _Gallery:
+    """What every chunk of queries needs of the gallery: per item its class, squared norm and
+    inverse norm; per class its count and the mean of its L2-normalised items; and the items
+    themselves, kept on the device when they fit in one block, else read block by block."""
+
+    source: _Source
+    block: int
     classes: Tensor
+    squared_norms: Tensor
+    inverse_norms: Tensor
     counts: Tensor
     unit_means: Tensor
-    one_hot: Tensor | None
+    resident: Tensor | None
+
+    def blocks(self):
+        """(start, items) of each block of the gallery, in the order of the gallery: read into
+        the same two buffers each time (the store's type, then the compute type and device
+        where they differ), or views of a store that needs neither a gather nor a conversion."""
+        if self.resident is not None:
+            yield 0, self.resident
+            return
+        source, raw, converted = self.source, None, None
+        for start in range(0, len(self.classes), self.block):
+            stop = min(start + self.block, len(self.classes))
+            if source.rows is None:
+                items = source.vectors[start:stop]
+            else:
+                if raw is None:
+                    raw = source.vectors.new_empty(self.block, source.vectors.shape[1])
+                items = torch.index_select(source.vectors, 0, source.rows[start:stop], out=raw[:stop - start])
+            if items.dtype != source.dtype or items.device != source.device:
+                if converted is None:
+                    converted = torch.empty(self.block, items.shape[1], device=source.device, dtype=source.dtype)
+                items = converted[:stop - start].copy_(items)
+            yield start, items
+
+
+@dataclass(frozen=True)
+class _Workspace:
+    """Memory every chunk reuses: its cosines with a block, and its distance sums per class."""
+
+    cosines: Tensor
+    distance_sums: Tensor
+
+    def take(self, name: str, rows: int, columns: int) -> Tensor:
+        """The first rows x columns values of a buffer, as a matrix."""
+        return getattr(self, name)[:rows * columns].view(rows, columns)
 
 
 @torch.no_grad()
 def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_labels: Tensor,
-                chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device | None = None) -> KnnResult:
+                chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device | None = None, *,
+                query_rows: Tensor | None = None, gallery_rows: Tensor | None = None) -> KnnResult:
     """Label each query (test embedding) by its nearest gallery (train) embeddings and score it.
 
-    Labels are int64 ids of any value. Embeddings are compared in float32, or in float64 when
-    `query` is float64. `chunk_size` queries are compared with the whole gallery at a time, on
-    `device` (default: the device of `query`). Memory: two `chunk_size x gallery` blocks, plus a
-    `gallery x classes` one-hot on accelerators; `chunk_size` does not change the results.
+    Labels are int64 ids of any value, one per query and gallery item. The queries are the rows
+    `query_rows` of `query` (default: all), the gallery items the rows `gallery_rows` of
+    `gallery`: either may be a memory-mapped store, of which only the chunk or block at hand is
+    read. Embeddings are compared in float32 (float16 ones too), or in float64 when `query` is
+    float64. `chunk_size` queries are compared with a block of the gallery at a time, on `device`
+    (default: the device of `query`); neither sizes changes the results.
     """
-    _check_inputs(query, query_labels, gallery, gallery_labels, chunk_size)
     device = torch.device(device) if device is not None else query.device
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    queries = _Source(query, _rows(query_rows), device, dtype)
+    items = _Source(gallery, _rows(gallery_rows), device, dtype)
+    _check_inputs(query, queries, query_labels, gallery, items, gallery_labels, chunk_size)
     label_ids, dense = torch.unique(torch.cat([gallery_labels.cpu(), query_labels.cpu()]),
                                     return_inverse=True)
     query_classes = dense[len(gallery_labels):]
-    bank = _gallery(gallery.to(device, dtype), dense[:len(gallery_labels)].to(device), len(label_ids))
+    bank = _gallery(items, dense[:len(gallery_labels)].to(device), len(label_ids),
+                    max(1, BLOCK_ELEMENTS // chunk_size))
     # queries in order of the gallery size of their class: a chunk then ranks only as deep as
     # its own largest class needs for MAP@R, not as deep as the largest class of all
-    order = bank.counts.cpu()[query_classes].argsort(stable=True)
-    query = query.to(device, dtype)[order.to(device)]
-    query_squared_norms = _squared_norms(query, "query")
-    sorted_classes = query_classes[order].to(device)
-    # allocated once: a fresh chunk x gallery block per chunk costs page faults on CPUs
-    workspace = torch.empty(min(chunk_size, len(query)), len(gallery), device=device, dtype=dtype)
-    chunks = [_chunk_outcomes(query[start:start + chunk_size], query_squared_norms[start:start + chunk_size],
-                              sorted_classes[start:start + chunk_size], bank, workspace)
-              for start in range(0, len(query), chunk_size)]
+    counts = bank.counts.cpu()
+    order = counts[query_classes].argsort(stable=True)
+    # allocated once: fresh blocks of this size, on every chunk, fragment the C library's heap
+    rows = min(chunk_size, len(queries))
+    workspace = _Workspace(torch.empty(rows * min(bank.block, len(items)), device=device, dtype=dtype),
+                           torch.empty(rows * len(label_ids), device=device, dtype=dtype))
+    chunks = [_chunk_outcomes(queries.read(order[chunk]), query_classes[order[chunk]].to(device), bank,
+                              workspace)
+              for chunk in _chunks(counts[query_classes[order]], chunk_size, len(bank.classes))]
     outcomes = {name: _unsorted([chunk[name].cpu() for chunk in chunks], order)
                 for name in (*_PER_QUERY, "prediction")}
-    return _summarise(outcomes, query_classes, bank.counts.cpu(), label_ids)
+    return _summarise(outcomes, query_classes, counts, label_ids)
+
+
+def _rows(rows) -> Tensor | None:
+    return None if rows is None else torch.as_tensor(rows, dtype=torch.int64).cpu()
+
+
+def _chunks(relevant: Tensor, chunk_size: int, gallery_size: int) -> list[Tensor]:
+    """Positions of each chunk of the sorted queries: `chunk_size` of them, fewer where their
+    ranking must go deep (`relevant`, ascending, is each query's number of relevant items)."""
+    chunks, start = [], 0
+    while start < len(relevant):
+        size = min(chunk_size, len(relevant) - start)
+        depth = _depth(relevant[start + size - 1], gallery_size)
+        size = max(1, min(size, RANK_ELEMENTS // (2 * depth)))
+        chunks.append(torch.arange(start, start + size))
+        start += size
+    return chunks
+
+
+def _depth(relevant, gallery_size: int) -> int:
+    """How many of the nearest items a ranking keeps: enough for top-5 and MAP@R."""
+    return min(gallery_size, max(TOP_K, int(relevant)))
 
 
 def _unsorted(parts: list[Tensor], order: Tensor) -> Tensor:
@@ -130,20 +229,24 @@ def _unsorted(parts: list[Tensor], order: Tensor) -> Tensor:
     return torch.empty_like(values).index_copy_(0, order, values)
 
 
-def _check_inputs(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_labels: Tensor,
-                  chunk_size: int) -> None:
+def _check_inputs(query: Tensor, queries: _Source, query_labels: Tensor, gallery: Tensor,
+                  items: _Source, gallery_labels: Tensor, chunk_size: int) -> None:
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be at least 1, got {chunk_size}")
-    for name, vectors, labels in (("query", query, query_labels), ("gallery", gallery, gallery_labels)):
+    for name, vectors, source, labels in (("query", query, queries, query_labels),
+                                          ("gallery", gallery, items, gallery_labels)):
         if vectors.ndim != 2:
             raise DataError(f"{name} embeddings must be a 2-D tensor (items x dim), "
                             f"got shape {tuple(vectors.shape)}")
-        if labels.ndim != 1 or len(labels) != len(vectors):
-            raise DataError(f"{name} labels must be one id per embedding: {len(vectors)} embeddings, "
+        if labels.ndim != 1 or len(labels) != len(source):
+            raise DataError(f"{name} labels must be one id per embedding: {len(source)} embeddings, "
                             f"labels of shape {tuple(labels.shape)}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise DataError(f"{name} labels must be integer class ids, got {labels.dtype}")
-    if len(gallery) == 0:
+        if source.rows is not None and len(source.rows) and (
+                int(source.rows.min()) < 0 or int(source.rows.max()) >= len(vectors)):
+            raise DataError(f"{name} rows must lie in 0..{len(vectors) - 1}")
+    if len(items) == 0:
         raise DataError("the gallery (train split) is empty: there is nothing to label the queries by")
     if query.shape[1] != gallery.shape[1]:
         raise DataError(f"query and gallery embeddings differ in size: "
@@ -158,38 +261,56 @@ def _squared_norms(vectors: Tensor, name: str) -> Tensor:
     return squared_norms
 
 
-def _gallery(vectors: Tensor, classes: Tensor, n_classes: int) -> _Gallery:
-    squared_norms = _squared_norms(vectors, "gallery")
-    norms = squared_norms.sqrt().clamp_min(_NORM_EPS)
+def _gallery(source: _Source, classes: Tensor, n_classes: int, block: int) -> _Gallery:
+    """The gallery's statistics, from one pass over its blocks."""
+    squared_norms, resident = [], None
+    unit_sums = torch.zeros(n_classes, source.vectors.shape[1], device=source.device, dtype=source.dtype)
+    for start in range(0, len(source), block):
+        vectors = source.read(slice(start, start + block))
+        resident = vectors if len(source) <= block else None
+        block_norms = _squared_norms(vectors, "gallery")
+        squared_norms.append(block_norms)
+        # the mean cosine with a class is the dot product with the mean of its L2-normalised vectors
+        unit = vectors / block_norms.sqrt().clamp_min(_NORM_EPS)[:, None]
+        _add_class_vectors(unit_sums, unit, classes[start:start + block])
+    squared_norms = torch.cat(squared_norms)
     counts = torch.bincount(classes, minlength=n_classes)
-    # index_add_ adds in a fixed order on the CPU only; elsewhere a one-hot product stays deterministic
-    one_hot = None if vectors.device.type == "cpu" else F.one_hot(classes, n_classes).to(vectors.dtype)
-    # the mean cosine with a class is the dot product with the mean of its L2-normalised vectors
-    unit_vectors = vectors / norms[:, None]
-    unit_sums = (one_hot.T @ unit_vectors if one_hot is not None else
-                 unit_vectors.new_zeros(n_classes, vectors.shape[1]).index_add_(0, classes, unit_vectors))
-    return _Gallery(vectors=vectors, inverse_norms=1 / norms, squared_norms=squared_norms, classes=classes,
-                    counts=counts, unit_means=unit_sums / counts.clamp_min(1)[:, None], one_hot=one_hot)
+    return _Gallery(source=source, block=block, classes=classes, squared_norms=squared_norms,
+                    inverse_norms=1 / squared_norms.sqrt().clamp_min(_NORM_EPS), counts=counts,
+                    unit_means=unit_sums / counts.clamp_min(1)[:, None], resident=resident)
 
 
-def _chunk_outcomes(query: Tensor, query_squared_norms: Tensor, query_classes: Tensor,
-                    gallery: _Gallery, workspace: Tensor) -> dict[str, Tensor]:
-    """Per-query hits of every metric, average precision and `top1_cos` class for one chunk;
-    `workspace` (chunk_size x gallery) receives the cosines."""
+def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
+                    workspace: _Workspace) -> dict[str, Tensor]:
+    """Per-query hits of every metric, average precision and `top1_cos` class for one chunk,
+    the gallery taken block by block."""
+    query_squared_norms = _squared_norms(query, "query")
     relevant = gallery.counts[query_classes]
-    dots = _dot_products(query, gallery.vectors)
-    # ranked by cosine, the query's own norm left out: it scales its whole row alike
-    cosines = torch.mul(dots, gallery.inverse_norms, out=workspace[:len(query)])
-    top1_cos, top5_cos, average_precision = _ranking_outcomes(cosines, query_classes, relevant, gallery)
+    depth = _depth(relevant.max(), len(gallery.classes))
+    ranked = nearest_l2 = None
+    distance_sums = workspace.take("distance_sums", len(query), len(gallery.counts)).zero_()
+    for start, items in gallery.blocks():
+        stop = start + len(items)
+        dots = _dot_products(query, items)
+        # ranked by cosine, the query's own norm left out: it scales its whole row alike
+        cosines = torch.mul(dots, gallery.inverse_norms[start:stop],
+                            out=workspace.take("cosines", len(query), stop - start))
+        ranked = _merged(ranked, _ranked(cosines, min(depth, stop - start)), start, depth)
+        del cosines
+        distances = torch.add(gallery.squared_norms[start:stop], dots, alpha=-2, out=dots)
+        distances = distances.add_(query_squared_norms[:, None]).clamp_(min=0).sqrt_()
+        nearest_l2 = _nearer(nearest_l2, distances, start)
+        _add_per_class(distance_sums, distances, gallery.classes[start:stop])
+    nearest = gallery.classes[ranked[1]]
+    hits = nearest == query_classes[:, None]
     # the query's own norm scales every class alike: it cannot change which class is best
     mean_cos = _best_class(_dot_products(query, gallery.unit_means), gallery.counts, largest=True)
-    distances = torch.add(gallery.squared_norms, dots, alpha=-2, out=dots).add_(query_squared_norms[:, None])
-    distances = distances.clamp_(min=0).sqrt_()
-    top1_l2 = gallery.classes[_first_smallest(distances)]
-    mean_l2 = _best_class(_sum_per_class(distances, gallery) / gallery.counts, gallery.counts, largest=False)
-    return {"top1_cos": top1_cos == query_classes, "top5_cos": top5_cos,
-            "mean_cos": mean_cos == query_classes, "top1_l2": top1_l2 == query_classes,
-            "mean_l2": mean_l2 == query_classes, "map_at_r": average_precision, "prediction": top1_cos}
+    mean_l2 = _best_class(distance_sums.div_(gallery.counts), gallery.counts, largest=False)
+    return {"top1_cos": hits[:, 0], "top3_cos": hits[:, :3].any(dim=1),
+            "top5_cos": hits[:, :TOP_K].any(dim=1), "mean_cos": mean_cos == query_classes,
+            "top1_l2": gallery.classes[nearest_l2[1]] == query_classes,
+            "mean_l2": mean_l2 == query_classes,
+            "map_at_r": _average_precision(hits, relevant), "prediction": nearest[:, 0]}
 
 
 def _dot_products(query: Tensor, gallery: Tensor) -> Tensor:
@@ -201,27 +322,51 @@ def _dot_products(query: Tensor, gallery: Tensor) -> Tensor:
     return query @ gallery.T
 
 
-def _ranking_outcomes(cosines: Tensor, query_classes: Tensor, relevant: Tensor,
-                      gallery: _Gallery) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row: the class of the most similar item, the `top5_cos` hit and AP@R (ranking by cosine)."""
-    depth = min(cosines.shape[1], max(TOP_K, int(relevant.max())))
-    # ranking tensors take about 16 times the bytes of the similarities they rank: blocks of rows
-    # keep them within the size of the cosine block however deep the ranking goes (MAP@R of a
-    # class holding most of the gallery)
-    block = max(1, cosines.numel() // (16 * depth))
-    parts = []
-    for start in range(0, len(cosines), block):
-        rows = slice(start, start + block)
-        nearest = gallery.classes[_ranked_nearest(cosines[rows], depth)]
-        hits = nearest == query_classes[rows, None]
-        parts.append((nearest[:, 0], hits[:, :TOP_K].any(dim=1), _average_precision(hits, relevant[rows])))
-    top1, top5, average_precision = (torch.cat(column) for column in zip(*parts))
-    return top1, top5, average_precision
+def _merged(ranked: tuple[Tensor, Tensor] | None, block: tuple[Tensor, Tensor], start: int,
+            depth: int) -> tuple[Tensor, Tensor]:
+    """The `depth` nearest of the items ranked so far and of a later block (indices from
+    `start`): a stable sort keeps equal values in gallery order, as earlier blocks come first."""
+    values, indices = block[0], block[1] + start
+    if ranked is None:
+        return values, indices
+    values, indices = torch.cat([ranked[0], values], dim=1), torch.cat([ranked[1], indices], dim=1)
+    order = values.sort(dim=1, descending=True, stable=True).indices[:, :depth]
+    return values.gather(1, order), indices.gather(1, order)
 
 
-def _ranked_nearest(similarity: Tensor, depth: int) -> Tensor:
-    """Gallery indices of the `depth` most similar items per row: most similar first, ties to the
-    lower index (the first `depth` of a stable descending sort, without sorting whole rows)."""
+def _ranked(similarity: Tensor, depth: int) -> tuple[Tensor, Tensor]:
+    """Values and indices of the `depth` most similar items per row: most similar first, ties
+    to the lower index (the first `depth` of a stable descending sort, without sorting rows).
+
+    Rows are first screened by the maxima of groups of `_GROUP_WIDTH` items: the groups of the
+    `depth` largest maxima hold `depth` items at least as similar as any item outside them, so
+    only those groups are ranked. Where the last item kept equals the smallest of those maxima,
+    an equal item outside could come first by index: those rows are ranked whole."""
+    rows, items = similarity.shape
+    groups = -(-items // _GROUP_WIDTH)
+    if groups < 4 * depth or rows == 0:
+        return _ranked_exactly(similarity, depth)
+    full = items // _GROUP_WIDTH * _GROUP_WIDTH
+    maxima = similarity[:, :full].view(rows, -1, _GROUP_WIDTH).amax(dim=2)
+    if full < items:
+        maxima = torch.cat([maxima, similarity[:, full:].amax(dim=1, keepdim=True)], dim=1)
+    bounds, chosen = maxima.topk(depth, dim=1, sorted=False)
+    # candidates in gallery order, so that ranking them exactly breaks ties by gallery index
+    chosen = chosen.sort(dim=1).values
+    candidates = (chosen[:, :, None] * _GROUP_WIDTH
+                  + torch.arange(_GROUP_WIDTH, device=similarity.device)).view(rows, -1)
+    outside = candidates >= items  # past the end, in a short last group
+    values = similarity.gather(1, candidates.clamp_(max=items - 1)).masked_fill_(outside, float("-inf"))
+    values, positions = _ranked_exactly(values, depth)
+    indices = candidates.gather(1, positions)
+    unsure = values[:, -1] <= bounds.amin(dim=1)
+    if unsure.any():
+        values[unsure], indices[unsure] = _ranked_exactly(similarity[unsure], depth)
+    return values, indices
+
+
+def _ranked_exactly(similarity: Tensor, depth: int) -> tuple[Tensor, Tensor]:
+    """`_ranked` by `topk` over whole rows."""
     values, indices = similarity.topk(min(depth + 1, similarity.shape[1]), dim=1)
     # where the value at the cut is shared beyond it, topk may have kept any of the equal items
     crowded = (values[:, depth:] == values[:, depth - 1:depth]).any(dim=1)
@@ -232,10 +377,24 @@ def _ranked_nearest(similarity: Tensor, depth: int) -> Tensor:
     if tied.any():
         by_index, order = indices[tied].sort(dim=1)
         by_value = values[tied].gather(1, order).sort(dim=1, descending=True, stable=True).indices
-        indices[tied] = by_index.gather(1, by_value)
+        indices[tied] = by_index.gather(1, by_value)  # the values keep their (sorted) order
     if crowded.any():
-        indices[crowded] = similarity[crowded].sort(dim=1, descending=True, stable=True).indices[:, :depth]
-    return indices
+        order = similarity[crowded].sort(dim=1, descending=True, stable=True).indices[:, :depth]
+        indices[crowded] = order
+        values[crowded] = similarity[crowded].gather(1, order)
+    return values, indices
+
+
+def _nearer(nearest: tuple[Tensor, Tensor] | None, distances: Tensor,
+            start: int) -> tuple[Tensor, Tensor]:
+    """The smallest distance and its item per row, over the blocks so far and this one (from
+    `start`); an equal distance of a later block does not displace an earlier item."""
+    index = _first_smallest(distances)
+    value = distances.gather(1, index[:, None]).squeeze(1)
+    if nearest is None:
+        return value, index + start
+    closer = value < nearest[0]
+    return torch.where(closer, value, nearest[0]), torch.where(closer, index + start, nearest[1])
 
 
 def _first_smallest(values: Tensor, width: int = _BLOCK_WIDTH) -> Tensor:
@@ -259,19 +418,29 @@ def _first_smallest(values: Tensor, width: int = _BLOCK_WIDTH) -> Tensor:
     return candidates.gather(1, first).squeeze(1)
 
 
-def _sum_per_class(values: Tensor, gallery: _Gallery) -> Tensor:
-    """Row sums of `values` (chunk x gallery) over the gallery items of each class: chunk x classes."""
-    if gallery.one_hot is not None:
-        return values @ gallery.one_hot
-    sums = values.new_zeros(values.shape[0], len(gallery.counts))
-    return sums.index_add_(1, gallery.classes, values)
+def _add_per_class(sums: Tensor, values: Tensor, classes: Tensor) -> Tensor:
+    """`sums` (rows x classes) plus the row sums of `values` (rows x items) over the items of
+    each class. On the CPU, index_add_ adds item after item, so a gallery taken in blocks gives
+    the sums of one block exactly; elsewhere (where index_add_ adds in no fixed order) a
+    product with the classes' one-hot matrix stays deterministic."""
+    if values.device.type != "cpu":
+        return sums.add_(values @ F.one_hot(classes, sums.shape[1]).to(values.dtype))
+    return sums.index_add_(1, classes, values)
+
+
+def _add_class_vectors(sums: Tensor, vectors: Tensor, classes: Tensor) -> Tensor:
+    """`sums` (classes x dim) plus the sum of the vectors (items x dim) of each class."""
+    if vectors.device.type != "cpu":
+        return sums.add_(F.one_hot(classes, len(sums)).to(vectors.dtype).T @ vectors)
+    return sums.index_add_(0, classes, vectors)
 
 
 def _best_class(scores: Tensor, counts: Tensor, largest: bool) -> Tensor:
-    """Best-scoring class per row among classes with gallery items; ties to the lowest class id."""
+    """Best-scoring class per row among classes with gallery items; ties to the lowest class id.
+    `scores` (a temporary) is overwritten."""
     if largest:
-        return scores.masked_fill(counts == 0, float("-inf")).argmax(dim=1)
-    return scores.masked_fill(counts == 0, float("inf")).argmin(dim=1)
+        return scores.masked_fill_(counts == 0, float("-inf")).argmax(dim=1)
+    return scores.masked_fill_(counts == 0, float("inf")).argmin(dim=1)
 
 
 def _average_precision(hits: Tensor, relevant: Tensor) -> Tensor:
@@ -289,10 +458,11 @@ def _summarise(outcomes: dict[str, Tensor], query_classes: Tensor, counts: Tenso
     metrics = {name: _mean(outcomes[name][valid]) for name in _PER_QUERY}
     classes = query_classes[valid]
     per_class_queries = torch.bincount(classes, minlength=len(counts))
-    per_class_hits = torch.bincount(classes, weights=outcomes["top1_cos"][valid].to(torch.float64),
-                                    minlength=len(counts))
     present = per_class_queries > 0
-    metrics["macro_top1_cos"] = _mean(per_class_hits[present] / per_class_queries[present])
+    for name, per_query in (("macro_top1_cos", "top1_cos"), ("macro_top5_cos", "top5_cos")):
+        per_class_hits = torch.bincount(classes, weights=outcomes[per_query][valid].to(torch.float64),
+                                        minlength=len(counts))
+        metrics[name] = _mean(per_class_hits[present] / per_class_queries[present])
     return KnnResult(metrics={name: metrics[name] for name in METRICS}, n_test=len(query_classes),
                      n_classes=int(present.sum()), n_lone=int((~valid).sum()),
                      predictions=label_ids[outcomes["prediction"]])

@@ -54,7 +54,9 @@ BIOSCAN_RANKS = ("phylum", "class", "order", "family", "subfamily", "genus", "sp
 # every level a table can have: the <level> of a metric key and the possible training labels
 KNOWN_LEVELS = (*LEVELS, *(rank for rank in BIOSCAN_RANKS if rank not in LEVELS))
 COUNT_COLUMNS = ("n_test", "n_classes", "n_lone")  # the per-taxa table's counts; the rest are scores
-SCORES = ("top1_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "macro_top1_cos", "map_at_r")
+# micro top-1/3/5 and macro (the mean over classes of each class's accuracy) top-1/5, as CLIBD reports
+SCORES = ("top1_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "macro_top1_cos", "map_at_r",
+          "top3_cos", "macro_top5_cos")
 # zero-shot accuracy by class texts (`eval zero_shot=true`): a column of the table beside SCORES
 ZERO_SHOT_SCORES = ("zs_top1", "zs_top5")
 # The cell that picks the best checkpoint, that sweeps optimise and that compare ranks by, unless
