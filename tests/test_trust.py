@@ -340,7 +340,7 @@ def test_best_checkpoint_follows_the_configured_metric(specimens, tracking, monk
                  "--batch_size", "16", "--workers", "0", "--lr", "3e-3", "--metric", metric]) == 0
     [run] = _runs_in("selection-metric")
     client = MlflowClient()
-    history = client.get_metric_history(run.info.run_id, names.eval_metric(*metric.split("/")))
+    history = client.get_metric_history(run.info.run_id, names.val_metric(*metric.split("/")))
     best = max(history, key=lambda m: (m.value, -m.step))  # the first epoch of the best value
     last = client.download_artifacts(run.info.run_id, f"{names.CHECKPOINT_DIR}/epoch_003.pt",
                                      str(tmp_path))

@@ -36,7 +36,8 @@ from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows
                                     collate_encoded)
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.splits import (GROUP_COLUMN, PARTITION_COLUMN, QUERY_PARTITIONS,
-                                   SEEN_PARTITIONS, Split, make_split, select_classes)
+                                   SEEN_PARTITIONS, Split, make_split, select_classes,
+                                   split_roles)
 from taxonclip import distributed
 from taxonclip.distributed import resolve_device
 from taxonclip import names
@@ -575,7 +576,8 @@ def _keep_rows(manifest: Manifest, split: Split, kept: np.ndarray) -> tuple[Mani
     table = manifest.table.iloc[kept].reset_index(drop=True)
     trainable = None if split.trainable is None else remap(split.trainable)
     return (replace(manifest, table=table), replace(split, train=remap(split.train),
-                                                    test=remap(split.test), trainable=trainable))
+                                                    test=remap(split.test), trainable=trainable,
+                                                    val=remap(split.val)))
 
 
 def _cached_embeddings(encoder, manifest: Manifest, config: EvalConfig,
@@ -642,12 +644,11 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def split_csv(result: EvalResult) -> str:
-    """The split as CSV (`image_id,split`, and `group` when the split kept groups together), so
-    any row of the table can be reproduced."""
+    """The split as CSV (`image_id,split`, the role of each row train, val or test, and `group`
+    when the split kept groups together), so any row of the table can be reproduced."""
     table = result.manifest.table
-    order = np.concatenate([result.split.train, result.split.test])
-    frame = table.iloc[order][["image_id"]].assign(
-        split=["train"] * len(result.split.train) + ["test"] * len(result.split.test))
+    order, roles = split_roles(result.split)
+    frame = table.iloc[order][["image_id"]].assign(split=roles)
     if GROUP_COLUMN in table.columns:
         frame[GROUP_COLUMN] = table[GROUP_COLUMN].iloc[order].to_numpy()
     return frame.to_csv(index=False)
