@@ -21,7 +21,7 @@ from taxonclip.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.errors import DataError
 from taxonclip.evaluate import (embed_images, evaluate, evaluation_table, fuse,
-                                label_revealing_captions, split_csv)
+                                label_revealing_captions, split_csv)  # re-exported by evaluate
 from taxonclip.models import create_model
 from taxonclip.train import prepare_data
 
@@ -83,7 +83,7 @@ def test_captions_that_name_their_species_or_are_one_per_species_are_detected():
     per_name = table.assign(caption=["orange", "orange", "blue", "blue"])
     assert "one text per species" in label_revealing_captions(per_name)
     naming = table.assign(caption=["a photo of A b", "in flight", "on a leaf", "at rest"])
-    assert "names the image's own species" in label_revealing_captions(naming)
+    assert "names the image's own label" in label_revealing_captions(naming)
 
 
 def _runs_in(experiment: str) -> list:

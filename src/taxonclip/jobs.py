@@ -142,12 +142,14 @@ def evaluate(config: EvalConfig) -> int:
     encoder = resolve_model(config.model, str(resolve_device(config.device)),
                             seed=config.data.seed)
     check_zero_shot(encoder, config)
+    # scored before the run is created: the caption gauge's verdict needs the model's visual
+    # accuracy on these rows, which is this evaluation, and a refusal must leave no run behind
+    result = run_evaluation(config, encoder, manifest, split)
     with tracked_run("eval", run_name=eval_run_name(config)) as run:
         run.log_params(to_params(config, EVAL_PARAMS))
         if config.allow_label_text:
             run.set_tags({names.TAG_ALLOW_LABEL_TEXT: "true"})
         run.log_text(report, names.DATA_SUMMARY)
-        result = run_evaluation(config, encoder, manifest, split)
         log_evaluation(run, result)
     print(format_table(result.table))
     print(where_to_look(run.run_id, run.experiment_id))

@@ -53,7 +53,7 @@ from taxonclip.errors import ConfigError, DataError, TrainingDiverged
 from taxonclip.formats import percent
 from taxonclip.evaluate import (EvalResult, Seen, check_decoder, check_has_test_images,
                                 check_metric_cell, check_no_label_in_queries, embed_visual,
-                                evaluate, seen_of_split, split_csv, table_cell)
+                                evaluate, gauges_captions, seen_of_split, split_csv, table_cell)
 from taxonclip.losses import CombinedMarginLoss, PartialFC
 from taxonclip.progress import Progress, say
 from taxonclip.tracking.runs import NullRun, Run, table_counts, table_metrics
@@ -116,7 +116,7 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     or score."""
     manifest = load_manifest(config.data)
     check_label(config.label, manifest.levels, manifest.report.source)
-    check_no_label_in_queries(manifest, config.embedding)
+    check_no_label_in_queries(manifest, config.embedding, config.allow_label_text)
     check_decoder(manifest, config.decode)
     table = manifest.table
     split = make_split(table, config.data)
@@ -478,6 +478,25 @@ def run_name(config: TrainConfig) -> str:
     return " ".join(parts)
 
 
+def check_captions_before_run(config: TrainConfig, data: TrainData, encoder) -> None:
+    """Refuse, before any run is created, captions that the caption gauge catches in a
+    query-side text embedding: scored alone, they find the label of more validation queries
+    than the starting model's images do (see `taxonclip.checks`). Without val rows the check
+    scores the test split instead: a refusal chooses nothing, and nothing has been trained."""
+    eval_config = config.eval_config()
+    if not gauges_captions(data.manifest, eval_config):
+        return
+    manifest, split = data.validation or (data.manifest, data.split)
+    reason = None
+    try:
+        evaluate(eval_config, encoder, manifest, split, seen=data.seen, spread=True)
+    except DataError as error:  # raised on rank 0, which scores: every rank must stop
+        reason = str(error)
+    reason = dist.broadcast_object(reason)
+    if reason is not None:
+        raise DataError(reason)
+
+
 def run_training(config: TrainConfig, parent_run_id: str | None = None,
                  on_epoch: EpochCallback | None = None, run_tags: dict | None = None) -> TrainResult:
     """Train and evaluate one model, logging to MLflow from rank 0; returns the final evaluation
@@ -499,6 +518,8 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None,
         fresh_run = info.is_main and not config.resume
         report = report_for_run(data.manifest, data.split) if fresh_run else ""
         encoder = resolve_model(config.model, str(info.device), seed=config.data.seed)
+        if not config.resume:  # a resumed run passed the check when it started
+            check_captions_before_run(config, data, encoder)
         with tracked_run("train", main=info.is_main, resume_run_id=config.resume,
                          parent_run_id=parent_run_id, tags=run_tags,
                          run_name=run_name(config)) as run:
@@ -603,7 +624,7 @@ def _train_in_run(ctx: TrainContext, encoder) -> TrainResult:
     selected = _select(state, ctx)
     # the selected model scored once on the test split: the run's result
     result = evaluate(config.eval_config(), state.encoder, ctx.data.manifest, ctx.data.split,
-                      seen=ctx.data.seen, spread=True)
+                      seen=ctx.data.seen, spread=True, refuse_label_text=False)
     _finish(state, ctx, result, selected)
     checkpoint = ctx.run.artifact_location(f"{names.CHECKPOINT_DIR}/{_checkpoint_name(selected)}")
     metric = state.best_metric if config.select == "best" else state.last_metric
@@ -709,7 +730,7 @@ def _validate(state: TrainState, ctx: TrainContext) -> EvalResult | None:
     embedded."""
     manifest, split = ctx.data.validation
     return evaluate(ctx.config.eval_config(), state.encoder, manifest, split,
-                    seen=ctx.data.seen, spread=True)
+                    seen=ctx.data.seen, spread=True, refuse_label_text=False)
 
 
 def _validate_epoch(state: TrainState, ctx: TrainContext) -> EvalResult | None:
