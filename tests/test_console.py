@@ -128,6 +128,6 @@ def test_the_experiment_opens_on_model_development_with_the_saved_view(trained):
                                            "params.`model`", "params.`weights`", "params.`label`"]
     assert view["orderByKey"] == "metrics.`eval/All/species/top1_cos`"
     first = [chart["metricKey"] for chart in view["compareRunCharts"]]
-    assert first[:2] == [names.TRAIN_LOSS, f"eval/{names.HEADLINE_METRIC}"]
+    assert first[:2] == [names.TRAIN_LOSS, f"val/{names.HEADLINE_METRIC}"]  # per epoch: validation
     assert all(key in run.data.metrics for key in first)
     assert view["isAccordionReordered"] is True
