@@ -175,7 +175,7 @@ def test_genus_labels_train_on_every_row_with_a_genus(specimens, tmp_path):
     csv = _genus_only_manifest(specimens, tmp_path)
     data = prepare_data(TrainConfig(data=DataConfig(data=str(csv)), label="genus", batch_size=8))
     table = data.manifest.table
-    with_genus = [row for row in data.split.train if pd.notna(table.at[row, "genus"])]
+    with_genus = [row for row in data.split.training_rows if pd.notna(table.at[row, "genus"])]
     assert sorted(data.rows) == with_genus
     assert table["species"].iloc[data.rows].isna().sum() > 0  # genus-only rows are in
     assert data.classes == sorted(table["genus"].dropna().unique())
