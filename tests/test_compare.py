@@ -16,7 +16,9 @@ from taxonclip import names
 from taxonclip.cli import main
 from taxonclip.compare import (add_gains, architecture, baseline_key, compare_runs,
                                is_pretrained_baseline, normalised, registry_name)
-from taxonclip.config import CompareConfig
+from taxonclip.config import CompareConfig, DataConfig
+from taxonclip.data.manifest import read_manifest
+from taxonclip.data.splits import make_split, split_fingerprint, split_roles
 from taxonclip.tracking.queries import RunRecord
 from taxonclip.tracking.runs import tracked_run
 from tests.conftest import REPO
@@ -29,8 +31,8 @@ METRIC = "All/species/top1_cos"
 TIE_BREAK = "All/species/mean_cos"
 TRAIN_ARGS = ["--model", "tiny", "--batch_size", "16", "--workers", "0", "--lr", "1e-3"]
 # The rule a baseline follows, spelled out here rather than imported, so that the tests check
-# compare's own list.
-SAME_AS_BASELINE = ("model", "data", "seed", "test_size", "class_fraction", "embedding")
+# compare's own list: the same split (by its fingerprint tag) and these parameters.
+SAME_AS_BASELINE = ("model", "embedding")
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,8 @@ def populated(mlflow_server, specimens, tmp_path_factory) -> dict[str, str]:
         ids[name] = _newest_run_id()
     assert main(["train", *TRAIN_ARGS, *data, "--epochs", "2", "--register_as", REGISTERED]) == 0
     ids["trained"] = _newest_run_id()
-    assert main(["train", *TRAIN_ARGS, *data, "--epochs", "1", "--test_size", "0.3"]) == 0
+    # 0.4 of 8 images a species: 3 test images, where 0.2 (and 0.3) take 2: another split
+    assert main(["train", *TRAIN_ARGS, *data, "--epochs", "1", "--test_size", "0.4"]) == 0
     ids["unmatched"] = _newest_run_id()
     storage = tmp_path_factory.mktemp("optuna") / "optuna.db"
     assert main(["sweep", "--sweep", str(REPO / "sweeps" / "margin_lr.yaml"), "--n_trials", "2",
@@ -116,8 +119,10 @@ def _is_baseline(run) -> bool:
 def _expected_baseline(run, runs: list):
     """The best-ranked baseline with the same parameters (all logged, in one spelling, by the
     commands that made these runs), or None."""
+    fingerprint = run.data.tags[names.TAG_SPLIT_FINGERPRINT]
     same = [b for b in runs if _is_baseline(b) and all(
-        b.data.params[name] == run.data.params[name] for name in SAME_AS_BASELINE)]
+        b.data.params[name] == run.data.params[name] for name in SAME_AS_BASELINE)
+        and b.data.tags[names.TAG_SPLIT_FINGERPRINT] == fingerprint]
     return max(same, key=_order_key, default=None)
 
 
@@ -195,8 +200,8 @@ def test_side_by_side_gain_is_the_leaderboard_gain_of_the_same_run(populated, tm
 
 def test_a_run_without_a_matching_baseline_has_no_gain_and_its_baseline_is_named(
         populated, specimens, tmp_path, capsys):
-    command = (f"taxonclip eval --model tiny --data {shlex.quote(str(specimens))} --seed 0 "
-               f"--test_size 0.3 --class_fraction 1.0 --embedding visual")
+    command = (f"taxonclip eval --model tiny --embedding visual --data "
+               f"{shlex.quote(str(specimens))} --test_size 0.4")
     board = compare_runs(CompareConfig(experiments=EXPERIMENT)).board
     unmatched = board.loc[populated["unmatched"]]
     assert math.isnan(unmatched["gain"]) and pd.isna(unmatched["baseline_run_id"])
@@ -291,9 +296,11 @@ def test_registered_name_is_register_as_else_the_sanitised_model():
     assert registry_name(named) == "birds"
 
 
-def _record(run_id: str, entry: str, **params: str) -> RunRecord:
-    """A run as `find_runs` reads it, with only an entry point and parameters."""
-    return RunRecord(run_id, "0", run_id, "FINISHED", 0, entry, None, params=params)
+def _record(run_id: str, entry: str, fingerprint: str = "f" * 64, **params: str) -> RunRecord:
+    """A run as `find_runs` reads it, with only an entry point, parameters and its split's
+    fingerprint."""
+    return RunRecord(run_id, "0", run_id, "FINISHED", 0, entry, None, params=params,
+                     tags={names.TAG_SPLIT_FINGERPRINT: fingerprint} if fingerprint else {})
 
 
 def test_params_match_as_numbers_and_a_missing_one_as_the_config_default():
@@ -302,19 +309,55 @@ def test_params_match_as_numbers_and_a_missing_one_as_the_config_default():
     assert normalised("data", " /data/x ") == "/data/x"
     runs = {"base": _record("base", "eval", model="tiny", weights="pretrained", data="synthetic",
                             seed="0", test_size="0.2", class_fraction="1.0", embedding="visual"),
-            # data, seed and embedding missing: synthetic, 0 and visual
-            "tuned": _record("tuned", "train", model="tiny", test_size="0.20",
-                             class_fraction="1"),
-            "far": _record("far", "train", model=" tiny ", test_size="0.3")}
-    board = pd.DataFrame({"rank": [1, 2, 3], METRIC: [0.5, 0.4, 0.3]},
-                         index=["tuned", "far", "base"])
+            # embedding missing: visual
+            "tuned": _record("tuned", "train", model=" tiny ", test_size="0.20"),
+            # another split: another fingerprint, whatever its parameters say
+            "far": _record("far", "train", "e" * 64, model="tiny", test_size="0.3"),
+            # logged before fingerprints: matched by nothing
+            "old": _record("old", "train", "", model="tiny")}
+    board = pd.DataFrame({"rank": [1, 2, 3, 4], METRIC: [0.5, 0.4, 0.35, 0.3]},
+                         index=["tuned", "far", "old", "base"])
     board = add_gains(board, runs, METRIC)
     assert board.at["tuned", "baseline_run_id"] == "base"
     assert board.at["tuned", "gain"] == pytest.approx(0.2)
     assert pd.isna(board.at["far", "baseline_run_id"]) and math.isnan(board.at["far", "gain"])
-    assert board.at["far", "baseline_missing"] == (
-        "taxonclip eval --model tiny --data synthetic --seed 0 --test_size 0.3 "
-        "--class_fraction 1.0 --embedding visual")
+    assert board.at["far", "baseline_missing"] == "taxonclip eval --model tiny --embedding visual --test_size 0.3"
+    assert pd.isna(board.at["old", "baseline_run_id"])
+    assert "no split fingerprint" in board.at["old", "baseline_missing"]
+
+
+def _fingerprint_of(table: pd.DataFrame, data: DataConfig) -> str:
+    """The fingerprint of the split an eval or train run of `data` logs for `table`."""
+    split = make_split(table, data)
+    order, roles = split_roles(split)
+    frame = table.iloc[order][["image_id"]].assign(split=roles)
+    return split_fingerprint(frame.to_csv(index=False))
+
+
+def test_a_grouped_run_gets_its_grouped_baseline_and_never_the_leaky_ungrouped_one(specimens):
+    table = read_manifest(specimens).table
+    # frames of one clip: every two images of a species share a group
+    grouped_table = table.assign(group=[f"{s}-{i // 2}" for s, i in
+                                        zip(table["species"], table.groupby("species").cumcount())])
+    plain = _fingerprint_of(table, DataConfig())
+    grouped = _fingerprint_of(grouped_table, DataConfig(group_column="group"))
+    assert plain != grouped
+    assert _fingerprint_of(table.sample(frac=1, random_state=1), DataConfig()) == plain
+    params = {"model": "tiny", "data": str(specimens)}
+    leaky = _record("leaky", "eval", plain, weights="pretrained", **params)
+    tuned = _record("tuned", "train", grouped, group_column="group", **params)
+    board = pd.DataFrame({"rank": [1, 2], METRIC: [0.9, 0.6]}, index=["leaky", "tuned"])
+    alone = add_gains(board, {"leaky": leaky, "tuned": tuned}, METRIC)
+    assert pd.isna(alone.at["tuned", "baseline_run_id"]) and math.isnan(alone.at["tuned", "gain"])
+    assert alone.at["tuned", "baseline_missing"] == (
+        f"taxonclip eval --model tiny --embedding visual --data {shlex.quote(str(specimens))} "
+        f"--group_column group")
+    fair = _record("fair", "eval", grouped, weights="pretrained", group_column="group", **params)
+    board = pd.DataFrame({"rank": [1, 2, 3], METRIC: [0.9, 0.6, 0.45]},
+                         index=["leaky", "tuned", "fair"])
+    matched = add_gains(board, {"leaky": leaky, "tuned": tuned, "fair": fair}, METRIC)
+    assert matched.at["tuned", "baseline_run_id"] == "fair"
+    assert matched.at["tuned", "gain"] == pytest.approx(0.6 - 0.45)
 
 
 def test_only_an_eval_of_the_published_weights_is_a_pretrained_baseline():

@@ -69,14 +69,17 @@ def trained(demo_runs):
     return demo_runs["stdout"], demo_runs["stderr"], demo_runs["client"], demo_runs["train"]
 
 
-def test_train_prints_the_table_the_best_epoch_its_checkpoint_and_the_run(trained):
+def test_train_prints_both_headlines_the_selected_epoch_its_checkpoint_and_the_run(trained):
     stdout, _, client, run = trained
     history = {m.step: m.value for m in
-               client.get_metric_history(run.info.run_id, f"eval/{names.HEADLINE_METRIC}")}
+               client.get_metric_history(run.info.run_id, f"val/{names.HEADLINE_METRIC}")}
     best_epoch = max(history, key=lambda step: (history[step], -step))
     assert "top1_cos" in stdout and formats.PERCENT_NOTE in stdout
-    assert (f"best epoch {best_epoch} of 3 by {names.HEADLINE_METRIC}: "
-            f"{formats.percent(history[best_epoch])}%") in stdout
+    assert (f"the model: epoch {best_epoch} of 3 (select=best: the best validation "
+            f"{names.HEADLINE_METRIC} {formats.percent(history[best_epoch])}%)") in stdout
+    test = run.data.metrics[f"eval/{names.HEADLINE_METRIC}"]
+    assert (f"test (scored once, the table above): {names.HEADLINE_METRIC} "
+            f"{formats.percent(test)}%") in stdout
     checkpoint = Path(re.search(r"its checkpoint: (\S+)", stdout).group(1))
     assert checkpoint.name == f"epoch_{best_epoch:03d}.pt"
     assert torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"] == best_epoch
@@ -89,7 +92,7 @@ def test_train_off_a_terminal_prints_one_plain_line_per_epoch(trained):
     epochs = [line for line in stderr.splitlines() if re.match(r"epoch \d/3: ", line)]
     assert len(epochs) == 3, stderr
     for line in epochs:
-        assert re.search(r"loss \d+\.\d{4}, lr \S+, img/s \d+; All/species/top1_cos "
+        assert re.search(r"loss \d+\.\d{4}, lr \S+, img/s \d+; validation All/species/top1_cos "
                          r"\d+\.\d\d% \(best \d+\.\d\d% at epoch \d\)", line), line
     assert "\r" not in stderr and "Downloading artifacts" not in stderr
 
@@ -125,6 +128,6 @@ def test_the_experiment_opens_on_model_development_with_the_saved_view(trained):
                                            "params.`model`", "params.`weights`", "params.`label`"]
     assert view["orderByKey"] == "metrics.`eval/All/species/top1_cos`"
     first = [chart["metricKey"] for chart in view["compareRunCharts"]]
-    assert first[:2] == [names.TRAIN_LOSS, f"eval/{names.HEADLINE_METRIC}"]
+    assert first[:2] == [names.TRAIN_LOSS, f"val/{names.HEADLINE_METRIC}"]  # per epoch: validation
     assert all(key in run.data.metrics for key in first)
     assert view["isAccordionReordered"] is True

@@ -15,7 +15,7 @@ from taxonclip.errors import DataError
 from taxonclip.evaluate import (TABLE_COLUMNS, Seen, embed_images, evaluate, evaluation_table,
                                 fuse)
 from taxonclip import evaluate as evaluate_module
-from taxonclip import knn
+from taxonclip import knn, names
 from taxonclip.knn import METRICS
 from taxonclip.models import create_model
 from taxonclip.names import Levels
@@ -205,6 +205,8 @@ def test_gallery_fusion_keeps_queries_visual_and_fuses_the_gallery(specimens, ti
     captions = manifest.table["caption"].tolist()
     text = tiny.encode_text(captions).float()
     expected = evaluation_table(visual, manifest.table, result.split, gallery_vectors=fuse(visual, text, "avg"))
+    # beside the table, the captions scored alone (taxonclip.checks): one text per species here
+    assert (result.table.pop(names.CAPTION_ONLY_TOP1) == 1.0).all()
     pd.testing.assert_frame_equal(result.table, expected, check_exact=False, atol=1e-6)
     visual_only = evaluate(_config(specimens), tiny).table
     assert not result.table["top1_cos"].equals(visual_only["top1_cos"])

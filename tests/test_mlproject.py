@@ -49,6 +49,8 @@ NOT_IN_MLPROJECT = {
                          "caption embeddings are scored by the eval entry on the logged model",
         "embedding": "MLproject's train evaluates visual embeddings, as its baselines by the eval "
                      "entry do by default; taxonclip train --embedding for others",
+        "allow_label_text": "MLproject's train evaluates visual embeddings, with no captions to "
+                            "let in: taxonclip train --allow_label_text",
         "keep_checkpoints": "storage housekeeping (the best checkpoint is always kept): "
                             "taxonclip train --keep_checkpoints",
     },
@@ -120,7 +122,7 @@ def test_what_is_left_out_is_a_field_that_mlproject_lacks(entry):
 def test_train_and_eval_take_the_same_split_parameters():
     """compare matches a train run with the eval baseline of the same split."""
     entries = _entry_points()
-    for name in ("seed", "test_size", "group_column", "split", "class_fraction"):
+    for name in ("seed", "test_size", "group_column", "split", "class_fraction", "val_size"):
         for entry in ("train", "eval"):
             assert name in entries[entry]["parameters"], f"{entry}: {name}"
 
@@ -132,4 +134,4 @@ def test_the_headline_metric_is_defined_once():
     assert cfg.TrainConfig().metric == cfg.CompareConfig().metric == names.HEADLINE_METRIC
     from taxonclip.sweep import DEFAULT_METRIC
 
-    assert DEFAULT_METRIC == f"eval/{names.HEADLINE_METRIC}"
+    assert DEFAULT_METRIC == f"val/{names.HEADLINE_METRIC}"  # a sweep optimises validation

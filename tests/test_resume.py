@@ -18,22 +18,22 @@ from mlflow.tracking import MlflowClient
 
 from taxonclip import names
 from taxonclip.cli import main
-from taxonclip.config import TRAIN_PARAMS, TrainConfig, from_params
+from taxonclip.config import TRAIN_PARAMS, DataConfig, TrainConfig, from_params
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.prepare import PrepareSettings, prepare
-from taxonclip.data.splits import split_manifest
+from taxonclip.data.splits import make_split
 from taxonclip.train import prepare_data
 
 pytestmark = pytest.mark.integration
 
 EPOCHS = 3
-BATCH = 16
+BATCH = 15  # 60 training images (96 less 24 test and 12 val): 4 steps an epoch
 ARGS = ["--model", "tiny", "--batch_size", str(BATCH), "--lr", "3e-3", "--margin_s", "16",
         "--margin_m2", "0.2", "--workers", "0", "--epochs", str(EPOCHS), "--keep_checkpoints", "1"]
 
 
 def _steps_per_epoch(specimens) -> int:
-    return len(split_manifest(read_manifest(specimens).table, 0.2, 0).train) // BATCH
+    return len(make_split(read_manifest(specimens).table, DataConfig()).training_rows) // BATCH
 
 
 def _kill_points(steps: int) -> dict[str, tuple[str, str, int]]:
@@ -124,7 +124,8 @@ def _assert_record_whole(run_id: str, total_steps: int, folder: Path, expected: 
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     for key, wanted in ((names.TRAIN_LOSS, range(1, total_steps + 1)),
-                        (names.eval_metric("All", "species", "top1_cos"), range(1, EPOCHS + 1))):
+                        (names.val_metric("All", "species", "top1_cos"), range(1, EPOCHS + 1)),
+                        (names.eval_metric("All", "species", "top1_cos"), [0])):
         logged = Counter(m.step for m in client.get_metric_history(run_id, key))
         assert logged == Counter(wanted), f"{key}: steps duplicated or lost: {sorted(logged.items())}"
     table = client.load_table(run.info.experiment_id, names.PER_TAXA_TABLE, run_ids=[run_id])
@@ -184,7 +185,7 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(killer, uninterr
     printed = capsys.readouterr()
     assert "checkpoint epoch_002.pt" in printed.err
     # the run's own epochs, not the default of a resume that names none
-    assert re.search(rf"best epoch \d+ of {EPOCHS} by ", printed.out), printed.out
+    assert re.search(rf"the model: epoch \d+ of {EPOCHS} ", printed.out), printed.out
     final = _final_weights(run_id, tmp_path / "final")
     assert all(torch.equal(final[key], uninterrupted[key]) for key in uninterrupted)
 

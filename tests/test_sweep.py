@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import optuna
@@ -27,6 +28,7 @@ from taxonclip.config import SweepConfig, TrainConfig
 from taxonclip.errors import ConfigError, TaxonclipError
 from taxonclip.jobs import where_to_look
 from taxonclip.sweep import (GRACE_BEATS, HEARTBEAT_ENV, HEARTBEAT_S, MetricNotInTable,
+                             objective_value,
                              dashboard_target, default_storage, heartbeat_timing, load_sweep,
                              make_pruner, make_sampler, metric_value, open_storage, open_study,
                              redact, run_sweep, suggest)
@@ -35,10 +37,11 @@ from taxonclip.train import run_training
 from tests.conftest import REPO, free_port, slow_but_all_three
 
 SHIPPED = sorted((REPO / "sweeps").glob("*.yaml"))
-METRIC = names.eval_metric(names.ALL_TAXA, "species", "top1_cos")
+METRIC = names.val_metric(names.ALL_TAXA, "species", "top1_cos")
+TEST_METRIC = names.eval_metric(names.ALL_TAXA, "species", "top1_cos")
 
 VALID = """\
-metric: eval/All/species/top1_cos
+metric: val/All/species/top1_cos
 direction: maximize
 sampler: {type: tpe, seed: 0}
 pruner: {type: median, n_warmup_steps: 1}
@@ -102,8 +105,8 @@ MALFORMED = {  # changes to VALID's top-level keys (None deletes one) -> the key
                                 "search.margin_m2"),
     "searched and fixed": ({"fixed": {"lr": 0.1}}, "search.lr"),
     "no search": ({"search": None}, "search"),
-    "metric level": ({"metric": "eval/All/kingdom/top1_cos"}, "metric"),
-    "metric name": ({"metric": "eval/All/species/accuracy"}, "metric"),
+    "metric level": ({"metric": "val/All/kingdom/top1_cos"}, "metric"),
+    "metric name": ({"metric": "val/All/species/accuracy"}, "metric"),
     "metric prefix": ({"metric": "All/species/top1_cos"}, "metric"),
     "direction": ({"direction": "up"}, "direction"),
     "sampler type": ({"sampler": {"type": "cmaes"}}, "sampler.type"),
@@ -256,11 +259,22 @@ def test_existing_study_with_another_metric_or_direction_is_refused(tmp_path):
     open_study(spec, "kept", storage)
     other_metric = load_sweep(_write(tmp_path, VALID.replace("species/top1_cos", "genus/top1_cos"),
                                      "genus.yaml"))
-    with pytest.raises(ConfigError, match="genus.yaml: metric: .*eval/All/species/top1_cos"):
+    with pytest.raises(ConfigError, match="genus.yaml: metric: .*val/All/species/top1_cos"):
         open_study(other_metric, "kept", storage)
     minimise = load_sweep(_write(tmp_path, VALID.replace("maximize", "minimize"), "min.yaml"))
     with pytest.raises(ConfigError, match="min.yaml: direction: .*maximizes"):
         open_study(minimise, "kept", storage)
+
+
+def test_a_sweep_metric_on_the_test_table_is_refused_and_the_objective_reads_validation(tmp_path):
+    with pytest.raises(ConfigError, match="metric: 'eval/All/species/top1_cos' names the test table"):
+        load_sweep(_write(tmp_path, VALID.replace("val/All/", "eval/All/")))
+    test = pd.DataFrame({"taxa": ["All"], "level": ["species"], "top1_cos": [0.9]})
+    validation = test.assign(top1_cos=[0.4])
+    result = SimpleNamespace(table=test, validation=validation)
+    assert objective_value(result, METRIC) == 0.4
+    with pytest.raises(ConfigError, match="no validation rows"):
+        objective_value(SimpleNamespace(table=test, validation=None), METRIC)
 
 
 def test_metric_value_reads_one_cell_and_names_missing_rows():
@@ -333,12 +347,21 @@ def test_mlflow_run_sweep_of_four_trials_links_four_children_to_one_parent(
         assert trial.user_attrs["mlflow_run_id"] == child.info.run_id
         assert child.info.status == status_of[trial.state]
         assert {k: child.data.params[k] for k in trial.params} == _as_text(trial.params)
+        if trial.state == TrialState.COMPLETE:
+            # the objective is the selected (best) epoch's validation metric, not the test one
+            history = MlflowClient().get_metric_history(child.info.run_id, METRIC)
+            assert trial.value == pytest.approx(max(m.value for m in history))
+            assert trial.user_attrs["test_value"] == pytest.approx(child.data.metrics[TEST_METRIC])
 
     best = study.best_trial
     assert parent.info.status == "FINISHED"
     assert parent.data.tags[names.TAG_BEST_CHILD] == best.user_attrs["mlflow_run_id"]
     assert {k: parent.data.params[f"best.{k}"] for k in best.params} == _as_text(best.params)
     assert parent.data.metrics[f"best.{METRIC}"] == pytest.approx(best.value)
+    best_child = _child_of_trial(children, best.number)
+    assert parent.data.metrics[f"best.{TEST_METRIC}"] == pytest.approx(
+        best_child.data.metrics[TEST_METRIC])
+    assert f"validation {METRIC} = " in done.stdout and "on the test split, scored once" in done.stdout
     artifacts = {a.path for folder in ("sweep", "plots")
                  for a in MlflowClient().list_artifacts(parent.info.run_id, folder)}
     assert {"sweep/margin_lr.yaml", "plots/optimization_history.png",
@@ -468,7 +491,7 @@ def test_sweep_whose_every_trial_failed_says_so(tracking, specimens, tmp_path):
 
 @pytest.mark.integration
 def test_metric_the_table_lacks_stops_the_sweep(tracking, specimens, tmp_path):
-    sweep = _write(tmp_path, VALID.replace("eval/All/", "eval/Unicorn/"))
+    sweep = _write(tmp_path, VALID.replace("val/All/", "val/Unicorn/"))
     with pytest.raises(MetricNotInTable, match="Unicorn"):
         run_sweep(_config(tmp_path, sweep, specimens, 3, "unicorn"))
     parents, children = _runs_of("unicorn")

@@ -20,7 +20,8 @@ from taxonclip.cli import main
 from taxonclip.config import TRAIN_PARAMS, ModelConfig, TrainConfig, from_params
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.prepare import PrepareSettings, prepare
-from taxonclip.data.splits import split_manifest
+from taxonclip.config import DataConfig
+from taxonclip.data.splits import make_split
 from taxonclip.train import prepare_data
 from taxonclip.tracking.models import resolve_model
 from tests.conftest import REPO, free_port
@@ -29,6 +30,11 @@ pytestmark = pytest.mark.integration
 
 TRAIN_ARGS = ["--model", "tiny", "--batch_size", "16", "--lr", "3e-3", "--weight_decay", "0.05",
               "--margin_s", "16", "--margin_m2", "0.2", "--workers", "0"]
+
+
+def _training_rows(table) -> int:
+    """How many rows the default split leaves to training (not test, not val)."""
+    return len(make_split(table, DataConfig()).training_rows)
 
 
 def _only_run(experiment: str):
@@ -56,8 +62,13 @@ def test_mlflow_run_train_logs_everything_and_learns(tracking, specimens, tmp_pa
     losses = client.get_metric_history(run_id, names.TRAIN_LOSS)
     assert [m.step for m in sorted(losses, key=lambda m: m.step)] == list(range(1, len(losses) + 1))
     assert len(client.get_metric_history(run_id, names.TRAIN_LR)) == len(losses)
-    per_epoch = client.get_metric_history(run_id, names.eval_metric("All", "species", "top1_cos"))
+    # per epoch: the validation table; the test table once, of the selected epoch's weights
+    per_epoch = client.get_metric_history(run_id, names.val_metric("All", "species", "top1_cos"))
     assert sorted(m.step for m in per_epoch) == [1, 2, 3, 4]
+    assert len(client.get_metric_history(run_id, names.eval_metric("All", "species", "top1_cos"))) == 1
+    best = max(per_epoch, key=lambda m: (m.value, -m.step))
+    assert run.data.tags[names.TAG_SELECTED_EPOCH] == str(best.step)
+    assert run.data.params["select"] == "best"
 
     checkpoints = {Path(a.path).name for a in client.list_artifacts(run_id, names.CHECKPOINT_DIR)}
     assert {"epoch_003.pt", "epoch_004.pt"} <= checkpoints and len(checkpoints) <= 3
@@ -108,7 +119,7 @@ def test_killed_training_resumes_into_the_same_run(tracking, specimens, tmp_path
     args = ["train", "--data", str(specimens), "--epochs", "3", *TRAIN_ARGS]
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "train-resume")
     table = read_manifest(specimens).table
-    steps_per_epoch = len(split_manifest(table, 0.2, 0).train) // 16
+    steps_per_epoch = _training_rows(table) // 16
     env = {**os.environ, "KILL_AT_STEP": str(steps_per_epoch + 1)}
     killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP, *args], env=env, timeout=300,
                             capture_output=True, text=True)
@@ -176,7 +187,7 @@ def test_two_nodes_meet_through_the_c10d_rendezvous_and_log_one_run(tracking, sp
     for node, (_, err) in zip(nodes, logs):
         assert node.wait(timeout=300) == 0, err.read_text()[-3000:]
     reports = [out.read_text() for out, _ in logs]
-    assert sum("best epoch 1 of 1" in report for report in reports) == 1  # rank 0 alone prints
+    assert sum("the model: epoch 1 of 1" in report for report in reports) == 1  # rank 0 alone prints
     _check_one_run_of_two_ranks("train-two-nodes", specimens, tmp_path)
 
 
@@ -196,7 +207,7 @@ def test_torchrun_two_cpu_processes_cluster_what_one_process_clusters(tracking, 
     spread, alone = (pd.read_csv(client.download_artifacts(run.info.run_id, names.CLUSTER_ASSIGNMENT,
                                                            str(tmp_path / run.info.run_id)))
                      for run in runs)
-    assert len(alone) == len(split_manifest(read_manifest(specimens).table, 0.2, 0).train)
+    assert len(alone) == _training_rows(read_manifest(specimens).table)
     pd.testing.assert_frame_equal(spread, alone)
     assert runs[0].data.metrics[names.CLUSTER_COUNT] == runs[1].data.metrics[names.CLUSTER_COUNT] == 6
 
@@ -208,7 +219,7 @@ def _check_one_run_of_two_ranks(experiment: str, specimens: Path, tmp_path: Path
     steps = [m.step for m in client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)]
     table = read_manifest(specimens).table
     per_step = 16 * 2
-    assert sorted(steps) == list(range(1, len(split_manifest(table, 0.2, 0).train) // per_step + 1))
+    assert sorted(steps) == list(range(1, _training_rows(table) // per_step + 1))
     centroids = np.load(client.download_artifacts(run.info.run_id, names.CENTROIDS, str(tmp_path)))
     assert centroids.shape[0] == int(run.data.params["num_classes"])
 

@@ -21,7 +21,7 @@ from taxonclip.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.errors import DataError
 from taxonclip.evaluate import (embed_images, evaluate, evaluation_table, fuse,
-                                label_revealing_captions, split_csv)
+                                label_revealing_captions, split_csv)  # re-exported by evaluate
 from taxonclip.models import create_model
 from taxonclip.train import prepare_data
 
@@ -83,7 +83,7 @@ def test_captions_that_name_their_species_or_are_one_per_species_are_detected():
     per_name = table.assign(caption=["orange", "orange", "blue", "blue"])
     assert "one text per species" in label_revealing_captions(per_name)
     naming = table.assign(caption=["a photo of A b", "in flight", "on a leaf", "at rest"])
-    assert "names the image's own species" in label_revealing_captions(naming)
+    assert "names the image's own label" in label_revealing_captions(naming)
 
 
 def _runs_in(experiment: str) -> list:
@@ -175,7 +175,7 @@ def test_genus_labels_train_on_every_row_with_a_genus(specimens, tmp_path):
     csv = _genus_only_manifest(specimens, tmp_path)
     data = prepare_data(TrainConfig(data=DataConfig(data=str(csv)), label="genus", batch_size=8))
     table = data.manifest.table
-    with_genus = [row for row in data.split.train if pd.notna(table.at[row, "genus"])]
+    with_genus = [row for row in data.split.training_rows if pd.notna(table.at[row, "genus"])]
     assert sorted(data.rows) == with_genus
     assert table["species"].iloc[data.rows].isna().sum() > 0  # genus-only rows are in
     assert data.classes == sorted(table["genus"].dropna().unique())
@@ -340,7 +340,7 @@ def test_best_checkpoint_follows_the_configured_metric(specimens, tracking, monk
                  "--batch_size", "16", "--workers", "0", "--lr", "3e-3", "--metric", metric]) == 0
     [run] = _runs_in("selection-metric")
     client = MlflowClient()
-    history = client.get_metric_history(run.info.run_id, names.eval_metric(*metric.split("/")))
+    history = client.get_metric_history(run.info.run_id, names.val_metric(*metric.split("/")))
     best = max(history, key=lambda m: (m.value, -m.step))  # the first epoch of the best value
     last = client.download_artifacts(run.info.run_id, f"{names.CHECKPOINT_DIR}/epoch_003.pt",
                                      str(tmp_path))

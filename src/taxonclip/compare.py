@@ -10,12 +10,14 @@ of the table is an accuracy or a retrieval score, a fraction the report shows in
 broken by a second cell, then by the newer run. A pretrained baseline is an `eval` run of a
 registry model name (not of a logged `runs:/` or `models:/` model) with its published weights
 (`weights=pretrained`, or its synonym `openai` or `unicom`; not `none`, nor a file). The gain of
-every other run is its metric minus that of the best-ranked baseline with the same `model`,
-`data`, `seed`, `test_size`, `class_fraction` and `embedding` parameters (BASELINE_MATCH),
-compared as values: numbers as numbers, a parameter a run lacks as the eval config's default.
-An eval of a logged `runs:/` model matches on the `model` of its source run when that run is
-compared. A run that no baseline matches has no gain, and the report gives the `taxonclip eval`
-command that would make its baseline.
+every other run is its metric minus that of the best-ranked baseline of the same split, model
+and embedding: the split by its fingerprint (the sha256 of its `eval/split.csv`, every row and
+its role, tag `taxonclip.split_fingerprint`), so that a group-aware split, another seed, test or
+val size, or other data never meet; the model and embedding (and the captions of a text
+embedding) by their parameters (BASELINE_MATCH), compared as values. An eval of a logged
+`runs:/` model matches on the `model` of its source run when that run is compared. There is no
+looser match: a run that no baseline matches (or that carries no fingerprint) has no gain, and
+the report gives the `taxonclip eval` command that would make its baseline.
 
 The report (CSV, Markdown, self-contained HTML, PNG plots) is written under `out` and logged as
 artifacts of a `compare` run. It shows scores in percent with two decimals and fits a 1280 px wide
@@ -43,8 +45,8 @@ from pathlib import Path
 import pandas as pd
 
 from taxonclip import names
-from taxonclip.config import (COMPARE_PARAMS, EVAL_PARAMS, TRAIN_PARAMS, CompareConfig,
-                              EvalConfig, flat_fields, to_params)
+from taxonclip.config import (COMPARE_PARAMS, DATA_PARAMS, EVAL_PARAMS, TRAIN_PARAMS,
+                              CompareConfig, EvalConfig, flat_fields, to_params)
 from taxonclip.errors import ConfigError, ModelError, TrackingError
 from taxonclip.formats import PERCENT_NOTE, csv_text, markdown_grid, percent
 from taxonclip.tracking import queries
@@ -54,14 +56,22 @@ from taxonclip.tracking.runs import metric_history, tracked_run
 
 KIND_EVAL, KIND_TRAIN, KIND_TRIAL = "eval", "train", "sweep trial"
 LEFT_OUT_ENTRIES = ("compare", "sweep")
-KEY_PARAMS = ("margin_m2", "sample_rate", "lr", "class_fraction", "epochs", "embedding")
-# What a run shares with its pretrained baseline: the architecture, the images, the split and
-# the embedding, so that the gain is the fine-tuning's alone.
-BASELINE_MATCH = ("model", "data", "seed", "test_size", "class_fraction", "embedding")
+KEY_PARAMS = ("margin_m2", "sample_rate", "lr", "class_fraction", "epochs", "embedding",
+              "group_column")
+# What a run shares with its pretrained baseline besides the split (matched by its fingerprint,
+# names.TAG_SPLIT_FINGERPRINT): the architecture, the embedding and the captions it reads, so
+# that the gain is the fine-tuning's alone.
+BASELINE_MATCH = ("model", "embedding", "captions", "caption_column")
+# The parameters that make the split, which the command making a missing baseline repeats
+SPLIT_PARAMS = tuple(name for name in DATA_PARAMS if name not in BASELINE_MATCH)
+SPLIT_COLUMN = "split"  # the leaderboard's column of the short fingerprint
 # A parameter a run lacks (logged before it existed) had the eval config's default, which is also
 # the train config's for every one of these.
 _EVAL_DEFAULTS = flat_fields(EvalConfig())
-PARAM_DEFAULTS = {name: _EVAL_DEFAULTS[EVAL_PARAMS[name]] for name in (*BASELINE_MATCH, "weights")}
+PARAM_DEFAULTS = {name: _EVAL_DEFAULTS[EVAL_PARAMS[name]]
+                  for name in (*BASELINE_MATCH, *SPLIT_PARAMS, "weights")}
+MATCH_TEXT = (f"split (fingerprint of {names.SPLIT_ARTIFACT}: every row and its role), model, "
+              f"embedding and captions")
 CHAMPION, CHALLENGER = "champion", "challenger"
 SHORT_ID = 8  # hex digits of a run id that the report shows: enough to tell its runs apart
 LABEL_CHARS = 28  # longest run or model name in the report's tables and legends
@@ -223,6 +233,7 @@ def describe(run: RunRecord, experiments: dict[str, str]) -> dict[str, object]:
             "experiment": experiments.get(run.experiment_id, run.experiment_id),
             "model": run.params.get("model", ""), "weights": run.params.get("weights", ""),
             "data": run.params.get("data", ""), "parent_run_id": run.parent_run_id or "",
+            SPLIT_COLUMN: fingerprint(run)[:names.SHORT_FINGERPRINT],
             **{name: run.params.get(name, "") for name in KEY_PARAMS}}
 
 
@@ -258,14 +269,23 @@ def source_run_id(model: str) -> str:
     return model.removeprefix("runs:/").split("/", 1)[0] if model.startswith("runs:/") else ""
 
 
+def fingerprint(run: RunRecord) -> str:
+    """The run's split fingerprint (tag), "" when it has none (logged before fingerprints)."""
+    return run.tags.get(names.TAG_SPLIT_FINGERPRINT, "").strip()
+
+
 def baseline_key(run: RunRecord, runs: Mapping[str, RunRecord]) -> tuple | None:
-    """The BASELINE_MATCH values, normalised, that the run's baseline must have (the model as its
-    architecture); None when the architecture is unknown."""
+    """What the run's baseline must have: the split fingerprint and the BASELINE_MATCH values,
+    normalised (the model as its architecture; the captions only for a text embedding); None
+    when the architecture or the fingerprint is unknown, so that no baseline matches."""
     model = architecture(run, runs)
-    if model is None:
+    if model is None or not fingerprint(run):
         return None
-    return tuple(normalised(name, model if name == "model" else param_text(run.params, name))
-                 for name in BASELINE_MATCH)
+    visual = param_text(run.params, "embedding") == "visual"
+    values = tuple(normalised(name, model if name == "model" else
+                              "" if visual and name.startswith("caption") else
+                              param_text(run.params, name)) for name in BASELINE_MATCH)
+    return (fingerprint(run), *values)
 
 
 def is_pretrained_baseline(run: RunRecord) -> bool:
@@ -283,11 +303,18 @@ def is_pretrained_baseline(run: RunRecord) -> bool:
     return is_published(source, param_text(run.params, "weights"))
 
 
-def baseline_command(key: tuple) -> str:
-    """The `taxonclip eval` command that makes the baseline of a baseline key (its weights are
-    the default, `pretrained`)."""
+def baseline_command(run: RunRecord, model: str) -> str:
+    """The `taxonclip eval` command that makes the baseline of a run (its weights are the
+    default, `pretrained`): its model (architecture) and embedding, and every parameter of its
+    split or captions that differs from the default."""
+    given = {"model": model, "embedding": param_text(run.params, "embedding")}
+    for name in (*SPLIT_PARAMS, "captions", "caption_column"):
+        text = param_text(run.params, name)
+        if text.lower() not in ("", "none") and normalised(name, text) != normalised(
+                name, str(PARAM_DEFAULTS[name])):
+            given[name] = normalised(name, text)
     return "taxonclip eval " + " ".join(f"--{name} {shlex.quote(command_text(name, value))}"
-                                        for name, value in zip(BASELINE_MATCH, key))
+                                        for name, value in given.items())
 
 
 def command_text(name: str, value: float | str) -> str:
@@ -301,22 +328,26 @@ def command_text(name: str, value: float | str) -> str:
 def missing_baseline(run: RunRecord, runs: Mapping[str, RunRecord]) -> str:
     """What a run that no baseline matches lacks: the command that makes its baseline, or why
     none can match."""
-    key = baseline_key(run, runs)
-    if key is None:
+    model = architecture(run, runs)
+    if model is None:
         return (f"none: the architecture of {param_text(run.params, 'model')} is unknown "
                 f"(not a runs:/ model of a compared run)")
-    return baseline_command(key)
+    if not fingerprint(run):
+        return (f"none: the run has no split fingerprint (tag {names.TAG_SPLIT_FINGERPRINT}), "
+                f"so its split cannot be matched; run it again")
+    return baseline_command(run, model)
 
 
 def add_gains(board: pd.DataFrame, runs: Mapping[str, RunRecord], metric: str) -> pd.DataFrame:
     """Add to every run that is not a pretrained baseline `baseline_run_id` (the best-ranked
-    baseline of the same BASELINE_MATCH values), `gain` (its metric minus the baseline's) and,
+    baseline of the same split fingerprint and BASELINE_MATCH values; never a looser match),
+    `gain` (its metric minus the baseline's) and,
     where none matches, `baseline_missing` (see `missing_baseline`)."""
     is_baseline = {run_id: is_pretrained_baseline(runs[run_id]) for run_id in board.index}
     keys = {run_id: baseline_key(runs[run_id], runs) for run_id in board.index}
     best_baseline: dict[tuple, str] = {}
     for run_id in board.index:  # best first, so the first baseline of a key is its best
-        if is_baseline[run_id]:
+        if is_baseline[run_id] and keys[run_id] is not None:
             best_baseline.setdefault(keys[run_id], run_id)
     baseline_ids = [None if is_baseline[run_id] else best_baseline.get(keys[run_id])
                     for run_id in board.index]
@@ -390,7 +421,7 @@ def short_run(name: str, run_id: str) -> str:
 def summary_columns(config: CompareConfig) -> list[str]:
     """The leaderboard columns printed before the per-cell block (the report's tables join
     `run_name` and `run_id` into one column, see `report_board`)."""
-    return ["rank", config.metric, "gain", "kind", "model", "weights", *KEY_PARAMS,
+    return ["rank", config.metric, "gain", "kind", "model", "weights", SPLIT_COLUMN, *KEY_PARAMS,
             "run_name", "run_id"]
 
 
@@ -457,7 +488,7 @@ def format_missing(board: pd.DataFrame) -> str:
     if missing.empty:
         return ""
     lines = [f"\n\n{missing['runs'].sum()} run(s) without a pretrained baseline of the same "
-             f"{', '.join(BASELINE_MATCH)} (no gain); missing:"]
+             f"{MATCH_TEXT} (no gain; no looser match is made); missing:"]
     lines += [f"  {row['missing baseline']}  ({row['runs']} run(s): {row['ranks']})"
               for _, row in missing.iterrows()]
     return "\n".join(lines)
@@ -560,14 +591,16 @@ def below_axes_legend(figure, entries: int) -> None:
 
 
 def curves_plot(comparison: Comparison) -> Plot | None:
-    """Training loss by step and the metric by epoch of the top fine-tuned runs, overlaid."""
+    """Training loss by step and the validation metric by epoch of the top fine-tuned runs,
+    overlaid."""
     from matplotlib.figure import Figure
 
     board, config = comparison.board, comparison.config
     tuned = board[board["kind"] != KIND_EVAL].head(config.top)
     if tuned.empty:
         return None
-    metric_key = names.eval_metric(*config.metric.split("/"))
+    # per epoch a training logs its validation table (the test table once, at the end)
+    metric_key = names.val_metric(*config.metric.split("/"))
     figure = Figure(figsize=(11, 4), layout="constrained")
     loss_axes, metric_axes = figure.subplots(1, 2)
     for run_id, row in tuned.iterrows():
@@ -578,7 +611,7 @@ def curves_plot(comparison: Comparison) -> Plot | None:
             axes.plot([step for step, _ in history], [scale * value for _, value in history],
                       marker=".", label=label)
     loss_axes.set(xlabel="step", ylabel=names.TRAIN_LOSS, title="training loss")
-    metric_axes.set(xlabel="epoch", ylabel=f"{metric_key} (%)", title=f"{config.metric} by epoch")
+    metric_axes.set(xlabel="epoch", ylabel=f"{metric_key} (%)", title=f"validation {config.metric} by epoch")
     below_axes_legend(figure, len(tuned))  # both axes draw the runs in one order and colours
     return Plot("training_curves.png", "training loss and metric of the top fine-tuned runs",
                 png(figure))
@@ -650,7 +683,8 @@ def report_sections(comparison: Comparison, plots: list[Plot],
                f"{f' matching {config.filter!r}' if config.filter else ''}, ranked by "
                f"{config.metric} (ties: {config.tie_break}); {len(comparison.skipped)} skipped. "
                f"Gain: the metric minus that of the best-ranked pretrained baseline (an eval run "
-               f"of the published weights) with the same {', '.join(BASELINE_MATCH)}.")
+               f"of the published weights) with the same {MATCH_TEXT}; a run without one has "
+               f"no gain.")
     metric_name = config.metric.rsplit("/", 1)[1]
     sections = [Section("Leaderboard", summary, report_board(top, config)),
                 Section(f"Top runs by taxa and level ({metric_name})",
@@ -663,7 +697,7 @@ def report_sections(comparison: Comparison, plots: list[Plot],
         sections.append(Section("Baseline vs fine-tuned", line, display(table)))
     missing = missing_baselines(comparison.board)
     if not missing.empty:
-        text = (f"No pretrained baseline has the same {', '.join(BASELINE_MATCH)} as these runs, "
+        text = (f"No pretrained baseline has the same {MATCH_TEXT} as these runs, "
                 f"so they have no gain; each command makes the one they need.")
         sections.append(Section("Missing baselines", text, display(missing)))
     sections += [Section(plot.title, plot=plot) for plot in plots]

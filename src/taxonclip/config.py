@@ -32,6 +32,8 @@ LABELS = (*(level for level in names.KNOWN_LEVELS if level != "taxa"), CLUSTER_L
 # seeded: the seeded stratified split of `splits.split_manifest`; official: the dataset's own
 # partitions (a `split` column, as BIOSCAN-5M has; see `splits.official_split`)
 SPLITS = ("seeded", "official")
+# which epoch's weights a training keeps as its model: the best by the validation metric, or last
+SELECTIONS = ("best", "last")
 # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
 MAX_SEED = 2**32 - 1
 # The scale s of the margin loss lies in (0, 128]: UNICOM trains with 32, ArcFace with 64; a
@@ -95,6 +97,11 @@ class DataConfig:
     split: str = _described(
         "seeded", "seeded: a seeded train/test split stratified by species; official: the data's "
                   "own partitions (its split column, as BIOSCAN-5M has)", SPLITS)
+    val_size: float = _described(
+        0.1, "fraction of each species' non-test images held out as validation queries, in "
+             "[0, 1): a training's best epoch, pruning and sweep objective score them, and it "
+             "never trains on them; eval keeps them in its gallery (its table does not depend "
+             "on val_size). split=seeded only; split=official validates on val + val_unseen")
 
     def __post_init__(self) -> None:
         _check_choice("missing", self.missing, MISSING_POLICIES)
@@ -106,6 +113,7 @@ class DataConfig:
         _check_range("test_size", self.test_size, 0.0, 1.0, low_open=True, high_open=True)
         _check_range("class_fraction", self.class_fraction, 0.0, 1.0, low_open=True)
         _check_range("seed", self.seed, 0, MAX_SEED)
+        _check_range("val_size", self.val_size, 0.0, 1.0, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -145,6 +153,10 @@ class LossConfig:
 
 # what `device` and `decode` mean is the same for eval and train
 _DEVICE_HELP = "where the model runs: auto (CUDA where present, else the CPU), cpu, cuda or cuda:N"
+_ALLOW_LABEL_TEXT_HELP = (
+    "let captions that may carry the label into a query (they name a row's species, genus, "
+    "epithet or common name, or score better alone than the images do) into text, avg and "
+    "concat; logged as a tag, the numbers then measure the text's knowledge of the label")
 _DECODE_HELP = ("where images are decoded: workers (PIL, in the DataLoader workers) or device "
                 "(prepared shards' JPEGs on the model's device, nvJPEG on CUDA)")
 
@@ -173,6 +185,8 @@ class EvalConfig:
     zero_shot: bool = _described(
         False, "also score zs_top1 and zs_top5: each test image labelled by the nearest class "
                "text embedding (BioCLIP's protocol; needs a text tower)")
+    allow_label_text: bool = _described(
+        False, _ALLOW_LABEL_TEXT_HELP)
 
     def __post_init__(self) -> None:
         _check_choice("embedding", self.embedding, EMBEDDINGS)
@@ -224,15 +238,25 @@ class TrainConfig:
     embedding: str = _described(
         "visual", "what each evaluation compares (as eval's embedding; text ones need captions)",
         EMBEDDINGS)
-    metric: str = _described(names.HEADLINE_METRIC, "the table cell <taxa>/<level>/<score> that "
-                                                    "picks the best checkpoint")
+    metric: str = _described(names.HEADLINE_METRIC, "the cell <taxa>/<level>/<score> of the "
+                                                    "validation table that picks the best "
+                                                    "checkpoint")
     device: str = _described("auto", _DEVICE_HELP)
     compile: bool = _described(False, "compile the encoder with torch.compile: faster steps on a "
                                       "GPU, after a compilation pause")
     decode: str = _described("workers", _DECODE_HELP, DECODERS)
+    select: str = _described(
+        "best", "which epoch's weights are the run's model, scored once on the test split at the "
+                "end: best (the best validation metric) or last", SELECTIONS)
+    allow_label_text: bool = _described(False, _ALLOW_LABEL_TEXT_HELP)
 
     def __post_init__(self) -> None:
         _check_choice("label", self.label, LABELS)
+        _check_choice("select", self.select, SELECTIONS)
+        if self.select == "best" and self.data.split == "seeded" and self.data.val_size == 0:
+            raise ConfigError("parameter 'select'=best picks the epoch by its validation metric, "
+                              "and 'val_size' is 0 (no validation rows): give val_size (e.g. "
+                              "0.1) or select=last")
         _check_choice("embedding", self.embedding, EMBEDDINGS)
         _check_choice("decode", self.decode, DECODERS)
         _check_finite("clusters", self.clusters, 0.0, inclusive=False)
@@ -257,7 +281,8 @@ class TrainConfig:
         """The evaluation run after each `eval_every` epochs: same data, split and batch size."""
         return EvalConfig(data=self.data, model=self.model, embedding=self.embedding,
                           batch_size=self.batch_size, workers=self.workers, cache_embeddings=False,
-                          device=self.device, decode=self.decode)
+                          device=self.device, decode=self.decode,
+                          allow_label_text=self.allow_label_text)
 
 
 @dataclass(frozen=True)
@@ -510,12 +535,13 @@ DATA_PARAMS = {
     "class_fraction": "data.class_fraction", "missing": "data.missing",
     "image_column": "data.image_column", "name_column": "data.name_column",
     "taxa": "data.taxa", "caption_column": "data.caption_column", "captions": "data.captions",
-    "group_column": "data.group_column", "split": "data.split",
+    "group_column": "data.group_column", "split": "data.split", "val_size": "data.val_size",
 }
 EVAL_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,
     "embedding": "embedding", "batch_size": "batch_size", "workers": "workers",
     "chunk_size": "chunk_size", "device": "device", "decode": "decode", "zero_shot": "zero_shot",
+    "allow_label_text": "allow_label_text",
 }
 TRAIN_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,
@@ -527,13 +553,14 @@ TRAIN_PARAMS = {
     "workers": "workers", "eval_every": "eval_every", "keep_checkpoints": "keep_checkpoints",
     "resume": "resume", "register_as": "register_as", "embedding": "embedding",
     "metric": "metric", "device": "device", "compile": "compile", "decode": "decode",
+    "select": "select", "allow_label_text": "allow_label_text",
 }
 
 
 # prepare reads its source as `data check` does, but splits nothing
 PREPARE_PARAMS = {
     **{name: path for name, path in DATA_PARAMS.items()
-       if name not in ("seed", "test_size", "class_fraction", "split")},
+       if name not in ("seed", "test_size", "class_fraction", "split", "val_size")},
     "size": "size", "format": "image_format", "quality": "quality",
     "shard_size": "shard_size", "workers": "workers",
 }

@@ -29,6 +29,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from taxonclip import knn, zero_shot
+from taxonclip.checks import (GALLERY_TEXT_EMBEDDINGS, QUERY_TEXT_EMBEDDINGS, TEXT_EMBEDDINGS,
+                              caption_gauge_refusal, caption_only_scores,
+                              check_no_label_in_queries, label_revealing_captions,
+                              made_by_caption_command)
 from taxonclip.config import DataConfig, EvalConfig, cache_dir
 from taxonclip.data.images import ImageDataset, collate_skipping
 from taxonclip.data.shards import PREPARED_FILE, SOURCE_DIGEST_COLUMN, read_prepared_info
@@ -36,7 +40,8 @@ from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows
                                     collate_encoded)
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.splits import (GROUP_COLUMN, PARTITION_COLUMN, QUERY_PARTITIONS,
-                                   SEEN_PARTITIONS, Split, make_split, select_classes)
+                                   SEEN_PARTITIONS, Split, make_split, select_classes,
+                                   split_roles)
 from taxonclip import distributed
 from taxonclip.distributed import resolve_device
 from taxonclip import names
@@ -46,8 +51,6 @@ from taxonclip.names import ALL_TAXA, COUNT_COLUMNS, VLM4BIO_LEVELS, Levels
 from taxonclip.progress import Progress
 
 TABLE_COLUMNS = ("taxa", "level", *COUNT_COLUMNS, *knn.METRICS)
-QUERY_TEXT_EMBEDDINGS = ("text", "avg", "concat")  # the modes that put a caption into a query
-GALLERY_TEXT_EMBEDDINGS = ("gallery_avg",)  # captions on the gallery side only
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Embeddings:
     gallery: torch.Tensor
     kept: np.ndarray
     img_per_s: float
+    visual: torch.Tensor | None = None  # the images alone, where the caption gauge needs them
 
 
 @dataclass(frozen=True)
@@ -271,13 +275,15 @@ def fuse(visual: torch.Tensor | None, text: torch.Tensor | None, kind: str) -> t
 
 
 def embed_manifest(encoder: torch.nn.Module, manifest: Manifest, config: EvalConfig,
-                   device: torch.device, spread: bool = False) -> Embeddings | None:
+                   device: torch.device, spread: bool = False,
+                   with_visual: bool = False) -> Embeddings | None:
     """Embeddings of every manifest row as `config.embedding` asks (images spread over the
-    ranks with `spread`, see `embed_visual`: then None on every rank but 0)."""
+    ranks with `spread`, see `embed_visual`: then None on every rank but 0); `with_visual`
+    keeps the images' own embeddings too (embedding them for `text`)."""
     table = manifest.table
     start = time.perf_counter()
     visual, kept = None, np.arange(len(table))
-    if config.embedding != "text":
+    if config.embedding != "text" or with_visual:
         visual, kept = embed_visual(encoder, manifest, config, device, spread)
         if visual is None:  # another rank than 0 of a spread evaluation: it holds no share now
             return None
@@ -289,35 +295,11 @@ def embed_manifest(encoder: torch.nn.Module, manifest: Manifest, config: EvalCon
     distinct, row_caption = np.unique([captions[i] for i in kept], return_inverse=True)
     text = embed_texts(encoder, distinct.tolist(), batch_size=config.batch_size,
                        device=device)[torch.from_numpy(row_caption)]
+    kept_visual = visual if with_visual else None
     if config.embedding in GALLERY_TEXT_EMBEDDINGS:
-        return Embeddings(visual, fuse(visual, text, "avg"), kept, img_per_s)
+        return Embeddings(visual, fuse(visual, text, "avg"), kept, img_per_s, kept_visual)
     fused = fuse(visual, text, config.embedding)
-    return Embeddings(fused, fused, kept, img_per_s)
-
-
-def label_revealing_captions(table: pd.DataFrame) -> str | None:
-    """Why the captions of `table` reveal each row's label, or None when they do not.
-
-    A caption reveals the label when it names the row's scientific name, or when it is one text
-    per name: every image of a name (of two or more images) shares a caption that no other name
-    uses, so the caption is a function of the label rather than a description of the image."""
-    captions = table["caption"].fillna("").astype(str)
-    names_ = table["scientific_name"]
-    naming = [name for name, text in zip(names_, captions) if name.lower() in text.lower()]
-    if naming:
-        return (f"names the image's own species in {len(naming)} of {len(table)} rows "
-                f"(e.g. {naming[0]!r})")
-    per_name = pd.DataFrame({"name": names_, "caption": captions})
-    sizes = per_name.groupby("name")["caption"].agg(["size", "nunique"])
-    names_per_caption = per_name.groupby("caption")["name"].nunique()
-    shared = per_name.drop_duplicates("name").set_index("name")["caption"]
-    constant = sizes[(sizes["size"] > 1) & (sizes["nunique"] == 1)].index
-    unique_to_name = [name for name in constant if names_per_caption[shared[name]] == 1]
-    if unique_to_name:
-        return (f"is one text per species for {len(unique_to_name)} of {int((sizes['size'] > 1).sum())} "
-                f"species of two or more images (e.g. every {unique_to_name[0]!r} image has "
-                f"the same caption, used by no other species)")
-    return None
+    return Embeddings(fused, fused, kept, img_per_s, kept_visual)
 
 
 def caption_note(manifest: Manifest) -> str:
@@ -329,21 +311,6 @@ def caption_note(manifest: Manifest) -> str:
         return "captions: written per image (every embedding may use them)"
     return (f"captions: reveal the label (the caption {reason}): embedding=gallery_avg only; "
             f"text, avg and concat are refused")
-
-
-def check_no_label_in_queries(manifest: Manifest, embedding: str) -> None:
-    """Refuse an embedding that would fuse a label-revealing caption into the queries."""
-    if embedding not in QUERY_TEXT_EMBEDDINGS or "caption" not in manifest.table.columns:
-        return
-    reason = label_revealing_captions(manifest.table)
-    if reason is not None:
-        raise DataError(
-            f"embedding={embedding} would put each test image's caption into its query, and the "
-            f"captions of {manifest.report.source} reveal the label: the caption {reason}. A query "
-            f"would then carry its own answer and score near 100% with any weights. Use "
-            f"embedding=gallery_avg (gallery images averaged with their caption, queries visual "
-            f"only) or embedding=visual; text, avg and concat need captions written from each "
-            f"image.")
 
 
 def _captions(manifest: Manifest, config: EvalConfig) -> list[str]:
@@ -448,7 +415,7 @@ def prepare_evaluation(config: EvalConfig) -> tuple[Manifest, Split]:
     split, checked so that nothing is embedded for a request that cannot give a sound table: a
     caption that would carry the label into a query, or a split with no test image."""
     manifest = load_manifest(config.data)
-    check_no_label_in_queries(manifest, config.embedding)
+    check_no_label_in_queries(manifest, config.embedding, config.allow_label_text)
     check_decoder(manifest, config.decode)
     manifest = with_class_fraction(manifest, config.data)
     split = make_split(manifest.table, config.data)
@@ -477,23 +444,37 @@ def check_has_test_images(manifest: Manifest, split: Split) -> None:
                         f"and a class needs one image in train and one in test")
 
 
+def gauges_captions(manifest: Manifest, config: EvalConfig) -> bool:
+    """Whether the caption gauge may refuse this evaluation's captions: query-side text, not
+    from `taxonclip caption`, and not allowed by `allow_label_text`."""
+    return (config.embedding in QUERY_TEXT_EMBEDDINGS and not config.allow_label_text
+            and "caption" in manifest.table.columns
+            and not made_by_caption_command(manifest.table))
+
+
 def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | None = None,
              split: Split | None = None, seen: Seen | None = None,
-             spread: bool = False) -> EvalResult | None:
+             spread: bool = False, refuse_label_text: bool = True) -> EvalResult | None:
     """Embed the manifest (or reuse cached embeddings) and compute the per-taxa table.
 
     Without `manifest` and `split`, they come from `prepare_evaluation`. After training on a
     subset of the classes, `seen` names them: every class is evaluated and the table gains
     seen/unseen rows, as it does for an official split's seen and unseen partitions. With
     `spread`, every rank of a process group calls it and embeds its share of the images; rank 0
-    scores and returns the result, the other ranks return None."""
+    scores and returns the result, the other ranks return None.
+
+    A text embedding adds the column `caption_only_top1` (the captions alone, see
+    `taxonclip.checks`); with `refuse_label_text`, captions that the gauge catches (they alone
+    beat the images alone on these rows) raise DataError, naming both figures."""
     device = resolve_device(config.device)
     if manifest is None or split is None:
         manifest, split = prepare_evaluation(config)
-    check_no_label_in_queries(manifest, config.embedding)
+    check_no_label_in_queries(manifest, config.embedding, config.allow_label_text)
     encoder = encoder.to(device)
-    if spread:  # a training's evaluation: never cached
-        embeddings = embed_manifest(encoder, manifest, config, device, spread=True)
+    gauged = refuse_label_text and gauges_captions(manifest, config)
+    if spread or gauged:  # a training's evaluation, or one that needs the images alone too
+        embeddings = embed_manifest(encoder, manifest, config, device, spread=spread,
+                                    with_visual=gauged)
         if embeddings is None:
             return None
     else:
@@ -505,6 +486,9 @@ def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | 
     table = evaluation_table(embeddings.queries, manifest.table, split, chunk_size=config.chunk_size,
                              device=device, seen=seen, gallery_vectors=embeddings.gallery,
                              levels=manifest.levels)
+    if config.embedding in TEXT_EMBEDDINGS:
+        table = _with_caption_gauge(table, manifest, split, seen, config, device,
+                                    embeddings.visual if gauged else None)
     texts = None
     if config.zero_shot:
         texts = zero_shot_texts(manifest.table, manifest.levels)
@@ -512,6 +496,24 @@ def evaluate(config: EvalConfig, encoder: torch.nn.Module, manifest: Manifest | 
         table = zero_shot_table(table, embeddings.queries, manifest.table, split, prototypes, seen)
     return EvalResult(table, split, manifest, time.perf_counter() - start, embeddings.img_per_s,
                       texts)
+
+
+def _with_caption_gauge(table: pd.DataFrame, manifest: Manifest, split: Split, seen: Seen | None,
+                        config: EvalConfig, device, visual: torch.Tensor | None) -> pd.DataFrame:
+    """The table with `caption_only_top1`; refused (DataError) where `visual` is given and the
+    captions alone beat the images alone."""
+    rows = manifest.table
+    scores = caption_only_scores(table, rows, split, seen=seen, levels=manifest.levels,
+                                 chunk_size=config.chunk_size, device=device)
+    table = table.assign(**{names.CAPTION_ONLY_TOP1: scores})
+    if visual is not None:
+        images = evaluation_table(visual, rows, split, chunk_size=config.chunk_size, device=device,
+                                  seen=seen, levels=manifest.levels)
+        reason = caption_gauge_refusal(table, images, config.embedding, manifest.report.source,
+                                       manifest.levels)
+        if reason is not None:
+            raise DataError(reason)
+    return table
 
 
 def check_zero_shot(encoder: torch.nn.Module, config: EvalConfig) -> None:
@@ -585,7 +587,8 @@ def _keep_rows(manifest: Manifest, split: Split, kept: np.ndarray) -> tuple[Mani
     table = manifest.table.iloc[kept].reset_index(drop=True)
     trainable = None if split.trainable is None else remap(split.trainable)
     return (replace(manifest, table=table), replace(split, train=remap(split.train),
-                                                    test=remap(split.test), trainable=trainable))
+                                                    test=remap(split.test), trainable=trainable,
+                                                    val=remap(split.val)))
 
 
 def _cached_embeddings(encoder, manifest: Manifest, config: EvalConfig,
@@ -652,12 +655,11 @@ def _save_atomic(path: Path, array: np.ndarray) -> None:
 
 
 def split_csv(result: EvalResult) -> str:
-    """The split as CSV (`image_id,split`, and `group` when the split kept groups together), so
-    any row of the table can be reproduced."""
+    """The split as CSV (`image_id,split`, the role of each row train, val or test, and `group`
+    when the split kept groups together), so any row of the table can be reproduced."""
     table = result.manifest.table
-    order = np.concatenate([result.split.train, result.split.test])
-    frame = table.iloc[order][["image_id"]].assign(
-        split=["train"] * len(result.split.train) + ["test"] * len(result.split.test))
+    order, roles = split_roles(result.split)
+    frame = table.iloc[order][["image_id"]].assign(split=roles)
     if GROUP_COLUMN in table.columns:
         frame[GROUP_COLUMN] = table[GROUP_COLUMN].iloc[order].to_numpy()
     return frame.to_csv(index=False)
@@ -667,6 +669,7 @@ def format_table(table: pd.DataFrame) -> str:
     """The table aligned for a terminal, accuracies as percentages with two decimals, and a
     line that says so."""
     shown = table.copy()
-    for column in [c for c in (*knn.METRICS, *names.ZERO_SHOT_SCORES) if c in shown.columns]:
+    for column in [c for c in (*knn.METRICS, *names.ZERO_SHOT_SCORES, names.CAPTION_ONLY_TOP1)
+                   if c in shown.columns]:
         shown[column] = shown[column].map(percent)
     return f"{shown.to_string(index=False)}\n({PERCENT_NOTE})"

@@ -142,10 +142,14 @@ def evaluate(config: EvalConfig) -> int:
     encoder = resolve_model(config.model, str(resolve_device(config.device)),
                             seed=config.data.seed)
     check_zero_shot(encoder, config)
+    # scored before the run is created: the caption gauge's verdict needs the model's visual
+    # accuracy on these rows, which is this evaluation, and a refusal must leave no run behind
+    result = run_evaluation(config, encoder, manifest, split)
     with tracked_run("eval", run_name=eval_run_name(config)) as run:
         run.log_params(to_params(config, EVAL_PARAMS))
+        if config.allow_label_text:
+            run.set_tags({names.TAG_ALLOW_LABEL_TEXT: "true"})
         run.log_text(report, names.DATA_SUMMARY)
-        result = run_evaluation(config, encoder, manifest, split)
         log_evaluation(run, result)
     print(format_table(result.table))
     print(where_to_look(run.run_id, run.experiment_id))
@@ -162,20 +166,25 @@ def eval_run_name(config: EvalConfig) -> str:
         parts.append(config.embedding)
     if config.zero_shot:
         parts.append("zero-shot")
-    return " ".join(parts)
+    from taxonclip.data.splits import split_name_parts
+
+    return " ".join(parts + split_name_parts(config.data))
 
 
 def log_evaluation(run, result) -> None:
     """Log a final evaluation: the table and its metrics, the split, the embedding speed."""
+    from taxonclip.data.splits import split_fingerprint
     from taxonclip.evaluate import split_csv
 
     run.log_eval_metrics(result.table)
     computed = math.isfinite(result.img_per_s)
-    run.set_tags({names.TAG_EMBEDDINGS: "computed" if computed else "cache"})
+    split_text = split_csv(result)
+    run.set_tags({names.TAG_EMBEDDINGS: "computed" if computed else "cache",
+                  names.TAG_SPLIT_FINGERPRINT: split_fingerprint(split_text)})
     if computed:
         run.log_metrics({names.EVAL_EMBED_IMG_PER_S: result.img_per_s})
     run.log_eval_table(result.table)
-    run.log_text(split_csv(result), names.SPLIT_ARTIFACT)
+    run.log_text(split_text, names.SPLIT_ARTIFACT)
     if result.class_texts is not None:
         run.log_text(result.class_texts.to_csv(index=False), names.ZERO_SHOT_TEXTS)
 
@@ -211,10 +220,15 @@ def train(config: TrainConfig) -> int:
     outcome = run_training(config)
     if outcome.evaluation is None:  # ranks other than 0 evaluate nothing
         return 0
+    from taxonclip.evaluate import table_cell
+
     print(format_table(outcome.table))
-    print(f"best epoch {outcome.best_epoch} of {outcome.epochs} by {outcome.metric}: "
-          f"{percent(outcome.best_metric)}%")
-    print(f"its checkpoint: {outcome.best_checkpoint}")
+    how = ("the best validation" if outcome.select == "best" else "the last epoch; validation")
+    print(f"the model: epoch {outcome.selected_epoch} of {outcome.epochs} (select="
+          f"{outcome.select}: {how} {outcome.metric} "
+          f"{percent(outcome.selected_metric)}%), its checkpoint: {outcome.selected_checkpoint}")
+    print(f"test (scored once, the table above): {outcome.metric} "
+          f"{percent(table_cell(outcome.table, outcome.metric))}%")
     print(f"the model: runs:/{outcome.run_id}/{names.MODEL_ARTIFACT}"
           + (f" (registered as {config.register_as})" if config.register_as else ""))
     print(where_to_look(outcome.run_id, outcome.experiment_id))

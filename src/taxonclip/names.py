@@ -10,11 +10,13 @@ TRAIN_LR = "train/lr"
 TRAIN_IMG_PER_S = "train/img_per_s"
 EVAL_EMBED_IMG_PER_S = "eval/embed_img_per_s"
 EVAL_SECONDS = "eval/seconds"
+VAL_EMBED_IMG_PER_S = "val/embed_img_per_s"  # a training's per-epoch validation
 
 PER_TAXA_TABLE = "eval/per_taxa.json"
 TABLE_CSV = "eval/per_taxa.csv"
 TABLE_MARKDOWN = "eval/per_taxa.md"
 SPLIT_ARTIFACT = "eval/split.csv"
+VAL_TABLE_CSV = "val/per_taxa.csv"  # a training's validation table of its selected epoch
 ZERO_SHOT_TEXTS = "eval/zero_shot_texts.csv"  # each level's classes and the texts of their prototypes
 DATA_SUMMARY = "data/summary.txt"
 CHECKPOINT_DIR = "checkpoints"
@@ -44,6 +46,10 @@ TAG_ERROR = "taxonclip.error"
 TAG_RESUMED_INTO = "taxonclip.resumed_into"
 TAG_KILLED_REASON = "taxonclip.killed_reason"  # why a run a dead process left RUNNING was ended KILLED
 TAG_HEARTBEAT = "taxonclip.heartbeat"  # a running sweep's last sign of life (UTC, ISO 8601)
+TAG_SPLIT_FINGERPRINT = "taxonclip.split_fingerprint"  # sha256 of eval/split.csv (rows, roles)
+TAG_ALLOW_LABEL_TEXT = "taxonclip.allow_label_text"  # captions let into queries unchecked
+TAG_SELECTED_EPOCH = "taxonclip.selected_epoch"  # the epoch whose weights are a training's model
+SHORT_FINGERPRINT = 8  # hex digits of a split fingerprint that tables show
 TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 ERROR_ARTIFACT = "error.txt"
 
@@ -59,6 +65,13 @@ SCORES = ("top1_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "macro_top1_
           "top3_cos", "macro_top5_cos")
 # zero-shot accuracy by class texts (`eval zero_shot=true`): a column of the table beside SCORES
 ZERO_SHOT_SCORES = ("zs_top1", "zs_top5")
+# the captions alone, a model-free bag-of-words nearest neighbour (taxonclip.checks): what the
+# text of a text-mode evaluation knows of the label, a column of the table beside SCORES
+CAPTION_ONLY_TOP1 = "caption_only_top1"
+# the prefixes of the metric keys: a run's result on the test split, and a training's per-epoch
+# validation (its choices read only these)
+EVAL_PREFIX = "eval"
+VAL_PREFIX = "val"
 # The cell that picks the best checkpoint, that sweeps optimise and that compare ranks by, unless
 # a run names another; and the cell that breaks compare's ties.
 HEADLINE_METRIC = f"{ALL_TAXA}/species/top1_cos"
@@ -87,11 +100,17 @@ def eval_metric(taxa: str, level: str, metric: str) -> str:
     return f"eval/{table_key(taxa, level, metric)}"
 
 
+def val_metric(taxa: str, level: str, metric: str) -> str:
+    """The MLflow metric key of one cell of a training's per-epoch validation table, e.g.
+    `val/All/species/top1_cos`: the val rows as queries, never the test split."""
+    return f"{VAL_PREFIX}/{table_key(taxa, level, metric)}"
+
+
 def is_table_key(key: object) -> bool:
     """Whether `key` has the form `<taxa>/<level>/<score>` of a per-taxa table cell."""
     parts = key.split("/") if isinstance(key, str) else []
     return (len(parts) == 3 and parts[0].strip() != "" and parts[1] in KNOWN_LEVELS
-            and parts[2] in (*SCORES, *ZERO_SHOT_SCORES))
+            and parts[2] in (*SCORES, *ZERO_SHOT_SCORES, CAPTION_ONLY_TOP1))
 
 
 @dataclass(frozen=True)

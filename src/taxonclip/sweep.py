@@ -4,7 +4,7 @@ A sweep file names the study, the metric, the sampler and pruner, the fixed trai
 and the searched ones (training parameters go by their `train` entry-point names):
 
     name: margin_lr                        # the study name unless --study_name is given
-    metric: eval/All/species/top1_cos      # eval/<taxa>/<level>/<metric> of the per-taxa table
+    metric: val/All/species/top1_cos       # val/<taxa>/<level>/<metric>: the validation table
     direction: maximize                    # or minimize
     sampler: {type: tpe, seed: 0}          # tpe (options seed, n_startup_trials, multivariate,
                                            # constant_liar) or random (seed)
@@ -17,8 +17,11 @@ and the searched ones (training parameters go by their `train` entry-point names
       class_fraction: {type: categorical, choices: [1.0, 0.1, 0.01]}
 
 Every trial trains through `taxonclip.train.run_training`, in a child MLflow run of the one run
-each `sweep` invocation starts, and reports the metric after every evaluation so the pruner can
-stop it (the child run then ends KILLED). A trial that raises (out of memory, NaN loss, ...) ends
+each `sweep` invocation starts, and reports the metric of the validation table after every
+evaluation so the pruner can stop it (the child run then ends KILLED). The objective is that
+metric of the trial's selected epoch, on the validation rows: no choice of a sweep reads the
+test split. Each trial's run still scores its model once on the test split; the summary shows
+that result for the best trial only (`best.eval/<cell>`), a number no choice was made on. A trial that raises (out of memory, NaN loss, ...) ends
 FAILED, its error in the child run (tag `taxonclip.error`, artifact `error.txt`, which also
 takes Optuna's log of the failure, leaving one line on stderr), and the study goes on. `n_trials`
 counts the trials of one invocation: every worker runs that many.
@@ -73,7 +76,7 @@ from taxonclip.train import run_training
 
 TOP_LEVEL_KEYS = ("name", "metric", "direction", "sampler", "pruner", "fixed", "search")
 DIRECTIONS = ("maximize", "minimize")
-DEFAULT_METRIC = f"eval/{names.HEADLINE_METRIC}"
+DEFAULT_METRIC = f"{names.VAL_PREFIX}/{names.HEADLINE_METRIC}"
 SAMPLER_OPTIONS = {"tpe": ("seed", "n_startup_trials", "multivariate", "constant_liar"),
                    "random": ("seed",), "grid": ("seed",)}
 PRUNER_OPTIONS = {"median": ("n_startup_trials", "n_warmup_steps", "interval_steps"),
@@ -100,6 +103,7 @@ STORAGE_ATTEMPTS = 3
 RUN_ID_ATTR = "mlflow_run_id"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 ERROR_ATTR = "error"
+TEST_ATTR = "test_value"  # a trial's metric on the test split: shown for the best trial only
 METRIC_ATTR = "metric"
 # The logger of Optuna's "Trial N failed ... because of the following error" and its traceback,
 # and the function that logs them (private to Optuna: renamed, their lines pass untouched).
@@ -140,7 +144,7 @@ class SweepSpec:
     def train_config(self, suggested: Mapping[str, Any]) -> TrainConfig:
         """The training configuration of one trial: the fixed parameters and the suggested ones."""
         # the trial keeps its best checkpoint by the metric its study optimises
-        metric = self.metric.removeprefix("eval/")
+        metric = self.metric.removeprefix(f"{names.VAL_PREFIX}/")
         return from_params(TrainConfig, {**self.fixed, **suggested, "metric": metric}, TRAIN_PARAMS)
 
 
@@ -226,8 +230,12 @@ def check_study_name(name: str, where: str) -> str:
 
 def _metric(path: Path, key: Any) -> str:
     prefix, _, cell = key.partition("/") if isinstance(key, str) else ("", "", "")
-    if prefix != "eval" or not names.is_table_key(cell):
-        raise _error(path, "metric", f"{key!r} is not eval/<taxa>/<level>/<metric> with <level> "
+    if prefix == names.EVAL_PREFIX and names.is_table_key(cell):
+        raise _error(path, "metric", f"{key!r} names the test table, which no choice may read: a "
+                                     f"sweep optimises the validation table, "
+                                     f"{names.VAL_PREFIX}/{cell}")
+    if prefix != names.VAL_PREFIX or not names.is_table_key(cell):
+        raise _error(path, "metric", f"{key!r} is not val/<taxa>/<level>/<metric> with <level> "
                                      f"one of {', '.join(names.KNOWN_LEVELS)} and <metric> one of "
                                      f"{', '.join(names.SCORES)}")
     return key
@@ -383,8 +391,10 @@ def suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> A
 
 
 def metric_value(table: pd.DataFrame, key: str) -> float:
-    """The cell of a per-taxa table named `eval/<taxa>/<level>/<metric>` (NaN where it is empty)."""
-    return table_cell(table, key.removeprefix("eval/"))
+    """The cell `<taxa>/<level>/<metric>` of a per-taxa table, named with or without its prefix
+    (`val/`, `eval/`); NaN where it is empty."""
+    prefix, _, cell = key.partition("/")
+    return table_cell(table, cell if prefix in (names.VAL_PREFIX, names.EVAL_PREFIX) else key)
 
 
 # --- storage -----------------------------------------------------------------------------------
@@ -581,7 +591,8 @@ class Objective:
             params = to_params(config, TRAIN_PARAMS)
             result = self.train(config, parent_run_id=self.parent_run_id,
                                 on_epoch=partial(self.report, trial), run_tags=tags)
-            value = metric_value(result.table, self.spec.metric)
+            value = objective_value(result, self.spec.metric)
+            trial.set_user_attr(TEST_ATTR, metric_value(result.table, self.spec.metric))
         except RunKilled as pruned:
             self._link(trial, sweep_runs.child_run_id(self.parent_run_id, tags))
             raise optuna.TrialPruned(str(pruned)) from None
@@ -597,7 +608,7 @@ class Objective:
         return value
 
     def report(self, trial: optuna.Trial, epoch: int, result: EvalResult) -> None:
-        """Report the metric of one epoch's evaluation; end the run KILLED if the pruner says so."""
+        """Report the metric of one epoch's validation; end the run KILLED if the pruner says so."""
         trial.report(metric_value(result.table, self.spec.metric), epoch)
         if trial.should_prune():
             raise RunKilled(f"pruned after epoch {epoch}")
@@ -606,6 +617,15 @@ class Objective:
     def _link(trial: optuna.Trial, run_id: str | None) -> None:
         if run_id is not None:
             trial.set_user_attr(RUN_ID_ATTR, run_id)
+
+
+def objective_value(result, metric: str) -> float:
+    """A trial's objective: `metric` of its selected epoch's validation table, never the test
+    table; a training without validation rows has none."""
+    if result.validation is None:
+        raise ConfigError("a sweep's objective reads the validation table, and this trial has no "
+                          "validation rows: give val_size above 0 (fixed: {val_size: 0.1})")
+    return metric_value(result.validation, metric)
 
 
 class FailureLog(logging.Filter):
@@ -785,7 +805,10 @@ def log_summary(study: optuna.Study, spec: SweepSpec, run: Run) -> None:
         best = study.best_trial
         run.log_params({"best.trial": best.number,
                         **{f"best.{name}": value for name, value in best.params.items()}})
-        run.log_metrics({f"best.{spec.metric}": best.value})
+        test = best.user_attrs.get(TEST_ATTR)
+        test_key = f"best.{names.EVAL_PREFIX}/{spec.metric.partition('/')[2]}"
+        run.log_metrics({f"best.{spec.metric}": best.value,
+                         **({test_key: test} if test is not None else {})})
         run.set_tags({names.TAG_BEST_CHILD: best.user_attrs.get(RUN_ID_ATTR, "")})
     for name, figure in plots(study).items():
         run.log_figure(figure, f"plots/{name}.png")
@@ -826,9 +849,18 @@ def summary(study: optuna.Study, numbers: list[int], metric: str, storage_url: s
     lines = [f"study {study.study_name!r}: {len(mine)} trials run now "
              f"({counts[TrialState.COMPLETE]} complete, {counts[TrialState.PRUNED]} pruned, "
              f"{counts[TrialState.FAIL]} failed), {len(study.get_trials(deepcopy=False))} in all"]
+    for trial in mine:
+        if trial.state == TrialState.COMPLETE:
+            lines.append(f"  trial {trial.number}: validation {metric} = "
+                         f"{percent(trial.value)}%, {trial.params}")
     if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         best = study.best_trial
-        lines.append(f"best: trial {best.number}, {metric} = {percent(best.value)}%, {best.params} "
-                     f"(MLflow run {best.user_attrs.get(RUN_ID_ATTR, '?')})")
+        test = best.user_attrs.get(TEST_ATTR)
+        cell = metric.partition("/")[2]
+        tested = ("" if test is None else
+                  f"; its model on the test split, scored once: {cell} = {percent(test)}%")
+        lines.append(f"best: trial {best.number}, validation {metric} = {percent(best.value)}%"
+                     f"{tested}, {best.params} (MLflow run "
+                     f"{best.user_attrs.get(RUN_ID_ATTR, '?')})")
     lines.append(f"watch the study: optuna-dashboard {dashboard_target(storage_url)}")
     return "\n".join(lines)

@@ -1,4 +1,11 @@
-"""Fine-tuning: margin-based softmax over PartialFC class centres, evaluated every few epochs.
+"""Fine-tuning: margin-based softmax over PartialFC class centres, validated every few epochs.
+
+Every choice of a training reads the validation rows only (`data.splits.validation_split`: the
+val rows as queries, the other non-test rows as the gallery; no test image is embedded): the
+per-epoch metrics `val/<taxa>/<level>/<score>`, the best epoch, a sweep's pruning and objective.
+At the end the selected epoch's weights (`select`: the best by validation, or the last) are the
+run's model: they are scored once on the test split, and that table (`eval/...` metrics, the
+per-taxa table artifacts) is the run's result.
 
 Batches: `batch_size` images per micro-batch per process; with `grad_accum` k, one optimiser
 step sees k micro-batches (each loss divided by k, so the step follows the mean loss of the
@@ -38,14 +45,15 @@ from taxonclip.data.audit import report_for_run
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.shards import is_sharded
-from taxonclip.data.splits import Split, make_split, select_classes
+from taxonclip.data.splits import (Split, make_split, select_classes, split_name_parts,
+                                   validation_split)
 from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows, ShardStream,
                                     batches_per_rank, collate_encoded, epoch_shards)
 from taxonclip.errors import ConfigError, DataError, TrainingDiverged
 from taxonclip.formats import percent
 from taxonclip.evaluate import (EvalResult, Seen, check_decoder, check_has_test_images,
                                 check_metric_cell, check_no_label_in_queries, embed_visual,
-                                evaluate, seen_of_split, split_csv, table_cell)
+                                evaluate, gauges_captions, seen_of_split, split_csv, table_cell)
 from taxonclip.losses import CombinedMarginLoss, PartialFC
 from taxonclip.progress import Progress, say
 from taxonclip.tracking.runs import NullRun, Run, table_counts, table_metrics
@@ -69,6 +77,9 @@ class TrainState:
     epoch: int = 0
     best_metric: float = -math.inf
     best_epoch: int = 0
+    # the validation table of the selected epoch so far (rank 0; not kept by a checkpoint)
+    selected_table: pd.DataFrame | None = None
+    last_metric: float = math.nan  # the validation metric of the last validated epoch
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,18 @@ class TrainData:
     classes: list[str]
     seen: Seen | None
     epoch_steps: tuple[int, ...]
+    # what the per-epoch validation scores: the table of the gallery and val rows only, and its
+    # split (val rows as queries); None without val rows
+    validation: tuple[Manifest, Split] | None = None
+
+
+def validation_data(manifest: Manifest, split: Split) -> tuple[Manifest, Split] | None:
+    """The manifest restricted to what a training's validation embeds (never a test row) and
+    its split, the val rows as queries; None when the split has no val rows."""
+    if len(split.val) == 0:
+        return None
+    rows, val_split = validation_split(split)
+    return replace(manifest, table=manifest.table.iloc[rows].reset_index(drop=True)), val_split
 
 
 def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
@@ -93,11 +116,18 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     or score."""
     manifest = load_manifest(config.data)
     check_label(config.label, manifest.levels, manifest.report.source)
-    check_no_label_in_queries(manifest, config.embedding)
+    check_no_label_in_queries(manifest, config.embedding, config.allow_label_text)
     check_decoder(manifest, config.decode)
     table = manifest.table
     split = make_split(table, config.data)
     check_has_test_images(manifest, split)
+    validation = validation_data(manifest, split)
+    if validation is None and config.select == "best":
+        raise DataError(f"{manifest.report.source}: select=best picks the epoch by its validation "
+                        f"metric, and the split has no validation row (val_size "
+                        f"{config.data.val_size:g}"
+                        + (", no val or val_unseen partition" if split.protocol == "official"
+                           else "") + "); use select=last")
     # clusters label every training image: the rows are those of the species kept, if not all
     level = "species" if config.label == CLUSTER_LABEL else config.label
     label_of = table[level]
@@ -114,10 +144,11 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     check_metric_cell(config.metric, table["taxa"].unique(), seen is not None, manifest.levels)
     epoch_steps = _epoch_steps(manifest, rows, config, world_size)
     if config.label == CLUSTER_LABEL:  # labelled once the starting model has embedded them
-        return TrainData(manifest, split, rows, np.full(len(rows), -1), [], seen, epoch_steps)
+        return TrainData(manifest, split, rows, np.full(len(rows), -1), [], seen, epoch_steps,
+                         validation)
     classes = sorted(label_of.iloc[rows].unique())
     labels = pd.Categorical(label_of.iloc[rows], categories=classes).codes.astype(np.int64)
-    return TrainData(manifest, split, rows, labels, classes, seen, epoch_steps)
+    return TrainData(manifest, split, rows, labels, classes, seen, epoch_steps, validation)
 
 
 def steps_per_epoch(images: int, config: TrainConfig, world_size: int) -> int:
@@ -408,21 +439,24 @@ def restore(state: TrainState, saved: dict, info: dist.DistInfo) -> None:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a training produced: the final evaluation (None off rank 0), its run, the epoch
-    whose `metric` was best and that value, and where that epoch's checkpoint is kept."""
+    """What a training produced: the selected model's one evaluation on the test split (None off
+    rank 0), its run, the selected epoch (`select`) with its validation `metric` value and
+    validation table, and where that epoch's checkpoint is kept."""
 
     evaluation: EvalResult | None
     run_id: str | None
     experiment_id: str | None
     metric: str
     epochs: int  # the run's own (a resume's request names none)
-    best_epoch: int
-    best_metric: float
-    best_checkpoint: str | None
+    selected_epoch: int
+    selected_metric: float  # validation; NaN without val rows
+    selected_checkpoint: str | None
+    validation: pd.DataFrame | None = None  # the selected epoch's validation table
+    select: str = "best"
 
     @property
     def table(self) -> pd.DataFrame:
-        """The final per-taxa table."""
+        """The final per-taxa table: the selected model on the test split."""
         return self.evaluation.table
 
 
@@ -438,7 +472,29 @@ def run_name(config: TrainConfig) -> str:
         parts.append(f"sample_rate={loss.sample_rate:g}")
     if config.data.class_fraction < 1:
         parts.append(f"class_fraction={config.data.class_fraction:g}")
+    parts += [part for part in split_name_parts(config.data) if not part.startswith("class_fraction")]
+    if config.select != "best":
+        parts.append(f"select={config.select}")
     return " ".join(parts)
+
+
+def check_captions_before_run(config: TrainConfig, data: TrainData, encoder) -> None:
+    """Refuse, before any run is created, captions that the caption gauge catches in a
+    query-side text embedding: scored alone, they find the label of more validation queries
+    than the starting model's images do (see `taxonclip.checks`). Without val rows the check
+    scores the test split instead: a refusal chooses nothing, and nothing has been trained."""
+    eval_config = config.eval_config()
+    if not gauges_captions(data.manifest, eval_config):
+        return
+    manifest, split = data.validation or (data.manifest, data.split)
+    reason = None
+    try:
+        evaluate(eval_config, encoder, manifest, split, seen=data.seen, spread=True)
+    except DataError as error:  # raised on rank 0, which scores: every rank must stop
+        reason = str(error)
+    reason = dist.broadcast_object(reason)
+    if reason is not None:
+        raise DataError(reason)
 
 
 def run_training(config: TrainConfig, parent_run_id: str | None = None,
@@ -462,6 +518,8 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None,
         fresh_run = info.is_main and not config.resume
         report = report_for_run(data.manifest, data.split) if fresh_run else ""
         encoder = resolve_model(config.model, str(info.device), seed=config.data.seed)
+        if not config.resume:  # a resumed run passed the check when it started
+            check_captions_before_run(config, data, encoder)
         with tracked_run("train", main=info.is_main, resume_run_id=config.resume,
                          parent_run_id=parent_run_id, tags=run_tags,
                          run_name=run_name(config)) as run:
@@ -519,8 +577,9 @@ class Logged:
     step of the training curves, the last epoch with eval metrics, and whether the model is in."""
 
     last_step: int = -1
-    last_eval_epoch: int = -1
+    last_eval_epoch: int = -1  # the last epoch with validation metrics
     has_model: bool = False
+    has_test_metrics: bool = False  # the final evaluation's eval/ metrics
 
 
 @dataclass
@@ -553,31 +612,59 @@ def _train_in_run(ctx: TrainContext, encoder) -> TrainResult:
     ctx.logged = _resume(state, ctx)
     if state.epoch == 0:
         ctx.run.log_params({**to_params(config, TRAIN_PARAMS), **_sizes(state, ctx.data)})
-    result, first_epoch = None, state.epoch
     while state.epoch < config.epochs:
         summary = train_epoch(state, loader, forward, ctx)
-        if state.epoch % config.eval_every == 0 or state.epoch == config.epochs:
-            result = _evaluate_epoch(state, ctx)
+        if ctx.data.validation is not None and (state.epoch % config.eval_every == 0
+                                                or state.epoch == config.epochs):
+            result = _validate_epoch(state, ctx)
             summary = f"{summary}; {_headline(result, state, config)}"
         if ctx.info.is_main:
             say(f"epoch {state.epoch}/{config.epochs}: {summary}")
         _save_checkpoint(state, ctx)
-    if state.epoch == first_epoch:  # resumed after the last epoch: evaluate once more
-        result = _evaluate_epoch(state, ctx)
-    _finish(state, ctx, result)
-    best = _checkpoint_name(state.best_epoch)
-    checkpoint = ctx.run.artifact_location(f"{names.CHECKPOINT_DIR}/{best}")
+    selected = _select(state, ctx)
+    # the selected model scored once on the test split: the run's result
+    result = evaluate(config.eval_config(), state.encoder, ctx.data.manifest, ctx.data.split,
+                      seen=ctx.data.seen, spread=True, refuse_label_text=False)
+    _finish(state, ctx, result, selected)
+    checkpoint = ctx.run.artifact_location(f"{names.CHECKPOINT_DIR}/{_checkpoint_name(selected)}")
+    metric = state.best_metric if config.select == "best" else state.last_metric
     return TrainResult(result, ctx.run.run_id, ctx.run.experiment_id, config.metric, config.epochs,
-                       state.best_epoch, state.best_metric, checkpoint)
+                       selected, metric, checkpoint, state.selected_table, config.select)
 
 
 def _headline(result: EvalResult | None, state: TrainState, config: TrainConfig) -> str:
-    """The epoch's selection metric and the best so far, in percent (rank 0 only)."""
+    """The epoch's validation metric and the best so far, in percent (rank 0 only)."""
     if result is None:
         return ""
     value = table_cell(result.table, config.metric)
-    return (f"{config.metric} {percent(value)}% (best {percent(state.best_metric)}% at epoch "
-            f"{state.best_epoch})")
+    return (f"validation {config.metric} {percent(value)}% (best {percent(state.best_metric)}% "
+            f"at epoch {state.best_epoch})")
+
+
+def _select(state: TrainState, ctx: TrainContext) -> int:
+    """The epoch whose weights are the run's model (`select`), loaded into the encoder and the
+    centres where it is not the last; with its validation table on rank 0 where the run has
+    validation rows (scored again when a resumed run no longer holds it)."""
+    config = ctx.config
+    selected = state.epoch
+    if config.select == "best" and 0 < state.best_epoch < state.epoch:
+        selected = state.best_epoch
+        saved = _checkpoint_of(ctx.run, _checkpoint_name(selected)) if ctx.info.is_main else None
+        saved = dist.broadcast_object(saved)
+        if saved is None:
+            raise DataError(f"the checkpoint of the best epoch {selected} is not in run "
+                            f"{ctx.run.run_id}; resume it with select=last")
+        state.encoder.load_state_dict(saved["state_dict"])
+        with torch.no_grad():
+            state.head.weight.copy_(saved["head_shards"][ctx.info.rank]["weight"])
+    # rank 0 holds the tables: every rank learns whether all of them must validate again
+    again = dist.broadcast_object(ctx.data.validation is not None and state.selected_table is None)
+    if again:
+        validation = _validate(state, ctx)
+        if validation is not None:
+            state.selected_table = validation.table
+            state.last_metric = _selection_metric(validation, config.metric)
+    return selected
 
 
 def _with_cluster_labels(ctx: TrainContext, encoder) -> TrainData:
@@ -638,20 +725,31 @@ def _sizes(state: TrainState, data: TrainData) -> dict:
             "num_classes": len(data.classes), "train_images": len(data.rows)}
 
 
-def _evaluate_epoch(state: TrainState, ctx: TrainContext) -> EvalResult | None:
-    """Evaluate (every rank embeds its share, rank 0 scores), log the epoch's metrics unless a
-    resumed run holds them, and keep the best epoch by `config.metric`."""
-    result = evaluate(ctx.config.eval_config(), state.encoder, ctx.data.manifest, ctx.data.split,
-                      seen=ctx.data.seen, spread=True)
+def _validate(state: TrainState, ctx: TrainContext) -> EvalResult | None:
+    """Score the validation rows (every rank embeds its share, rank 0 scores): no test row is
+    embedded."""
+    manifest, split = ctx.data.validation
+    return evaluate(ctx.config.eval_config(), state.encoder, manifest, split,
+                    seen=ctx.data.seen, spread=True, refuse_label_text=False)
+
+
+def _validate_epoch(state: TrainState, ctx: TrainContext) -> EvalResult | None:
+    """Validate, log the epoch's `val/` metrics unless a resumed run holds them, and keep the
+    best epoch by `config.metric` of the validation table."""
+    result = _validate(state, ctx)
     if ctx.info.is_main:
         if state.epoch > ctx.logged.last_eval_epoch:
             # one call, so that a kill leaves the epoch's metrics all logged or none
-            ctx.run.log_metrics({**table_metrics(result.table),
-                                 names.EVAL_EMBED_IMG_PER_S: result.img_per_s}, step=state.epoch)
-            ctx.run.log_params(table_counts(result.table))
+            ctx.run.log_metrics({**table_metrics(result.table, names.val_metric),
+                                 names.VAL_EMBED_IMG_PER_S: result.img_per_s}, step=state.epoch)
+            ctx.run.log_params(table_counts(result.table, names.val_metric))
         metric = _selection_metric(result, ctx.config.metric)
+        state.last_metric = metric
+        state.selected_table = result.table if ctx.config.select == "last" else state.selected_table
         if metric > state.best_metric:
             state.best_metric, state.best_epoch = metric, state.epoch
+            if ctx.config.select == "best":
+                state.selected_table = result.table
         if ctx.on_epoch is not None:
             ctx.on_epoch(state.epoch, result)
     best = dist.broadcast_object((state.best_metric, state.best_epoch))
@@ -701,11 +799,21 @@ def _resume(state: TrainState, ctx: TrainContext) -> Logged:
     if ctx.info.is_main:
         saved = _last_checkpoint(ctx.run)
         logged = Logged(ctx.run.last_step(names.TRAIN_LOSS),
-                        ctx.run.last_step(names.EVAL_EMBED_IMG_PER_S), ctx.run.has_logged_model())
+                        ctx.run.last_step(names.VAL_EMBED_IMG_PER_S), ctx.run.has_logged_model(),
+                        ctx.run.last_step(names.EVAL_EMBED_IMG_PER_S) >= 0)
     saved, logged = dist.broadcast_object((saved, logged))
     if saved is not None:
         restore(state, saved, ctx.info)
     return logged
+
+
+def _checkpoint_of(run, name: str) -> dict | None:
+    """The run's checkpoint `name`, None when the run does not hold it."""
+    if name not in {Path(p).name for p in run.list_artifacts(names.CHECKPOINT_DIR)}:
+        return None
+    with _scratch() as folder:
+        path = run.download(f"{names.CHECKPOINT_DIR}/{name}", folder)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _last_checkpoint(run) -> dict | None:
@@ -724,15 +832,29 @@ def _last_checkpoint(run) -> dict | None:
     return None
 
 
-def _finish(state: TrainState, ctx: TrainContext, result: EvalResult) -> None:
-    """Final table, centroids with their class order, and the model (registered if asked);
-    each written so that a resume after a kill in the middle of it leaves no duplicate."""
+def _finish(state: TrainState, ctx: TrainContext, result: EvalResult, selected: int) -> None:
+    """The selected model's test table (the run's result: its `eval/` metrics and table
+    artifacts), the validation table of its epoch, the split and its fingerprint, centroids with
+    their class order, and the model (registered if asked); each written so that a resume after
+    a kill in the middle of it leaves no duplicate."""
+    from taxonclip.data.splits import split_fingerprint
+
     centres = state.head.full_centres().detach().cpu().numpy()
     if not ctx.info.is_main:
         return
     run, data = ctx.run, ctx.data
+    if not ctx.logged.has_test_metrics:
+        run.log_metrics({**table_metrics(result.table),
+                         names.EVAL_EMBED_IMG_PER_S: result.img_per_s})
+    run.log_params(table_counts(result.table))
     run.log_eval_table(result.table)
-    run.log_text(split_csv(result), names.SPLIT_ARTIFACT)
+    if state.selected_table is not None:
+        run.log_text(state.selected_table.to_csv(index=False), names.VAL_TABLE_CSV)
+    split_text = split_csv(result)
+    run.log_text(split_text, names.SPLIT_ARTIFACT)
+    run.set_tags({names.TAG_SPLIT_FINGERPRINT: split_fingerprint(split_text),
+                  names.TAG_SELECTED_EPOCH: selected,
+                  **({names.TAG_ALLOW_LABEL_TEXT: "true"} if ctx.config.allow_label_text else {})})
     with _scratch() as folder:
         centroids, classes = Path(folder, names.CENTROIDS), Path(folder, names.CENTROID_CLASSES)
         centroids.parent.mkdir(parents=True)

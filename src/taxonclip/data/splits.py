@@ -11,17 +11,29 @@ the nearest neighbour of a test frame would otherwise be the same fish a frame l
 seeded order is a key per group from the seed and the group's id, so it too does not depend on
 row order; a group holding two classes ties their splits together.
 
+The validation rows (`val_size`, a fraction of each class's non-test images) are carved from
+the train side once the test rows are drawn, by the same seeded, stratified, group-aware draw on
+a stream of its own: the test rows do not depend on `val_size`, and an `eval` (which selects
+nothing, and keeps the val rows in its gallery) scores the same table whatever `val_size` is,
+while its `eval/split.csv` names the same val rows as a training of the same data parameters.
+Training learns from the train rows less the val rows; every choice of a training (the best
+epoch, pruning, a sweep's objective) scores the val rows as queries against those rows as the
+gallery (`validation_split`), and the test rows are embedded once, by the final evaluation.
+
 The official split (`split=official`) follows the partitions of a `split` column, with
 BIOSCAN-5M's retrieval protocol: the gallery is train + key_unseen, the queries test +
 test_unseen, training uses train only (key_unseen holds the unseen species' keys, never trained
-on), and val, val_unseen, pretrain and other_heldout take no part. Queries of the seen
-partitions (train, val, test) give the table's `All:seen` rows, the others `All:unseen`.
+on), val + val_unseen are the validation queries (against the same gallery), and pretrain and
+other_heldout take no part. Queries of the seen partitions (train, val, test) give the table's
+`All:seen` rows, the others `All:unseen`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -34,6 +46,7 @@ GROUP_COLUMN = "group"
 PARTITION_COLUMN = "split"  # a dataset's own partition of each row (BIOSCAN-5M's column)
 GALLERY_PARTITIONS = ("train", "key_unseen")
 QUERY_PARTITIONS = ("test", "test_unseen")
+VALIDATION_PARTITIONS = ("val", "val_unseen")
 TRAINING_PARTITIONS = ("train",)
 SEEN_PARTITIONS = ("train", "val", "test")  # the unseen ones hold species never in train
 
@@ -42,6 +55,10 @@ SEEN_PARTITIONS = ("train", "val", "test")  # the unseen ones hold species never
 _SPLIT_STREAM = 1
 _CLASS_STREAM = 2
 _GROUP_STREAM = 3
+_VAL_STREAM = 4  # the val draw among the non-test rows, and its group order
+_VAL_GROUP_STREAM = 5
+# the roles of eval/split.csv
+ROLE_TRAIN, ROLE_VAL, ROLE_TEST = "train", "val", "test"
 
 
 @dataclass(frozen=True)
@@ -49,7 +66,9 @@ class Split:
     """Row positions (sorted) of the train (gallery) and test (query) images of a manifest
     table; `grouped` says whether whole groups (the table's `group` column) were kept on one
     side. `protocol` is `seeded` or `official`; an official split may keep gallery rows out of
-    training (`trainable`: the rows training uses; None means all of `train`)."""
+    training (`trainable`: the rows training uses; None means all of `train`). `val` holds the
+    validation rows: carved from `train` (seeded), or the val partitions (official, outside
+    `train`); training never uses them."""
 
     train: np.ndarray
     test: np.ndarray
@@ -59,11 +78,14 @@ class Split:
     grouped: bool = False
     protocol: str = "seeded"
     trainable: np.ndarray | None = None
+    val: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    val_size: float = 0.0
 
     @property
     def training_rows(self) -> np.ndarray:
-        """The rows a model may be trained on."""
-        return self.train if self.trainable is None else self.trainable
+        """The rows a model may be trained on: never a val or test row."""
+        rows = self.train if self.trainable is None else self.trainable
+        return np.setdiff1d(rows, self.val)
 
     def test_ids(self, table: pd.DataFrame) -> list[str]:
         """The `image_id` of every test row, in row order."""
@@ -71,10 +93,74 @@ class Split:
 
 
 def make_split(table: pd.DataFrame, data: DataConfig) -> Split:
-    """The split that `data.split` names: seeded (`split_manifest`) or official."""
+    """The split that `data.split` names: seeded (`split_manifest`, with `data.val_size` of the
+    non-test rows as validation rows) or official."""
     if data.split == "official":
         return official_split(table)
-    return split_manifest(table, data.test_size, data.seed)
+    return with_validation(table, split_manifest(table, data.test_size, data.seed), data.val_size)
+
+
+def with_validation(table: pd.DataFrame, split: Split, val_size: float) -> Split:
+    """`split` with `val_size` of its train rows, per class (or by whole groups), drawn as the
+    test rows were but on a stream of their own, as validation rows (none at 0)."""
+    if val_size == 0 or len(split.train) == 0:
+        return split
+    if not 0.0 < val_size < 1.0:
+        raise ConfigError(f"parameter 'val_size' must be in [0, 1), got {val_size}")
+    side = table.iloc[split.train].reset_index(drop=True)
+    if split.grouped:
+        rows, _ = _grouped_test_rows(side, val_size, split.seed, _VAL_GROUP_STREAM)
+    else:
+        rows, _ = _stratified_test_rows(side, val_size, split.seed, _VAL_STREAM)
+    return replace(split, val=split.train[rows], val_size=val_size)
+
+
+def validation_split(split: Split) -> tuple[np.ndarray, Split]:
+    """What a training's validation scores, as rows of the table and a split of those rows: the
+    val rows as queries, the other gallery rows (never a val or test row) as the gallery. The
+    caller keeps only the returned rows, so that no test image is embedded."""
+    gallery = np.setdiff1d(split.train, split.val)
+    rows = np.union1d(gallery, split.val)
+    position = {row: i for i, row in enumerate(rows.tolist())}
+    renumber = lambda part: np.array([position[r] for r in part.tolist()], dtype=np.int64)  # noqa: E731
+    return rows, replace(split, train=renumber(gallery), test=renumber(split.val), trainable=None,
+                         val=np.empty(0, dtype=np.int64))
+
+
+def split_roles(split: Split) -> tuple[np.ndarray, list[str]]:
+    """The rows of the split and the role of each (train, val, test), in eval/split.csv's order:
+    the gallery rows that are no val row, then the val rows, then the test rows."""
+    train = np.setdiff1d(split.train, split.val)
+    order = np.concatenate([train, split.val, split.test]).astype(np.int64)
+    roles = ([ROLE_TRAIN] * len(train) + [ROLE_VAL] * len(split.val)
+             + [ROLE_TEST] * len(split.test))
+    return order, roles
+
+
+# the data parameters that make one split differ from another, in the order run names show them
+SPLIT_NAME_FIELDS = ("split", "group_column", "test_size", "val_size", "seed", "class_fraction")
+
+
+def split_name_parts(data: DataConfig) -> list[str]:
+    """`name=value` for each parameter of SPLIT_NAME_FIELDS that differs from its default, so
+    that runs on different splits have different names."""
+    default = DataConfig()
+    return [f"{name}={getattr(data, name):g}" if isinstance(getattr(data, name), float)
+            else f"{name}={getattr(data, name)}"
+            for name in SPLIT_NAME_FIELDS if getattr(data, name) != getattr(default, name)]
+
+
+def split_fingerprint(split_csv_text: str) -> str:
+    """The sha256 of a split as eval/split.csv writes it, over its rows (image_id and role)
+    sorted, so that it names the split whatever order the manifest's rows came in."""
+    lines = split_csv_text.strip().splitlines()
+    header = lines[0].split(",") if lines else []
+    if "image_id" not in header or "split" not in header:
+        raise DataError("a split CSV needs the columns image_id and split")
+    frame = pd.read_csv(io.StringIO(split_csv_text), dtype=str,
+                        keep_default_na=False)[["image_id", "split"]]
+    rows = sorted(f"{i}\t{r}" for i, r in zip(frame["image_id"], frame["split"]))
+    return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()
 
 
 def official_split(table: pd.DataFrame) -> Split:
@@ -88,7 +174,7 @@ def official_split(table: pd.DataFrame) -> Split:
     rows_of = lambda names: np.flatnonzero(partition.isin(names).to_numpy())  # noqa: E731
     return Split(train=rows_of(GALLERY_PARTITIONS), test=rows_of(QUERY_PARTITIONS), train_only=0,
                  seed=0, test_size=0.0, protocol="official",
-                 trainable=rows_of(TRAINING_PARTITIONS))
+                 trainable=rows_of(TRAINING_PARTITIONS), val=rows_of(VALIDATION_PARTITIONS))
 
 
 def stratum(table: pd.DataFrame) -> pd.Series:
@@ -121,8 +207,8 @@ def split_manifest(table: pd.DataFrame, test_size: float, seed: int) -> Split:
                  test_size=test_size, grouped=grouped)
 
 
-def _stratified_test_rows(table: pd.DataFrame, test_size: float,
-                          seed: int) -> tuple[np.ndarray, int]:
+def _stratified_test_rows(table: pd.DataFrame, test_size: float, seed: int,
+                          stream: int = _SPLIT_STREAM) -> tuple[np.ndarray, int]:
     """The sorted test rows of a seeded draw of images per class, and the number of classes
     too small to split."""
     labels = stratum(table).to_numpy()
@@ -136,7 +222,7 @@ def _stratified_test_rows(table: pd.DataFrame, test_size: float,
             continue
         rows = rows[np.argsort(ids[rows], kind="stable")]  # row order must not matter
         n_test = _test_count(len(rows), test_size)
-        test.append(_class_rng(seed, _SPLIT_STREAM, label).permutation(rows)[:n_test])
+        test.append(_class_rng(seed, stream, label).permutation(rows)[:n_test])
     test_rows = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
     return test_rows, train_only
 
@@ -183,8 +269,8 @@ class _GroupTally:
         self.in_test[group] = not self.in_test[group]
 
 
-def _grouped_test_rows(table: pd.DataFrame, test_size: float,
-                       seed: int) -> tuple[np.ndarray, int]:
+def _grouped_test_rows(table: pd.DataFrame, test_size: float, seed: int,
+                       stream: int = _GROUP_STREAM) -> tuple[np.ndarray, int]:
     """The sorted test rows of a split by whole groups, and the number of classes without a
     test image.
 
@@ -200,7 +286,7 @@ def _grouped_test_rows(table: pd.DataFrame, test_size: float,
     _, class_of_row = np.unique(stratum(table).to_numpy(), return_inverse=True)
     group_names, group_of_row = np.unique(_group_ids(table), return_inverse=True)
     tally = _tally(class_of_row, group_of_row, test_size)
-    order = _group_order(group_names, seed)
+    order = _group_order(group_names, seed, stream)
     _move_groups_towards_targets(tally, order)
     _give_untested_classes_a_group(tally, order)
     test_rows = np.flatnonzero(tally.in_test[group_of_row])
@@ -234,9 +320,9 @@ def _tally(class_of_row: np.ndarray, group_of_row: np.ndarray, test_size: float)
                        in_test=np.zeros(len(members), dtype=bool))
 
 
-def _group_order(group_names: np.ndarray, seed: int) -> np.ndarray:
+def _group_order(group_names: np.ndarray, seed: int, stream: int = _GROUP_STREAM) -> np.ndarray:
     """Group codes in a seeded random order; the names are sorted, so equal keys keep name order."""
-    keys = [_class_rng(seed, _GROUP_STREAM, name).random() for name in group_names]
+    keys = [_class_rng(seed, stream, name).random() for name in group_names]
     return np.argsort(keys, kind="stable")
 
 
@@ -302,16 +388,17 @@ def level_summary(table: pd.DataFrame, split: Split, levels: Levels) -> str:
     train (what `label=<level>` trains on) and in test (what the table scores, but for lone
     queries, whose class has no train image). A row without a level's label counts only at the
     levels it has."""
-    lines = ["per level: classes, labelled rows in train (label=<level> trains on them) and in "
-             "test (scored)"]
+    lines = ["per level: classes, labelled rows in train (label=<level> trains on them), in val "
+             "(a training's choices score them) and in test (scored)"]
     for level in levels.scored:
         labels = table[level]
         train = labels.iloc[split.training_rows].dropna()
+        val = labels.iloc[split.val].dropna()
         test = labels.iloc[split.test].dropna()
         lone = int((~test.isin(set(labels.iloc[split.train].dropna()))).sum())
         role = "" if level in levels.labels else "; a scored level, not a training label"
         lines.append(f"  {level}: {labels.nunique()} classes, {int(labels.notna().sum())} rows: "
-                     f"{len(train)} train, {len(test)} test ({lone} lone{role})")
+                     f"{len(train)} train, {len(val)} val, {len(test)} test ({lone} lone{role})")
     lines.append(_split_line(split))
     return "\n".join(lines)
 
@@ -322,7 +409,8 @@ def _split_line(split: Split) -> str:
         return (f"split: official partitions: gallery {' + '.join(GALLERY_PARTITIONS)} "
                 f"({len(split.train)} rows), queries {' + '.join(QUERY_PARTITIONS)} "
                 f"({len(split.test)} rows), training {' + '.join(TRAINING_PARTITIONS)} "
-                f"({len(split.training_rows)} rows)")
-    return (f"split: seed {split.seed}, test_size {split.test_size}, "
+                f"({len(split.training_rows)} rows), validation "
+                f"{' + '.join(VALIDATION_PARTITIONS)} ({len(split.val)} rows)")
+    return (f"split: seed {split.seed}, test_size {split.test_size}, val_size {split.val_size}, "
             f"{'groups kept on one side' if split.grouped else 'no groups'}; "
             f"{split.train_only} classes too small to split stay in train")

@@ -20,12 +20,14 @@ EXPERIMENT_KIND = "custom_model_development"
 VIEW_KEY = "taxonclip"
 VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
 VIEW_VERSION_TAG = "taxonclip.view_version"
-VIEW_VERSION = "3"
+VIEW_VERSION = "4"
 
 HEADLINE = names.eval_metric(*names.HEADLINE_METRIC.split("/"))
 RUN_COLUMNS = (("metrics", HEADLINE), ("params", "model"), ("params", "weights"),
                ("params", "label"), ("params", "lr"), ("params", "margin_m2"))
-FIRST_CHARTS = ((names.TRAIN_LOSS, "step"), (HEADLINE, "step"), (names.TRAIN_LR, "step"))
+# a training's per-epoch curve is its validation metric (its test table is scored once)
+VAL_HEADLINE = names.val_metric(*names.HEADLINE_METRIC.split("/"))
+FIRST_CHARTS = ((names.TRAIN_LOSS, "step"), (VAL_HEADLINE, "step"), (names.TRAIN_LR, "step"))
 
 
 def column_key(kind: str, key: str) -> str:

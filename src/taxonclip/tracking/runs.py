@@ -401,22 +401,23 @@ class Run:
             self.client.set_terminated(self.run_id, status)
 
 
-def table_metrics(table: pd.DataFrame) -> dict[str, float]:
-    """The scores of a per-taxa table as metrics, keyed `eval/<taxa>/<level>/<score>`; the
-    counts (`n_test`, ...) are no curve: see `table_counts`."""
+def table_metrics(table: pd.DataFrame, key=names.eval_metric) -> dict[str, float]:
+    """The scores of a per-taxa table as metrics, keyed `eval/<taxa>/<level>/<score>` (or by
+    `key`: `names.val_metric` for a training's validation); the counts (`n_test`, ...) are no
+    curve: see `table_counts`."""
     scores = table.drop(columns=["taxa", "level", *names.COUNT_COLUMNS],
                         errors="ignore").select_dtypes("number")
-    return {names.eval_metric(row.taxa, row.level, column): float(getattr(row, column))
+    return {key(row.taxa, row.level, column): float(getattr(row, column))
             for row in table.itertuples(index=False) for column in scores.columns
             if pd.notna(getattr(row, column))}
 
 
-def table_counts(table: pd.DataFrame) -> dict[str, int]:
+def table_counts(table: pd.DataFrame, key=names.eval_metric) -> dict[str, int]:
     """The counts of the overall rows (`All`, `All:seen`, ...) as parameters, keyed like the
     metrics (`eval/All/species/n_test`): they are the same at every epoch, and the counts of
     every row are in the table."""
     overall = table[table["taxa"].astype(str).str.startswith(names.ALL_TAXA)]
-    return {names.eval_metric(row.taxa, row.level, column): int(getattr(row, column))
+    return {key(row.taxa, row.level, column): int(getattr(row, column))
             for row in overall.itertuples(index=False) for column in names.COUNT_COLUMNS
             if column in table.columns and pd.notna(getattr(row, column))}
 
