@@ -636,9 +636,17 @@ def _weights_identity(weights: str) -> str:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    partial = path.with_suffix(".partial.npy")
-    np.save(partial, array)
-    partial.replace(path)
+    import sys
+
+    from taxonclip.diskio import atomic_path
+    from taxonclip.errors import DiskError
+
+    try:
+        with atomic_path(path, array.nbytes, "cached embeddings") as partial:
+            with open(partial, "wb") as file:  # np.save would add .npy to a path
+                np.save(file, array)
+    except DiskError as error:  # a cache that cannot be written costs a later run time only
+        print(f"warning: {error}; the embeddings are not cached", file=sys.stderr)
 
 
 def split_csv(result: EvalResult) -> str:

@@ -35,6 +35,7 @@ from taxonclip import distributed as dist
 from taxonclip.config import (CLUSTER_LABEL, TRAIN_PARAMS, TrainConfig, check_label, flat_fields,
                               from_params, to_params)
 from taxonclip.data.audit import report_for_run
+from taxonclip.diskio import tensor_bytes
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.shards import is_sharded
@@ -673,9 +674,10 @@ def _save_checkpoint(state: TrainState, ctx: TrainContext) -> None:
     saved = checkpoint(state, ctx.config, ctx.data.classes)
     if not ctx.info.is_main:
         return
-    # written to the run's spool first: the local copy stays until its upload succeeds
-    path = ctx.run.staging(_checkpoint_name(state.epoch))
-    torch.save(saved, path)
+    # written to the run's spool first: the local copy stays until its upload succeeds; whole
+    # or not at all, a full disk stopping the run resumably (tracked_run)
+    path = ctx.run.stage(_checkpoint_name(state.epoch), lambda partial: torch.save(saved, partial),
+                         tensor_bytes(saved))
     ctx.run.log_artifact(path, names.CHECKPOINT_DIR)
     _prune_checkpoints(state, ctx)
 

@@ -93,6 +93,11 @@ def _table(raw: pd.DataFrame, ranks: pd.DataFrame, package: Path, root: Path,
                         f"{_listed(repeated)}")
     paths = [os.path.abspath(_image_path(package, partition, chunk, pid))
              for partition, chunk, pid in zip(raw[PARTITION_COLUMN], raw[CHUNK_COLUMN], ids)]
+    outside = next((i for i, p in enumerate(paths) if not Path(p).is_relative_to(root)), None)
+    if outside is not None:  # `..` in a split, chunk or processid would read any file
+        raise DataError(f"{file}: row {outside + 1} (processid {ids[outside]!r}, split "
+                        f"{raw[PARTITION_COLUMN][outside]!r}, chunk {raw[CHUNK_COLUMN][outside]!r}) "
+                        f"names an image outside the dataset folder {root}")
     lowest_first = ranks[list(reversed(RANKS))]
     fixed = pd.DataFrame({
         "image_id": [Path(p).relative_to(root).as_posix() for p in paths], "image_path": paths,

@@ -106,9 +106,14 @@ def hub_file(reference: str) -> Path:
 def read_weights(path: Path) -> dict:
     """The state dict in an open_clip weights file (`.safetensors`, or a torch file read
     without pickle)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from taxonclip.models.weights import unreadable_weights
 
-        return load_file(str(path))
-    stored = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors and torch report a damaged file under many types
+        raise unreadable_weights(path, error) from None
     return stored.get("state_dict", stored) if isinstance(stored, dict) else stored
