@@ -467,6 +467,8 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None,
                          parent_run_id=parent_run_id, tags=run_tags,
                          run_name=run_name(config)) as run:
             if not config.resume:
+                # the first thing a new run holds, in one call: a run is resumable once it has them
+                run.log_params(to_params(config, TRAIN_PARAMS))
                 run.log_text(report, names.DATA_SUMMARY)
             context = TrainContext(config, data, run, info, on_epoch)
             return _train_in_run(context, encoder)
@@ -492,12 +494,16 @@ def resume_config(requested: TrainConfig) -> TrainConfig:
     record = get_run(requested.resume)
     if record.entry != "train" or record.status == "FINISHED":
         kind = record.entry or "unknown"
+        # only a train run logs a model to train further from
+        further = (f" To train a finished model further, start a new run from its weights: "
+                   f"taxonclip train --model {record.params.get('model', '<model>')} --weights "
+                   f"runs:/{record.run_id}/model ..." if kind == "train" else
+                   f" A {kind} run logs no model; start a new train run.")
         raise ConfigError(
             f"run {record.run_id} is a {record.status} {kind} run; only an unfinished train run "
-            f"can be resumed, and that run is left as it is. To train a finished model further, "
-            f"start a new run from its weights: taxonclip train --model "
-            f"{record.params.get('model', '<model>')} --weights runs:/{record.run_id}/model ...")
+            f"can be resumed, and that run is left as it is.{further}")
     logged = {name: value for name, value in record.params.items() if name in TRAIN_PARAMS}
+    _check_resumable(record, logged)
     own = from_params(TrainConfig, {**logged, "resume": requested.resume}, TRAIN_PARAMS)
     asked, kept, default = (flat_fields(c) for c in (requested, own, TrainConfig()))
     # from shards, each worker batches its own shards: the worker count shapes the batches
@@ -512,6 +518,26 @@ def resume_config(requested: TrainConfig) -> TrainConfig:
                           f"own parameters (leave {name} out, or start a new run)")
     changes = {name: to_params(requested, TRAIN_PARAMS)[name] for name in may_change}
     return from_params(TrainConfig, {**to_params(own, TRAIN_PARAMS), **changes}, TRAIN_PARAMS)
+
+
+def _check_resumable(record, logged: dict[str, str]) -> None:
+    """Refuse a run whose parameters are not all logged: a resume takes every parameter from
+    the run, never a default. A run that holds none (stopped between its start and its first
+    call, which logs them all at once) did no work to keep: it is ended KILLED, saying why."""
+    missing = [name for name in TRAIN_PARAMS if name not in logged and name not in RESUME_MAY_CHANGE]
+    if not missing:
+        return
+    if not logged:
+        from taxonclip.tracking.sweeps import end_killed
+
+        end_killed(record.run_id, "stopped before it logged its parameters; it cannot be resumed")
+        raise ConfigError(f"run {record.run_id} holds no parameters: it was stopped before it "
+                          f"logged them, so what it was to train is unknown and it cannot be "
+                          f"resumed; it is ended KILLED. Start the training anew (taxonclip "
+                          f"train with its parameters, without --resume)")
+    raise ConfigError(f"run {record.run_id} lacks the parameter(s) {', '.join(missing)}, which a "
+                      f"resume would have to guess; it is left as it is. Start the training anew "
+                      f"(taxonclip train with its parameters, without --resume)")
 
 
 @dataclass(frozen=True)
