@@ -426,6 +426,9 @@ def _row(scope: str, level: str, vectors: tuple[torch.Tensor, torch.Tensor], lab
     known = labels.notna().to_numpy()
     codes = torch.as_tensor(pd.factorize(labels)[0], dtype=torch.long)
     gallery, queries = np.flatnonzero(gallery & known), np.flatnonzero(queries & known)
+    if len(gallery) == 0:  # no gallery image named at this level (genus-only rows at species)
+        return {"taxa": scope, "level": level, "n_test": len(queries), "n_classes": 0,
+                "n_lone": len(queries), **dict.fromkeys(knn.METRICS, float("nan"))}
     chunk_size = max(1, min(chunk_size, BLOCK_BYTES // (8 * max(len(gallery), 1))))
     result = knn.knn_metrics(query_vectors[queries], codes[queries], gallery_vectors[gallery],
                              codes[gallery], chunk_size=chunk_size, device=device)

@@ -115,10 +115,20 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     check_metric_cell(config.metric, table["taxa"].unique(), seen is not None, manifest.levels)
     epoch_steps = _epoch_steps(manifest, rows, config, world_size)
     if config.label == CLUSTER_LABEL:  # labelled once the starting model has embedded them
+        _check_cluster_count(config.clusters, table["species"].iloc[rows].nunique())
         return TrainData(manifest, split, rows, np.full(len(rows), -1), [], seen, epoch_steps)
     classes = sorted(label_of.iloc[rows].unique())
     labels = pd.Categorical(label_of.iloc[rows], categories=classes).codes.astype(np.int64)
     return TrainData(manifest, split, rows, labels, classes, seen, epoch_steps)
+
+
+def _check_cluster_count(asked: float, species: int) -> None:
+    """Refuse a count of clusters above the training images' species: the run would train
+    fewer clusters than its parameter says."""
+    if asked > 1 and int(asked) > species:
+        raise ConfigError(f"parameter 'clusters' is {int(asked)}, more than the {species} species "
+                          f"of the training images; ask for at most {species} clusters, or a "
+                          f"fraction of the species (0 < clusters <= 1)")
 
 
 def steps_per_epoch(images: int, config: TrainConfig, world_size: int) -> int:
