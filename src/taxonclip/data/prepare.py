@@ -364,6 +364,9 @@ def _write_record(folder: Path, manifest: Manifest, plan: dict, done: list[_Shar
 def read_prepared(folder: Path, missing: str = "error") -> Manifest:
     """The manifest of a prepared folder, its images in its shards; a shard that is absent or
     whose size differs from the record is refused, naming it."""
+    from taxonclip.data.integrity import verify_prepared
+
+    verify_prepared(folder)  # every shard's size and SHA-256 as recorded, before any run
     info = shards.read_prepared_info(folder)
     urls = []
     for entry in info["shards"]:

@@ -68,7 +68,46 @@ def connect() -> str:
             user, password = credentials
             os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
     mlflow.set_tracking_uri(uri)
+    _initialise_store(uri)
     return uri
+
+
+STORE_ATTEMPTS = 4
+
+
+@functools.cache
+def _initialise_store(uri: str) -> None:
+    """Create (or migrate) a SQLite tracking store once, one process at a time: processes
+    started together on a new store (sweep workers) would otherwise race through MLflow's
+    schema migration, and all but one fail. A failure is retried, then one message."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    from taxonclip.config import cache_dir
+
+    path = os.path.abspath(uri.removeprefix("sqlite:///"))
+    # in the cache: a lock next to the database would be litter, and a lock on the database
+    # itself would meddle with SQLite's own
+    lock = cache_dir() / "locks" / f"store-{hashlib.sha256(path.encode()).hexdigest()[:16]}.lock"
+    error: Exception | None = None
+    for attempt in range(STORE_ATTEMPTS):
+        time.sleep(attempt)
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock, "a") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                MlflowClient(uri).search_experiments(max_results=1)
+            return
+        except Exception as exc:  # SQLAlchemy and Alembic raise many types for one race
+            error = exc
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise TrackingError(f"cannot create or open the tracking store {path} ({first}); another "
+                        f"process may hold it, or it is damaged; run again, or point "
+                        f"MLFLOW_TRACKING_URI at another store")
 
 
 def redacted_uri(uri: str) -> str:
