@@ -73,9 +73,11 @@ def disk_error(error: BaseException, folder: Path, needed: int | None = None,
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, needed: int | None = None, what: str | None = None) -> Iterator[Path]:
+def atomic_path(path: Path, needed: int | None = None, what: str | None = None,
+                where: Path | None = None) -> Iterator[Path]:
     """A temporary path beside `path` to write to; renamed to `path` when the block ends well,
-    removed when it fails. A disk error (see `is_disk_error`) becomes a DiskError."""
+    removed when it fails. A disk error (see `is_disk_error`) becomes a DiskError naming
+    `where` (default: the folder of `path`)."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     free = free_bytes(path.parent)
@@ -96,7 +98,7 @@ def atomic_path(path: Path, needed: int | None = None, what: str | None = None) 
             else:
                 partial.unlink()
         if is_disk_error(error):
-            raise disk_error(error, path.parent, needed, what or path.name, free) from None
+            raise disk_error(error, where or path.parent, needed, what or path.name, free) from None
         raise
 
 

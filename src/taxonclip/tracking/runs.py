@@ -440,7 +440,8 @@ class Run:
         import mlflow
 
         if status == "RUNNING":  # stopped, resumable: leave MLflow's active run, end nothing
-            if (mlflow.active_run() or NullRun()).run_id == self.run_id:
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
                 mlflow.end_run("KILLED")
                 self.client.update_run(self.run_id, status="RUNNING")
             return

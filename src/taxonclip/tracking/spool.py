@@ -108,7 +108,7 @@ class Spool:
         full disk leaves nothing behind and raises a DiskError naming the spool."""
         path = self.staging(name)
         try:
-            with atomic_path(path, needed, what=name) as partial:
+            with atomic_path(path, needed, what=name, where=self.folder) as partial:
                 writer(partial)
         except BaseException:
             shutil.rmtree(path.parent, ignore_errors=True)
