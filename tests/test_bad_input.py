@@ -307,6 +307,7 @@ def test_genus_only_names_train_at_genus(bad, tmp_path, monkeypatch, capsys):
     from tests.conftest import sqlite_tracking
 
     sqlite_tracking(monkeypatch, tmp_path, "genus-only")
+    monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts land in ./mlruns
     table = read_manifest(bad["specimens"]).table
     manifest = tmp_path / "genus_only.csv"
     pd.DataFrame({"fileNameAsDelivered": table["image_path"], "scientificName": table["genus"],
