@@ -21,6 +21,38 @@ def _isolated_cache(tmp_path_factory):
     mp.undo()
 
 
+# what running Python and pytest leaves in any checkout, ignored by git and by the check below
+_RUN_LITTER = ("__pycache__", ".pytest_cache", ".egg-info")
+
+
+def checkout_entries() -> set[str] | None:
+    """The checkout's untracked and ignored entries (`git status --porcelain --ignored`), less
+    Python's caches; None where git cannot say."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "status", "--porcelain", "--ignored"],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return {line for line in done.stdout.splitlines()
+            if line[:2] in ("??", "!!") and not any(part in line for part in _RUN_LITTER)}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _checkout_left_clean():
+    """Tests write under tmp paths only: fail the session if the checkout gained files (an
+    ./mlruns, a mlflow.db, a report) while it ran."""
+    before = checkout_entries()
+    yield
+    after = checkout_entries()
+    if before is not None and after is not None and after - before:
+        pytest.fail("the tests left files in the checkout (write them under tmp_path): "
+                    + ", ".join(sorted(line[3:] for line in after - before)), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def leeds() -> Path:
     """The real butterfly photographs in ../shared, or a visible skip where they are absent."""
@@ -40,8 +72,10 @@ def specimens(tmp_path_factory) -> Path:
 
 def sqlite_tracking(monkeypatch, folder: Path, experiment: str | None = None) -> None:
     """Point this test (and the processes it starts) at a fresh sqlite store in `folder`,
-    logging into `experiment` when given."""
+    logging into `experiment` when given; the test runs in `folder`, where the store puts its
+    artifacts (./mlruns), not in the checkout."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+    monkeypatch.chdir(folder)
     if experiment is not None:
         monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
 

@@ -60,7 +60,51 @@ def bad(specimens, tmp_path_factory) -> dict[str, str]:
     paths = {Path(name).stem: str(root / name) for name in [*texts, "broken.png", "a_file",
                                                              "taxa_all.csv", "other_model.pt",
                                                              "wrong_shapes.pt"]}
-    return {**paths, "specimens": str(specimens), "root": str(root)}
+    return {**paths, **_faulty_files(root, table, specimens), "specimens": str(specimens),
+            "root": str(root)}
+
+
+def _faulty_files(root: Path, table, specimens: Path) -> dict[str, str]:
+    """The files of the second round of faults: a damaged spool queue, a corrupt .safetensors,
+    a pickled weights file, a truncated JPEG, BIOSCAN metadata naming a path outside its folder
+    or a partition typo, genus-only names, and a sweep over a taxa the data lacks."""
+    import pickle
+
+    import pandas as pd
+    from PIL import Image
+
+    from taxonclip.data.bioscan import METADATA_FILES, write_fixture
+
+    spool = root / "damaged-spool"
+    spool.mkdir()
+    (spool / "queue.jsonl").write_text('{"call": "params", "params": {}}\n{"call": "par\n')
+    (root / "corrupt.safetensors").write_bytes(b"\xff" * 8 + b"not a header")
+    with open(root / "pickled.pt", "wb") as file:
+        pickle.dump({"weights": pd.Timestamp(0)}, file)  # a pickled object, not tensors
+    jpegs = []
+    for i, path in enumerate(table["image_path"]):
+        jpegs.append(root / "jpeg" / f"{i}.jpg")
+        jpegs[-1].parent.mkdir(exist_ok=True)
+        Image.open(path).convert("RGB").save(jpegs[-1], quality=90)
+    whole = jpegs[0].read_bytes()
+    jpegs[0].write_bytes(whole[: len(whole) // 2])
+    pd.DataFrame({"fileNameAsDelivered": jpegs, "scientificName": table["scientific_name"],
+                  "taxa": table["taxa"]}).to_csv(root / "truncated.csv", index=False)
+    files = {}
+    for name, column, value in (("escape", "chunk", "../../.."), ("tset", "split", "tset")):
+        folder = write_fixture(root / f"bioscan-{name}", size=16)
+        metadata = next(folder / m for m in METADATA_FILES if (folder / m).is_file())
+        rows = pd.read_csv(metadata, dtype=str)
+        rows.loc[rows["split"] == "test", column] = value
+        rows.to_csv(metadata, index=False)
+        files[f"bioscan_{name}"] = str(folder)
+    (root / "unknown_taxa.yaml").write_text(
+        f"metric: eval/Insect/species/top1_cos\nfixed: {{model: tiny, data: {specimens}}}\n"
+        f"search:\n  lr: {{type: float, low: 0.001, high: 0.1}}\n")
+    return {**files, "damaged_spool": str(spool), "truncated": str(root / "truncated.csv"),
+            **{stem: str(root / name) for stem, name in (
+                ("corrupt_safetensors", "corrupt.safetensors"), ("pickled", "pickled.pt"),
+                ("unknown_taxa", "unknown_taxa.yaml"))}}
 
 
 TRAIN = ("train", "--model", "tiny", "--data", "{specimens}", "--workers", "0", "--batch_size", "16",
@@ -162,6 +206,22 @@ CASES = [
          MLFLOW_TRACKING_URI="http://127.0.0.1:{port}"),
     case("model-of-a-nonexistent-run", (*EVAL, "--model", f"runs:/{NO_SUCH_RUN}/model"),
          f"the logged model runs:/{NO_SUCH_RUN}/model"),
+    # second round: each once a traceback or a run created for bad input
+    case("prepare-into-dev-null", ("data", "prepare", "{specimens}", "--out", "/dev/null/x"),
+         "/dev/null is a file, not a folder"),
+    case("bioscan-path-outside-its-folder", (*CHECK, "{bioscan_escape}"),
+         "names an image outside the dataset folder"),
+    case("bioscan-partition-typo", (*EVAL, "--data", "{bioscan_tset}", "--split", "official"),
+         "unknown partition(s) 'tset'"),
+    case("sync-damaged-queue", ("sync", "{damaged_spool}"), "queue.jsonl line 2 is not a queued call"),
+    case("weights-corrupt-safetensors", (*EVAL, "--weights", "{corrupt_safetensors}"),
+         "cannot read weights file"),
+    case("truncated-jpeg-check", (*CHECK, "{truncated}", "--workers", "2"), "jpeg/0.jpg: "),
+    case("truncated-jpeg-eval", (*EVAL, "--data", "{truncated}"), "jpeg/0.jpg: "),
+    case("sweep-metric-of-no-taxa", (*SWEEP, "{unknown_taxa}"),
+         "metric: metric 'Insect/species/top1_cos': the evaluation table has no such row"),
+    case("clusters-above-the-species", (*TRAIN, "--label", "cluster", "--clusters", "1000"),
+         "parameter 'clusters' is 1000, more than the 12 species"),
 ]
 
 
@@ -228,3 +288,32 @@ def test_a_run_of_exactly_ten_steps_trains(bad, tracking, monkeypatch, capsys):
     client = MlflowClient(tracking_uri=tracking)
     history = client.get_metric_history(run.info.run_id, names.TRAIN_LOSS)
     assert sorted(m.step for m in history) == list(range(1, images // 7 + 1))
+
+
+def test_a_pickled_weights_file_is_refused_without_torchs_warning(bad, tracking, monkeypatch,
+                                                                  capsys):
+    """torch warns of the pickle protocol before refusing the file: only our message shows."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"bad-input-{uuid.uuid4().hex[:8]}")
+    argv = [part.format(**bad) for part in (*EVAL, "--weights", "{pickled}")]
+    error = _refused(capsys, argv, "pickled.pt")
+    assert "Warning" not in error and len(error.strip().splitlines()) == 1, error
+
+
+def test_genus_only_names_train_at_genus(bad, tmp_path, monkeypatch, capsys):
+    """Rows named to genus only have no species: label=genus trains and scores them (the species
+    rows of the table are empty, not an "empty gallery" refusal)."""
+    import pandas as pd
+
+    from tests.conftest import sqlite_tracking
+
+    sqlite_tracking(monkeypatch, tmp_path, "genus-only")
+    monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts land in ./mlruns
+    table = read_manifest(bad["specimens"]).table
+    manifest = tmp_path / "genus_only.csv"
+    pd.DataFrame({"fileNameAsDelivered": table["image_path"], "scientificName": table["genus"],
+                  "taxa": table["taxa"]}).to_csv(manifest, index=False)
+    argv = [part.format(**bad) for part in TRAIN]
+    assert main([*argv, "--data", str(manifest), "--label", "genus", "--metric",
+                 "All/genus/top1_cos"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "All   genus" in out and "best epoch 1 of 1 by All/genus/top1_cos" in out, out

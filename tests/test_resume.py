@@ -208,6 +208,10 @@ def test_only_an_unfinished_train_run_can_be_resumed(uninterrupted, specimens, t
              f"run {finished.info.run_id} is a FINISHED train run; only an unfinished train run")
     _refused(capsys, ["train", "--resume", evaluation.info.run_id],
              "is a FINISHED eval run; only an unfinished train run can be resumed")
+    # an eval run has no model to train further from: the hint names none
+    assert main(["train", "--resume", evaluation.info.run_id]) == 1
+    hint = capsys.readouterr().err
+    assert "logs no model" in hint and "runs:/" not in hint, hint
     _refused(capsys, ["train", "--resume", "0" * 32], "no MLflow run")
     client = MlflowClient()
     for run_id, (status, metrics) in before.items():
@@ -266,3 +270,32 @@ def test_sigkill_then_resume_from_shards_gives_the_uninterrupted_run(killer, spe
              "parameter 'workers' is 1, but run")
     assert main(["train", "--resume", run_id]) == 0
     _assert_record_whole(run_id, sum(epoch_steps), tmp_path, expected)
+
+
+def test_a_run_killed_before_its_parameters_is_refused_and_ended(killer, specimens, tracking,
+                                                                 monkeypatch, capsys):
+    """Killed between the run's creation and its first call (all its parameters at once): a
+    resume cannot know what it was to train, so it trains nothing into it, with or without the
+    original arguments, and ends it KILLED saying why."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "resume-no-params")
+    argv = ["train", "--data", str(specimens), *ARGS]
+    _killed_run(killer, ("taxonclip.tracking.runs", "Run.log_params", 1), argv)
+    killed = _the_run("resume-no-params")
+    assert killed.info.status == "RUNNING" and not killed.data.params
+    _refused(capsys, ["train", "--resume", killed.info.run_id, "--workers", "0"],
+             "holds no parameters")
+    run = MlflowClient().get_run(killed.info.run_id)
+    assert run.info.status == "KILLED" and names.TAG_KILLED_REASON in run.data.tags
+    assert not run.data.params and not run.data.metrics
+    _refused(capsys, ["train", "--resume", killed.info.run_id, "--data", str(specimens)],
+             "holds no parameters")
+    assert MlflowClient().get_run(killed.info.run_id).data.metrics == {}
+
+
+def test_the_parameters_are_the_first_thing_a_run_holds(killer, specimens, tracking, monkeypatch):
+    """Killed at its first logged artifact (the data summary), a run holds every parameter."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "resume-params-first")
+    argv = ["train", "--data", str(specimens), *ARGS]
+    _killed_run(killer, ("taxonclip.tracking.runs", "Run.log_text", 1), argv)
+    params = _the_run("resume-params-first").data.params
+    assert set(TRAIN_PARAMS) <= set(params) and params["epochs"] == str(EPOCHS)

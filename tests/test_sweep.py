@@ -490,13 +490,11 @@ def test_sweep_whose_every_trial_failed_says_so(tracking, specimens, tmp_path):
 
 
 @pytest.mark.integration
-def test_metric_the_table_lacks_stops_the_sweep(tracking, specimens, tmp_path):
+def test_metric_the_table_lacks_stops_the_sweep_before_any_run(tracking, specimens, tmp_path):
     sweep = _write(tmp_path, VALID.replace("val/All/", "val/Unicorn/"))
-    with pytest.raises(MetricNotInTable, match="Unicorn"):
+    with pytest.raises(ConfigError, match="metric: metric 'Unicorn/species/top1_cos'"):
         run_sweep(_config(tmp_path, sweep, specimens, 3, "unicorn"))
-    parents, children = _runs_of("unicorn")
-    assert [p.info.status for p in parents] == ["FAILED"]
-    assert [c.info.status for c in children] == ["FAILED"]
+    assert _runs_of("unicorn") == ([], [])
 
 
 def test_the_cluster_sweep_is_a_grid_of_three_cluster_sizes(tmp_path):

@@ -28,6 +28,9 @@ SYNTH_OPTIONS = {
     "size": (64, "side of the square images in pixels"),
 }
 
+# `data check`: the data's parameters, and the processes that decode every image
+CHECK_PARAMS = {**cfg.DATA_PARAMS, "workers": "workers"}
+
 
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are UsageErrors, so that a command line that does not
@@ -106,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"{description} (default: {default})")
     check = data_commands.add_parser("check", help="validate a manifest and print its summary")
     check.add_argument("path", help=_field_help(cfg.DataConfig, "data"))
-    _add_params(check, {k: v for k, v in cfg.DATA_PARAMS.items() if k != "data"}, cfg.EvalConfig)
+    _add_params(check, {k: v for k, v in CHECK_PARAMS.items() if k != "data"}, cfg.EvalConfig)
 
     prepare = data_commands.add_parser(
         "prepare", help="write a dataset as WebDataset shards of images resized once (train and "
@@ -191,8 +194,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return jobs.prepare(cfg.from_params(cfg.PrepareConfig, params,
                                             {**cfg.PREPARE_PARAMS, "out": "out"}))
     if args.command == "data":
-        params = {**_given(args, cfg.DATA_PARAMS), "data": args.path}
-        return jobs.check(cfg.from_params(cfg.EvalConfig, params, cfg.EVAL_PARAMS).data)
+        params = {**_given(args, CHECK_PARAMS), "data": args.path}
+        config = cfg.from_params(cfg.EvalConfig, params, cfg.EVAL_PARAMS)
+        return jobs.check(config.data, workers=config.workers)
     if args.command == "models":
         return jobs.models()
     if args.command == "sync":

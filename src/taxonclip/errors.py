@@ -35,3 +35,8 @@ class UsageError(ConfigError):
     def __init__(self, prog: str, message: str):
         super().__init__(message)
         self.prog = prog
+
+
+class DiskError(TaxonclipError):
+    """A write the disk refused (full, over quota, not writable): nothing partial was left, and
+    a training stopped by it stays resumable once space is freed."""

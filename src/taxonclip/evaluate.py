@@ -402,6 +402,9 @@ def _row(scope: str, level: str, vectors: tuple[torch.Tensor, torch.Tensor], lab
     known = labels.notna().to_numpy()
     codes = torch.as_tensor(pd.factorize(labels)[0], dtype=torch.long)
     gallery, queries = np.flatnonzero(gallery & known), np.flatnonzero(queries & known)
+    if len(gallery) == 0:  # no gallery image named at this level (genus-only rows at species)
+        return {"taxa": scope, "level": level, "n_test": len(queries), "n_classes": 0,
+                "n_lone": len(queries), **dict.fromkeys(knn.METRICS, float("nan"))}
     # rows of the (memory-mapped) embeddings, read a chunk at a time: never a copy of the store
     result = knn.knn_metrics(query_vectors, codes[queries], gallery_vectors, codes[gallery],
                              chunk_size=chunk_size, device=device,
@@ -649,9 +652,17 @@ def _weights_identity(weights: str) -> str:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    partial = path.with_suffix(".partial.npy")
-    np.save(partial, array)
-    partial.replace(path)
+    import sys
+
+    from taxonclip.diskio import atomic_path
+    from taxonclip.errors import DiskError
+
+    try:
+        with atomic_path(path, array.nbytes, "cached embeddings") as partial:
+            with open(partial, "wb") as file:  # np.save would add .npy to a path
+                np.save(file, array)
+    except DiskError as error:  # a cache that cannot be written costs a later run time only
+        print(f"warning: {error}; the embeddings are not cached", file=sys.stderr)
 
 
 def split_csv(result: EvalResult) -> str:

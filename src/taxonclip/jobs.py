@@ -33,7 +33,7 @@ def synth_bioscan(out: str, seed: int, size: int) -> int:
     return 0
 
 
-def check(data: DataConfig) -> int:
+def check(data: DataConfig, workers: int) -> int:
     """Validate a manifest and print what it holds, what each level scores and trains on, and
     what the split leaks (identical images, groups on both sides); invalid input, or a split
     with nothing to score, raises a DataError. A `class_fraction` below 1 reports the seeded
@@ -56,8 +56,30 @@ def check(data: DataConfig) -> int:
         from taxonclip.data.prepare import shard_note
 
         print(shard_note(manifest))
+    else:
+        _check_decodes(manifest, data.missing, workers)
     check_has_test_images(manifest, split)
     return 0
+
+
+def _check_decodes(manifest, missing: str, workers: int) -> None:
+    """Decode every image in full (`workers` processes) and report those that do not (a
+    truncated or corrupt file); a DataError listing them unless missing=skip."""
+    from taxonclip.data.integrity import undecodable_images
+    from taxonclip.data.manifest import SHOWN
+    from taxonclip.errors import DataError
+
+    problems = undecodable_images(manifest.table["image_path"].tolist(), workers)
+    print(f"images decoded in full: {len(manifest.table)} ({len(problems)} do not decode)")
+    if not problems:
+        return
+    lines = [f"  {path}: {reason}" for path, reason in list(problems.items())[:SHOWN]]
+    more = [f"  and {len(problems) - SHOWN} more"] if len(problems) > SHOWN else []
+    text = "\n".join([f"{len(problems)} images of {manifest.report.source} do not decode:",
+                      *lines, *more])
+    if missing != "skip":
+        raise DataError(f"{text}\nFix or remove them (missing=skip drops them from a run)")
+    print(text)
 
 
 def prepare_size(text: str) -> int:

@@ -45,6 +45,7 @@ TAG_DIRECTION = "taxonclip.direction"
 TAG_ERROR = "taxonclip.error"
 TAG_RESUMED_INTO = "taxonclip.resumed_into"
 TAG_KILLED_REASON = "taxonclip.killed_reason"  # why a run a dead process left RUNNING was ended KILLED
+TAG_STOPPED_REASON = "taxonclip.stopped_reason"  # why a resumable run stopped (a full disk)
 TAG_HEARTBEAT = "taxonclip.heartbeat"  # a running sweep's last sign of life (UTC, ISO 8601)
 TAG_SPLIT_FINGERPRINT = "taxonclip.split_fingerprint"  # sha256 of eval/split.csv (rows, roles)
 TAG_ALLOW_LABEL_TEXT = "taxonclip.allow_label_text"  # captions let into queries unchecked

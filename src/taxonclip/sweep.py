@@ -33,10 +33,9 @@ each trial), fails the trials and ends KILLED the runs silent for the grace peri
 the tag `taxonclip.killed_reason`. A journal file keeps no heartbeat: there a RUNNING trial is
 failed once the sweep run that started it is found dead.
 
-The seed of the sampler holds for a study stored in SQLite (one worker), offset by the trials the
-study already holds so that a continued study does not repeat them; workers sharing PostgreSQL,
-MySQL or a journal file each draw a fresh seed, so that workers started together do not suggest
-the same values.
+Each trial draws with the sampler's seed plus its trial number (the storage numbers the trials
+of every worker of a study apart), so a continued study does not repeat its trials, workers
+started together on one study suggest different values, and a seed reproduces its trials.
 """
 
 from __future__ import annotations
@@ -372,6 +371,41 @@ def make_sampler(component: Component, seed: int | None,
     return optuna.samplers.TPESampler(**options)
 
 
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """The sweep file's sampler, made afresh for every trial with the seed `seed + trial
+    number`: trial numbers are unique across the workers of a study (the storage hands them
+    out), so workers started together on one study draw different values, and one worker's
+    trials are reproducible from the seed and their numbers. No seed: a fresh one per trial."""
+
+    def __init__(self, component: Component, seed: int | None,
+                 search: Mapping[str, BaseDistribution] | None = None) -> None:
+        self.component, self.seed, self.search = component, seed, search
+        self._sampler = make_sampler(component, seed, search)
+
+    def trial_seed(self, number: int) -> int | None:
+        """The seed of trial `number`'s draws."""
+        return None if self.seed is None else self.seed + number
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._sampler = make_sampler(self.component, self.trial_seed(trial.number), self.search)
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._sampler.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._sampler.reseed_rng()
+
+
 def make_pruner(component: Component) -> optuna.pruners.BasePruner:
     """The Optuna pruner of a sweep file (steps are epochs)."""
     classes = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
@@ -515,12 +549,7 @@ def open_study(spec: SweepSpec, study_name: str, storage_url: str,
     `on_stale` as for `open_storage`."""
     study = _create_study(spec, study_name, storage_url, on_stale)
     _check_same_objective(study, spec, study_name)
-    seed = spec.sampler.options.get("seed")
-    if is_shared(storage_url):
-        seed = None
-    elif seed is not None:
-        seed += len(study.get_trials(deepcopy=False))
-    study.sampler = make_sampler(spec.sampler, seed, spec.search)
+    study.sampler = TrialSeededSampler(spec.sampler, spec.sampler.options.get("seed"), spec.search)
     return study
 
 
@@ -756,13 +785,14 @@ def run_sweep(config: SweepConfig, train: TrainFunction = run_training) -> optun
     interval_s, grace_s = heartbeat_timing()
     reconciler = Reconciler(study_name, grace_s,
                             trials_beat=not storage_url.startswith(JOURNAL_PREFIX))
+    check_metric_in_data(spec)
     study = open_study(spec, study_name, storage_url, on_stale=reconciler.stale_trial)
     tags = {names.TAG_STUDY: study_name, names.TAG_STORAGE: redact(storage_url),
             names.TAG_METRIC: spec.metric, names.TAG_DIRECTION: spec.direction}
     with (tracked_run("sweep", run_name=f"sweep {study_name}", tags=tags) as run,
           sweep_runs.heartbeat(run.run_id, interval_s)):
         reconciler.run_id = run.run_id
-        run.log_params(_sweep_params(config, study_name, storage_url))
+        run.log_params(_sweep_params(config, study_name, storage_url, study))
         run.log_artifact(spec.path, "sweep")
         reconciler.reconcile(study)
         objective = Objective(spec, study_name, run.run_id, train)
@@ -775,10 +805,39 @@ def run_sweep(config: SweepConfig, train: TrainFunction = run_training) -> optun
     return study
 
 
-def _sweep_params(config: SweepConfig, study_name: str, storage_url: str) -> dict[str, Any]:
+def check_metric_in_data(spec: SweepSpec) -> None:
+    """Refuse, before any run, a metric whose row the table of the sweep's data will not have
+    (a taxa the data lacks); skipped where the data itself is searched."""
+    from taxonclip.data.manifest import load_manifest
+    from taxonclip.evaluate import check_metric_cell
+
+    if "data" in spec.search:
+        return
+    config = spec.train_config({})
+    manifest = load_manifest(config.data)
+    with_seen = (config.data.split == "official" or config.data.class_fraction < 1
+                 or "class_fraction" in spec.search)
+    try:
+        check_metric_cell(config.metric, manifest.table["taxa"].unique(), with_seen,
+                          manifest.levels)
+    except MetricNotInTable as error:
+        raise _error(spec.path, "metric", f"{error} of {manifest.report.source}") from None
+
+
+def _sweep_params(config: SweepConfig, study_name: str, storage_url: str,
+                  study: optuna.Study | None = None) -> dict[str, Any]:
     overrides = {f"override.{name}": value for name, value in config.overrides.items()}
     return {**to_params(config, SWEEP_PARAMS), "storage": redact(storage_url), "study_name": study_name,
-            **overrides}
+            **overrides, **_seed_params(study)}
+
+
+def _seed_params(study: optuna.Study | None) -> dict[str, Any]:
+    """How this worker's sampler is seeded: each trial with the sweep's seed + its number."""
+    sampler = getattr(study, "sampler", None)
+    if not isinstance(sampler, TrialSeededSampler):
+        return {}
+    return {"sampler_seed": "fresh per trial" if sampler.seed is None else
+            f"{sampler.seed} + trial number"}
 
 
 def _trials(study: optuna.Study, numbers: list[int]) -> list[optuna.trial.FrozenTrial]:

@@ -42,6 +42,7 @@ from taxonclip import distributed as dist
 from taxonclip.config import (CLUSTER_LABEL, TRAIN_PARAMS, TrainConfig, check_label, flat_fields,
                               from_params, to_params)
 from taxonclip.data.audit import report_for_run
+from taxonclip.diskio import tensor_bytes
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.shards import is_sharded
@@ -144,11 +145,21 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     check_metric_cell(config.metric, table["taxa"].unique(), seen is not None, manifest.levels)
     epoch_steps = _epoch_steps(manifest, rows, config, world_size)
     if config.label == CLUSTER_LABEL:  # labelled once the starting model has embedded them
+        _check_cluster_count(config.clusters, table["species"].iloc[rows].nunique())
         return TrainData(manifest, split, rows, np.full(len(rows), -1), [], seen, epoch_steps,
                          validation)
     classes = sorted(label_of.iloc[rows].unique())
     labels = pd.Categorical(label_of.iloc[rows], categories=classes).codes.astype(np.int64)
     return TrainData(manifest, split, rows, labels, classes, seen, epoch_steps, validation)
+
+
+def _check_cluster_count(asked: float, species: int) -> None:
+    """Refuse a count of clusters above the training images' species: the run would train
+    fewer clusters than its parameter says."""
+    if asked > 1 and int(asked) > species:
+        raise ConfigError(f"parameter 'clusters' is {int(asked)}, more than the {species} species "
+                          f"of the training images; ask for at most {species} clusters, or a "
+                          f"fraction of the species (0 < clusters <= 1)")
 
 
 def steps_per_epoch(images: int, config: TrainConfig, world_size: int) -> int:
@@ -524,6 +535,8 @@ def run_training(config: TrainConfig, parent_run_id: str | None = None,
                          parent_run_id=parent_run_id, tags=run_tags,
                          run_name=run_name(config)) as run:
             if not config.resume:
+                # the first thing a new run holds, in one call: a run is resumable once it has them
+                run.log_params(to_params(config, TRAIN_PARAMS))
                 run.log_text(report, names.DATA_SUMMARY)
             context = TrainContext(config, data, run, info, on_epoch)
             return _train_in_run(context, encoder)
@@ -549,12 +562,16 @@ def resume_config(requested: TrainConfig) -> TrainConfig:
     record = get_run(requested.resume)
     if record.entry != "train" or record.status == "FINISHED":
         kind = record.entry or "unknown"
+        # only a train run logs a model to train further from
+        further = (f" To train a finished model further, start a new run from its weights: "
+                   f"taxonclip train --model {record.params.get('model', '<model>')} --weights "
+                   f"runs:/{record.run_id}/model ..." if kind == "train" else
+                   f" A {kind} run logs no model; start a new train run.")
         raise ConfigError(
             f"run {record.run_id} is a {record.status} {kind} run; only an unfinished train run "
-            f"can be resumed, and that run is left as it is. To train a finished model further, "
-            f"start a new run from its weights: taxonclip train --model "
-            f"{record.params.get('model', '<model>')} --weights runs:/{record.run_id}/model ...")
+            f"can be resumed, and that run is left as it is.{further}")
     logged = {name: value for name, value in record.params.items() if name in TRAIN_PARAMS}
+    _check_resumable(record, logged)
     own = from_params(TrainConfig, {**logged, "resume": requested.resume}, TRAIN_PARAMS)
     asked, kept, default = (flat_fields(c) for c in (requested, own, TrainConfig()))
     # from shards, each worker batches its own shards: the worker count shapes the batches
@@ -569,6 +586,26 @@ def resume_config(requested: TrainConfig) -> TrainConfig:
                           f"own parameters (leave {name} out, or start a new run)")
     changes = {name: to_params(requested, TRAIN_PARAMS)[name] for name in may_change}
     return from_params(TrainConfig, {**to_params(own, TRAIN_PARAMS), **changes}, TRAIN_PARAMS)
+
+
+def _check_resumable(record, logged: dict[str, str]) -> None:
+    """Refuse a run whose parameters are not all logged: a resume takes every parameter from
+    the run, never a default. A run that holds none (stopped between its start and its first
+    call, which logs them all at once) did no work to keep: it is ended KILLED, saying why."""
+    missing = [name for name in TRAIN_PARAMS if name not in logged and name not in RESUME_MAY_CHANGE]
+    if not missing:
+        return
+    if not logged:
+        from taxonclip.tracking.sweeps import end_killed
+
+        end_killed(record.run_id, "stopped before it logged its parameters; it cannot be resumed")
+        raise ConfigError(f"run {record.run_id} holds no parameters: it was stopped before it "
+                          f"logged them, so what it was to train is unknown and it cannot be "
+                          f"resumed; it is ended KILLED. Start the training anew (taxonclip "
+                          f"train with its parameters, without --resume)")
+    raise ConfigError(f"run {record.run_id} lacks the parameter(s) {', '.join(missing)}, which a "
+                      f"resume would have to guess; it is left as it is. Start the training anew "
+                      f"(taxonclip train with its parameters, without --resume)")
 
 
 @dataclass(frozen=True)
@@ -771,9 +808,10 @@ def _save_checkpoint(state: TrainState, ctx: TrainContext) -> None:
     saved = checkpoint(state, ctx.config, ctx.data.classes)
     if not ctx.info.is_main:
         return
-    # written to the run's spool first: the local copy stays until its upload succeeds
-    path = ctx.run.staging(_checkpoint_name(state.epoch))
-    torch.save(saved, path)
+    # written to the run's spool first: the local copy stays until its upload succeeds; whole
+    # or not at all, a full disk stopping the run resumably (tracked_run)
+    path = ctx.run.stage(_checkpoint_name(state.epoch), lambda partial: torch.save(saved, partial),
+                         tensor_bytes(saved))
     ctx.run.log_artifact(path, names.CHECKPOINT_DIR)
     _prune_checkpoints(state, ctx)
 

@@ -39,6 +39,8 @@ TAXA_RANK = "order"
 ID_COLUMN = "processid"
 PARTITION_COLUMN = "split"
 CHUNK_COLUMN = "chunk"
+PARTITIONS = ("train", "val", "test", "key_unseen", "val_unseen", "test_unseen", "pretrain",
+              "other_heldout")  # BIOSCAN-5M's own
 REQUIRED_COLUMNS = (ID_COLUMN, *RANKS, PARTITION_COLUMN, CHUNK_COLUMN)
 NAME_COLUMN = "taxon"  # the lowest known rank's name: the table derives it as scientific_name
 
@@ -91,8 +93,14 @@ def _table(raw: pd.DataFrame, ranks: pd.DataFrame, package: Path, root: Path,
     if repeated:
         raise DataError(f"{file}: column {ID_COLUMN!r} repeats {len(repeated)} ids: "
                         f"{_listed(repeated)}")
+    check_partitions(raw[PARTITION_COLUMN], file)
     paths = [os.path.abspath(_image_path(package, partition, chunk, pid))
              for partition, chunk, pid in zip(raw[PARTITION_COLUMN], raw[CHUNK_COLUMN], ids)]
+    outside = next((i for i, p in enumerate(paths) if not Path(p).is_relative_to(root)), None)
+    if outside is not None:  # `..` in a split, chunk or processid would read any file
+        raise DataError(f"{file}: row {outside + 1} (processid {ids[outside]!r}, split "
+                        f"{raw[PARTITION_COLUMN][outside]!r}, chunk {raw[CHUNK_COLUMN][outside]!r}) "
+                        f"names an image outside the dataset folder {root}")
     lowest_first = ranks[list(reversed(RANKS))]
     fixed = pd.DataFrame({
         "image_id": [Path(p).relative_to(root).as_posix() for p in paths], "image_path": paths,
@@ -102,6 +110,19 @@ def _table(raw: pd.DataFrame, ranks: pd.DataFrame, package: Path, root: Path,
     extra = raw.drop(columns=[c for c in raw.columns
                               if c in RANKS or c in COLUMNS or c == NAME_COLUMN])
     return pd.concat([fixed, other_ranks, extra], axis=1)
+
+
+def check_partitions(values: pd.Series, source: object) -> None:
+    """Refuse a partition name BIOSCAN-5M does not have (a typo would read as missing images,
+    or as rows that take no part), naming it and its rows."""
+    named = values.map(clean_name)
+    unknown = named.notna() & ~named.isin(PARTITIONS)
+    if unknown.any():
+        found = sorted(named[unknown].unique())
+        raise DataError(f"{source}: column {PARTITION_COLUMN!r} holds the unknown partition(s) "
+                        f"{', '.join(map(repr, found))} ({int(unknown.sum())} rows, the first row "
+                        f"{int(np.flatnonzero(unknown.to_numpy())[0]) + 1}); the partitions are "
+                        f"{', '.join(PARTITIONS)}")
 
 
 def _image_path(package: Path, partition: object, chunk: object, processid: str) -> Path:

@@ -489,12 +489,35 @@ def _unreadable_images(paths: pd.Series) -> dict[str, str]:
 
 def _header_problem(path: str) -> str | None:
     try:
-        with Image.open(path):
-            return None
+        with Image.open(path) as image:
+            return truncation(path, image)
     except FileNotFoundError:
         return "no such file"
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return str(err) or type(err).__name__
+
+
+# how a whole file of each format ends; a file that ends otherwise is decoded to tell a
+# truncated one from one with bytes after its end (some cameras append data)
+_FILE_ENDS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def truncation(path: str, image: Image.Image) -> str | None:
+    """Why an image whose header reads is cut short, else None: its file lacks its format's end
+    marker and its pixels do not decode. Reads two to eight bytes of a whole file."""
+    end = _FILE_ENDS.get(image.format)
+    if end is None:
+        return None
+    with open(path, "rb") as file:
+        file.seek(0, os.SEEK_END)
+        file.seek(max(0, file.tell() - len(end)))
+        if file.read() == end:
+            return None
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as err:
+        return f"truncated: {err or type(err).__name__}"
+    return None
 
 
 def _missing_message(problems: dict[str, str], rows: int, root: Path) -> str:

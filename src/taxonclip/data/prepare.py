@@ -13,6 +13,7 @@ the encoders are deterministic, its shards are byte for byte those of an uninter
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import io
@@ -35,6 +36,7 @@ from taxonclip import names
 from taxonclip.data import shards
 from taxonclip.data.manifest import (COLUMNS, Manifest, ManifestReport, check_taxa_names,
                                      clean_name, genus_of, species_of)
+from taxonclip.diskio import atomic_path, disk_errors, write_bytes
 from taxonclip.errors import ConfigError, DataError
 from taxonclip.progress import Progress
 
@@ -187,7 +189,11 @@ def _claim(folder: Path, plan: dict) -> None:
     elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DataError(f"{folder} is not empty and holds no prepare of this tool; choose a new "
                         f"or empty --out")
-    (folder / shards.SHARD_FOLDER).mkdir(parents=True, exist_ok=True)
+    above = next(p for p in (folder, *folder.parents) if p.exists())
+    if not above.is_dir():
+        raise DataError(f"--out {folder}: {above} is a file, not a folder; choose another --out")
+    with disk_errors(above, what="the prepared folder"):
+        (folder / shards.SHARD_FOLDER).mkdir(parents=True, exist_ok=True)
     for partial in (folder / shards.SHARD_FOLDER).glob("*.partial"):
         partial.unlink(missing_ok=True)  # what a killed prepare was writing
     _write_atomic(plan_file, json.dumps(plan, indent=1).encode())
@@ -242,7 +248,7 @@ def write_shard(job: _ShardJob) -> _ShardDone:
     # into the file of the prepare run after it
     partial = tar.with_name(f"{tar.name}.{os.getpid()}.partial")
     resized = 0
-    with open(partial, "wb") as stream:
+    with _whole_or_none(partial, sum(map(len, sources))), open(partial, "wb") as stream:
         writer = webdataset.TarWriter(stream, encoder=False, mtime=0, user=_TAR_OWNER,
                                       group=_TAR_OWNER, mode=0o444)
         for path, key, row, data in zip(job.paths, job.keys, job.rows, sources):
@@ -316,12 +322,18 @@ def _file_sha256(path: Path) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    partial.replace(path)
+    write_bytes(path, data)
+
+
+@contextlib.contextmanager
+def _whole_or_none(partial: Path, needed: int):
+    """Remove `partial` when its writing fails; a full disk is a DiskError naming the folder."""
+    try:
+        with disk_errors(partial.parent, needed, "a shard"):
+            yield
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _write_manifest(folder: Path, table: pd.DataFrame, keys: list[str], digests: list[str],
@@ -329,9 +341,8 @@ def _write_manifest(folder: Path, table: pd.DataFrame, keys: list[str], digests:
     frame = table.drop(columns=["image_path"]).assign(**{
         shards.SHARD_COLUMN: np.arange(len(table)) // shard_size,
         shards.KEY_COLUMN: keys, shards.SOURCE_DIGEST_COLUMN: digests})
-    partial = folder / f"{shards.MANIFEST_FILE}.partial"
-    frame.to_parquet(partial, index=False)
-    partial.replace(folder / shards.MANIFEST_FILE)
+    with atomic_path(folder / shards.MANIFEST_FILE) as partial:
+        frame.to_parquet(partial, index=False)
 
 
 def _write_record(folder: Path, manifest: Manifest, plan: dict, done: list[_ShardDone],
@@ -353,6 +364,9 @@ def _write_record(folder: Path, manifest: Manifest, plan: dict, done: list[_Shar
 def read_prepared(folder: Path, missing: str = "error") -> Manifest:
     """The manifest of a prepared folder, its images in its shards; a shard that is absent or
     whose size differs from the record is refused, naming it."""
+    from taxonclip.data.integrity import verify_prepared
+
+    verify_prepared(folder)  # every shard's size and SHA-256 as recorded, before any run
     info = shards.read_prepared_info(folder)
     urls = []
     for entry in info["shards"]:

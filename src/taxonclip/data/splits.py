@@ -170,6 +170,9 @@ def official_split(table: pd.DataFrame) -> Split:
         raise DataError(f"split=official needs a {PARTITION_COLUMN!r} column naming each row's "
                         f"partition (as BIOSCAN-5M has); the table has "
                         f"{', '.join(map(str, table.columns))}; use split=seeded")
+    from taxonclip.data.bioscan import check_partitions  # BIOSCAN-5M names the partitions
+
+    check_partitions(table[PARTITION_COLUMN], f"the {PARTITION_COLUMN!r} column")
     partition = table[PARTITION_COLUMN]
     rows_of = lambda names: np.flatnonzero(partition.isin(names).to_numpy())  # noqa: E731
     return Split(train=rows_of(GALLERY_PARTITIONS), test=rows_of(QUERY_PARTITIONS), train_only=0,

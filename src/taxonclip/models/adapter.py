@@ -127,7 +127,12 @@ def read_weights(path: Path) -> dict[str, Any]:
     if path.suffix == SAFETENSORS_SUFFIX:
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        from taxonclip.models.weights import unreadable_weights
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors reports a damaged file under several types
+            raise unreadable_weights(path, error) from None
     return read_weights_file(path)
 
 

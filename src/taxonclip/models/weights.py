@@ -120,7 +120,11 @@ def read_weights_file(path: Path) -> dict[str, Any]:
                 # OpenAI's files are TorchScript archives; its deprecation notice is not for users.
                 warnings.simplefilter("ignore", FutureWarning)
                 return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns of a pickle protocol it does not expect before its own refusal of the
+            # file, which the message below says in our words
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load reports a damaged file under many exception types
         raise unreadable_weights(path, error) from None
     if not isinstance(loaded, dict):

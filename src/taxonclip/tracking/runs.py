@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from taxonclip import names
-from taxonclip.errors import TrackingError
+from taxonclip.errors import DiskError, TrackingError
 from taxonclip.formats import PERCENT_NOTE, csv_text, markdown_grid, percent
 from taxonclip.tracking.experiments import prepare_experiment
 from taxonclip.tracking.spool import Spool
@@ -68,7 +68,46 @@ def connect() -> str:
             user, password = credentials
             os.environ.update(MLFLOW_TRACKING_USERNAME=user, MLFLOW_TRACKING_PASSWORD=password)
     mlflow.set_tracking_uri(uri)
+    _initialise_store(uri)
     return uri
+
+
+STORE_ATTEMPTS = 4
+
+
+@functools.cache
+def _initialise_store(uri: str) -> None:
+    """Create (or migrate) a SQLite tracking store once, one process at a time: processes
+    started together on a new store (sweep workers) would otherwise race through MLflow's
+    schema migration, and all but one fail. A failure is retried, then one message."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import fcntl
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    from taxonclip.config import cache_dir
+
+    path = os.path.abspath(uri.removeprefix("sqlite:///"))
+    # in the cache: a lock next to the database would be litter, and a lock on the database
+    # itself would meddle with SQLite's own
+    lock = cache_dir() / "locks" / f"store-{hashlib.sha256(path.encode()).hexdigest()[:16]}.lock"
+    error: Exception | None = None
+    for attempt in range(STORE_ATTEMPTS):
+        time.sleep(attempt)
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock, "a") as held:
+                fcntl.flock(held, fcntl.LOCK_EX)
+                MlflowClient(uri).search_experiments(max_results=1)
+            return
+        except Exception as exc:  # SQLAlchemy and Alembic raise many types for one race
+            error = exc
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise TrackingError(f"cannot create or open the tracking store {path} ({first}); another "
+                        f"process may hold it, or it is damaged; run again, or point "
+                        f"MLFLOW_TRACKING_URI at another store")
 
 
 def redacted_uri(uri: str) -> str:
@@ -173,6 +212,11 @@ class Run:
         """A path in the run's spool to write a file to before `log_artifact` uploads it: a
         checkpoint then has a copy on the local disk until its upload succeeds."""
         return self.spool.staging(name)
+
+    def stage(self, name: str, writer, needed: int | None = None) -> Path:
+        """Write a file to upload (a checkpoint) into the run's spool by `writer(path)`, whole
+        or not at all (`Spool.write`); returns its path."""
+        return self.spool.write(name, writer, needed)
 
     def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None:
         """Upload one local file or folder into the run's artifacts."""
@@ -375,9 +419,11 @@ class Run:
         """The model call with its encoder written into the spool as a logged model's files."""
         from taxonclip.tracking.logged_model import write_encoder_files
 
-        folder = self.spool.staging("model")
-        folder.mkdir()
-        write_encoder_files(record["encoder"], folder)
+        def write(folder: Path) -> None:
+            folder.mkdir()
+            write_encoder_files(record["encoder"], folder)
+
+        folder = self.spool.write("model", write)
         return {"call": "model", "folder": str(folder), "register_as": record["register_as"]}
 
     def _write_model(self, register_as: str | None, encoder=None, folder: str | None = None) -> None:
@@ -394,6 +440,12 @@ class Run:
     def _write_end(self, status: str) -> None:
         import mlflow
 
+        if status == "RUNNING":  # stopped, resumable: leave MLflow's active run, end nothing
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                mlflow.end_run("KILLED")
+                self.client.update_run(self.run_id, status="RUNNING")
+            return
         active = mlflow.active_run()
         if active is not None and active.info.run_id == self.run_id:
             mlflow.end_run(status)
@@ -473,6 +525,9 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
     run.resend()  # what an earlier process of this run left in its spool goes first
     prepare_experiment(run.client, active.info.experiment_id)
     _describe(run, launched_by_mlflow=launched is not None, resumed=resume_run_id is not None)
+    if resume_run_id is not None:  # the reason it stopped, once it goes on, is no more
+        with contextlib.suppress(Exception):  # MLflow raises where the tag is not set
+            run.client.delete_tag(run.run_id, names.TAG_STOPPED_REASON)
     status = "FAILED"
     try:
         yield run
@@ -480,6 +535,14 @@ def tracked_run(entry: str, *, main: bool = True, resume_run_id: str | None = No
     except (KeyboardInterrupt, RunKilled):
         status = "KILLED"
         raise
+    except DiskError as error:
+        if entry != "train":
+            raise
+        status = "RUNNING"  # a training goes on from its last checkpoint once space is freed
+        with contextlib.suppress(Exception):  # the store may lie on the full disk too
+            run.set_tags({names.TAG_STOPPED_REASON: str(error)})
+        raise DiskError(f"{error}; then continue the run with: taxonclip train --resume "
+                        f"{run.run_id}") from None
     finally:
         run.end(status)
         _settle_spool(run, raise_error=status == "FINISHED")

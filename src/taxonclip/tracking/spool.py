@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 
 from taxonclip.config import cache_dir
+from taxonclip.diskio import atomic_path, disk_errors
+from taxonclip.errors import TrackingError
 
 SPOOL_ENV = "TAXONCLIP_SPOOL"
 RETRY_ENV = "TAXONCLIP_TRACKING_RETRY_S"
@@ -58,28 +60,60 @@ class Spool:
         if not self.queue_file.exists():
             return []
         lines = self.queue_file.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        calls = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                call = json.loads(line)
+            except ValueError as error:
+                call = error
+            if not isinstance(call, dict) or "call" not in call:
+                raise TrackingError(f"{self.queue_file} line {number} is not a queued call (a JSON "
+                                    f"object with a 'call'): the spool was damaged or is not a "
+                                    f"spool; its calls before that line are intact")
+            calls.append(call)
+        return calls
 
     def add(self, call: dict) -> None:
         """Queue one call, on disk before this returns."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.queue_file, "a", encoding="utf-8") as queue:
-            queue.write(json.dumps(call) + "\n")
-            queue.flush()
-            os.fsync(queue.fileno())
+        line = (json.dumps(call) + "\n").encode()
+        with disk_errors(self.folder, len(line), "a queued call"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self.queue_file, "ab") as queue:
+                held = queue.tell()
+                try:
+                    queue.write(line)
+                    queue.flush()
+                    os.fsync(queue.fileno())
+                except OSError:
+                    queue.truncate(held)  # no half line: the calls before it stay readable
+                    raise
 
     def drop_first(self) -> None:
         """Remove the oldest call (it has been sent), atomically."""
         rest = self.pending()[1:]
-        partial = self.queue_file.with_suffix(".partial")
-        partial.write_text("".join(json.dumps(call) + "\n" for call in rest), encoding="utf-8")
-        partial.replace(self.queue_file)
+        with atomic_path(self.queue_file) as partial:
+            partial.write_text("".join(json.dumps(call) + "\n" for call in rest), encoding="utf-8")
 
     def staging(self, name: str) -> Path:
         """A new path under `files/` for a file that is to be uploaded (a checkpoint)."""
         folder = self.folder / FILES / uuid.uuid4().hex[:12]
-        folder.mkdir(parents=True)
+        with disk_errors(self.folder, what=name):
+            folder.mkdir(parents=True)
         return folder / name
+
+    def write(self, name: str, writer, needed: int | None = None) -> Path:
+        """A new file `name` under `files/`, which `writer(path)` writes; whole or not at all: a
+        full disk leaves nothing behind and raises a DiskError naming the spool."""
+        path = self.staging(name)
+        try:
+            with atomic_path(path, needed, what=name, where=self.folder) as partial:
+                writer(partial)
+        except BaseException:
+            shutil.rmtree(path.parent, ignore_errors=True)
+            raise
+        return path
 
     def keep(self, path: str | Path) -> Path:
         """A copy of `path` under `files/` (the path itself when it is there already), so that a
@@ -87,9 +121,9 @@ class Spool:
         path = Path(path)
         if self.holds(path):
             return path
-        kept = self.staging(path.name)
-        (shutil.copytree if path.is_dir() else shutil.copy2)(path, kept)
-        return kept
+        return self.write(path.name, lambda kept: (shutil.copytree if path.is_dir()
+                                                   else shutil.copy2)(path, kept),
+                          _size_of(path))
 
     def holds(self, path: str | Path) -> bool:
         """Whether `path` lies under this spool's `files/`."""
@@ -113,3 +147,10 @@ class Spool:
         """Delete the spool folder once everything in it has been sent."""
         if not self.pending():
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _size_of(path: Path) -> int:
+    """The bytes of a file, or of the files in a folder."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
