@@ -32,6 +32,13 @@ LABELS = (*(level for level in names.KNOWN_LEVELS if level != "taxa"), CLUSTER_L
 # seeded: the seeded stratified split of `splits.split_manifest`; official: the dataset's own
 # partitions (a `split` column, as BIOSCAN-5M has; see `splits.official_split`)
 SPLITS = ("seeded", "official")
+# the dataset formats of data.readers.registry (auto: the first whose reader detects the data);
+# names only here, since the registry imports pandas (tests/test_readers.py checks they match)
+DATA_FORMATS = ("auto", "prepared", "treeoflife", "bioscan5m", "vlm4bio", "manifest")
+# BIOSCAN-5M's image packages, as its owners name them (data.bioscan.IMAGE_PACKAGES)
+BIOSCAN_IMAGE_PACKAGES = ("cropped_256", "original_256", "cropped", "original_full")
+# TreeOfLife-10M's per-sample texts (data.treeoflife.TEXT_KEYS)
+TREEOFLIFE_TEXT_KEYS = ("sci", "com", "taxon", "taxonTag", "sci_com", "taxon_com", "taxonTag_com")
 # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
 MAX_SEED = 2**32 - 1
 # The scale s of the margin loss lies in (0, 128]: UNICOM trains with 32, ArcFace with 64; a
@@ -95,10 +102,30 @@ class DataConfig:
     split: str = _described(
         "seeded", "seeded: a seeded train/test split stratified by species; official: the data's "
                   "own partitions (its split column, as BIOSCAN-5M has)", SPLITS)
+    format: str = _described(
+        "auto", "the dataset's format (auto: found from the data)", DATA_FORMATS)
+    image_package: str | None = _described(
+        None, "BIOSCAN-5M: the image package to read (none: the first present of "
+              f"{', '.join(BIOSCAN_IMAGE_PACKAGES)})", BIOSCAN_IMAGE_PACKAGES)
+    text_key: str | None = _described(
+        None, "TreeOfLife-10M: the per-sample text that becomes each row's caption (zero-shot "
+              "adds it to each species' texts)", TREEOFLIFE_TEXT_KEYS)
+    queries: str | None = _described(
+        None, "TreeOfLife-10M: held-out shards (a path or brace pattern) that are the queries, the "
+              "data's shards the gallery; needs split=official (none: a seeded split by shard)")
 
     def __post_init__(self) -> None:
         _check_choice("missing", self.missing, MISSING_POLICIES)
         _check_choice("split", self.split, SPLITS)
+        _check_choice("format", self.format, DATA_FORMATS)
+        for name, value, choices in (("image_package", self.image_package, BIOSCAN_IMAGE_PACKAGES),
+                                     ("text_key", self.text_key, TREEOFLIFE_TEXT_KEYS)):
+            if value is not None:
+                _check_choice(name, value, choices)
+        if self.queries is not None and self.split != "official":
+            raise ConfigError("parameter 'queries' names held-out query shards, which the "
+                              "official split scores (gallery: the data's shards); set "
+                              "split=official, or leave queries out for a seeded split by shard")
         if self.split == "official" and self.class_fraction < 1.0:
             raise ConfigError("parameters 'split'=official and 'class_fraction' below 1 both "
                               "choose the seen classes (the official partitions hold unseen "
@@ -506,6 +533,8 @@ DATA_PARAMS = {
     "image_column": "data.image_column", "name_column": "data.name_column",
     "taxa": "data.taxa", "caption_column": "data.caption_column", "captions": "data.captions",
     "group_column": "data.group_column", "split": "data.split",
+    "format": "data.format", "image_package": "data.image_package", "text_key": "data.text_key",
+    "queries": "data.queries",
 }
 EVAL_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,

@@ -389,13 +389,13 @@ def table_cells(taxa, with_seen: bool,
                 levels: Levels = VLM4BIO_LEVELS) -> list[tuple[str, str]]:
     """The (taxa, level) rows of the table, in order: each taxa at the levels within a taxa
     (species and genus for VLM4Bio), `All` at every level, then `All:seen` and `All:unseen` at
-    the levels within a taxa when training used a fraction of the classes or the split is
-    official."""
+    every rank the data has (`levels.labels`: BIOSCAN-5M's from phylum, order included) when
+    training used a fraction of the classes or the split is official."""
     cells = [(scope, level) for scope in sorted(taxa) for level in levels.within_taxa]
     cells += [(ALL_TAXA, level) for level in levels.scored]
     if with_seen:
         cells += [(f"{ALL_TAXA}:{name}", level) for name in ("seen", "unseen")
-                  for level in levels.within_taxa]
+                  for level in levels.labels]
     return cells
 
 

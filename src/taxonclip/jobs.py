@@ -22,14 +22,25 @@ def synth(out: str, **sizes: int) -> int:
     return 0
 
 
-def synth_bioscan(out: str, seed: int, size: int) -> int:
-    """Write the small BIOSCAN-5M-format set and print its summary."""
-    from taxonclip.data.bioscan import write_fixture
+def synth_fixture(format: str, out: str, seed: int, size: int) -> int:
+    """Write the small fixture of a dataset format (its reader's fixture writer), print how to
+    read it and its summary."""
     from taxonclip.data.manifest import read_manifest
+    from taxonclip.data.readers.registry import reader_named
 
-    root = write_fixture(out, seed=seed, size=size)
+    reader = reader_named(format)
+    root = reader.write_fixture(out, seed=seed, size=size)
     print(f"wrote {root}")
-    print(read_manifest(root).report.summary())
+    data, hint = str(root), ""
+    if format == "treeoflife":
+        from taxonclip.data.treeoflife import fixture_patterns
+
+        data, queries = fixture_patterns(root)
+        hint = (f"read it as --data '{data}' (a seeded split by shard), or add --queries "
+                f"'{queries}' --split official (the val shard as queries)")
+    print(read_manifest(data).report.summary())
+    if hint:
+        print(hint)
     return 0
 
 
