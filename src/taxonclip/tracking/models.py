@@ -26,7 +26,7 @@ from taxonclip.errors import ModelError
 from taxonclip.models.registry import (Encoder, create_model, encoder_from_config,
                                        spec_from_config)
 from taxonclip.models.weights import unreadable_weights
-from taxonclip.tracking.runs import activated, connect, redacted_uri, tracking_uri
+from taxonclip.tracking.connection import activated, connect, redacted_uri, tracking_uri
 
 MODEL_URI_PREFIXES = ("runs:/", "models:/")
 # Requirements of the logged model, given explicitly: inferring them re-imports the model in a
