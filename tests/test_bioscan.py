@@ -70,7 +70,16 @@ def test_eval_official_has_every_rank_and_seen_unseen_rows(bioscan, tmp_path, mo
     sqlite_tracking(monkeypatch, tmp_path, "bioscan-official")
     assert main(["eval", "--model", "tiny", "--data", str(bioscan), "--split", "official",
                  "--workers", "0"]) == 0
-    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    out = capsys.readouterr().out
+    # the table says which partitions it scored, on the screen and in the run's tag
+    assert "queries: test + test_unseen" in out and "gallery: train + key_unseen" in out
+    import mlflow
+
+    run = mlflow.search_runs(experiment_names=["bioscan-official"]).iloc[0]
+    assert run[f"tags.{names.TAG_SCORED}"].startswith("queries: test + test_unseen")
+    assert np.isfinite(run["metrics.eval/All:unseen/order/top1_cos"])
+    assert np.isfinite(run["metrics.eval/All/dna_bin/top1_cos"])
+    rows = [line.split()[:2] for line in out.splitlines()]
     for rank in names.BIOSCAN_LEVELS.scored:
         assert ["All", rank] in rows
     below_order = ("family", "subfamily", "genus", "species", "dna_bin")

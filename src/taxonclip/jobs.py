@@ -144,7 +144,7 @@ def evaluate(config: EvalConfig) -> int:
     from taxonclip.data.audit import report_for_run
     from taxonclip.distributed import resolve_device
     from taxonclip.evaluate import evaluate as run_evaluation
-    from taxonclip.evaluate import check_zero_shot, format_table, prepare_evaluation
+    from taxonclip.evaluate import check_zero_shot, format_table, prepare_evaluation, scored_note
     from taxonclip.tracking.models import resolve_model
     from taxonclip.tracking.runs import tracked_run
 
@@ -158,6 +158,7 @@ def evaluate(config: EvalConfig) -> int:
         run.log_text(report, names.DATA_SUMMARY)
         result = run_evaluation(config, encoder, manifest, split)
         log_evaluation(run, result)
+    print(scored_note(result.manifest.table, result.split))
     print(format_table(result.table))
     print(where_to_look(run.run_id, run.experiment_id))
     return 0
@@ -178,11 +179,12 @@ def eval_run_name(config: EvalConfig) -> str:
 
 def log_evaluation(run, result) -> None:
     """Log a final evaluation: the table and its metrics, the split, the embedding speed."""
-    from taxonclip.evaluate import split_csv
+    from taxonclip.evaluate import scored_note, split_csv
 
     run.log_eval_metrics(result.table)
     computed = math.isfinite(result.img_per_s)
-    run.set_tags({names.TAG_EMBEDDINGS: "computed" if computed else "cache"})
+    run.set_tags({names.TAG_EMBEDDINGS: "computed" if computed else "cache",
+                  names.TAG_SCORED: scored_note(result.manifest.table, result.split)})
     if computed:
         run.log_metrics({names.EVAL_EMBED_IMG_PER_S: result.img_per_s})
     run.log_eval_table(result.table)
@@ -215,13 +217,14 @@ LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` and `make server` serve 
 
 def train(config: TrainConfig) -> int:
     """Fine-tune, evaluate and log one model (`torchrun` starts one process per GPU)."""
-    from taxonclip.evaluate import format_table
+    from taxonclip.evaluate import format_table, scored_note
     from taxonclip.formats import percent
     from taxonclip.train import run_training
 
     outcome = run_training(config)
     if outcome.evaluation is None:  # ranks other than 0 evaluate nothing
         return 0
+    print(scored_note(outcome.evaluation.manifest.table, outcome.evaluation.split))
     print(format_table(outcome.table))
     print(f"best epoch {outcome.best_epoch} of {outcome.epochs} by {outcome.metric}: "
           f"{percent(outcome.best_metric)}%")

@@ -37,6 +37,7 @@ TAG_TRIAL = "taxonclip.trial"
 TAG_STUDY = "taxonclip.study"
 TAG_BEST_CHILD = "taxonclip.best_run_id"
 TAG_EMBEDDINGS = "taxonclip.embeddings"
+TAG_SCORED = "taxonclip.scored"  # which rows a final table scored: queries and gallery
 TAG_STORAGE = "taxonclip.storage"
 TAG_METRIC = "taxonclip.metric"
 TAG_DIRECTION = "taxonclip.direction"

@@ -46,6 +46,7 @@ from taxonclip.formats import percent
 from taxonclip.evaluate import (EvalResult, Seen, check_decoder, check_has_test_images,
                                 check_metric_cell, check_no_label_in_queries, embed_visual,
                                 evaluate, seen_of_split, split_csv, table_cell)
+from taxonclip.evaluate import scored_note
 from taxonclip.losses import CombinedMarginLoss, PartialFC
 from taxonclip.progress import Progress, say
 from taxonclip.tracking.runs import NullRun, Run, table_counts, table_metrics
@@ -733,6 +734,7 @@ def _finish(state: TrainState, ctx: TrainContext, result: EvalResult) -> None:
     run, data = ctx.run, ctx.data
     run.log_eval_table(result.table)
     run.log_text(split_csv(result), names.SPLIT_ARTIFACT)
+    run.set_tags({names.TAG_SCORED: scored_note(result.manifest.table, result.split)})
     with _scratch() as folder:
         centroids, classes = Path(folder, names.CENTROIDS), Path(folder, names.CENTROID_CLASSES)
         centroids.parent.mkdir(parents=True)

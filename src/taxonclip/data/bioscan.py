@@ -31,6 +31,15 @@ COLUMNS = ("processid", "sampleid", "taxon", "phylum", "class", "order", "family
            "genus", "species", "dna_bin", "dna_barcode", "country", "province_state", "coord-lat",
            "coord-lon", "image_measurement_value", "area_fraction", "scale_factor",
            "inferred_ranks", "split", "index_bioscan_1M_insect", "chunk")
+# the owners' column types (`bioscan_dataset.bioscan5m.COLUMN_DTYPES`, which tests/test_readers.py
+# checks this is): written here so that reading needs no import of torchvision's datasets
+COLUMN_DTYPES = {
+    "processid": str, "sampleid": str, "taxon": "category", "phylum": "category",
+    "class": "category", "order": "category", "family": "category", "subfamily": "category",
+    "genus": "category", "species": "category", "dna_bin": "category", "dna_barcode": str,
+    "country": "category", "province_state": "category", "coord-lat": float, "coord-lon": float,
+    "image_measurement_value": float, "area_fraction": float, "scale_factor": float,
+    "inferred_ranks": "uint8", "split": str, "index_bioscan_1M_insect": "Int64", "chunk": str}
 RANKS = names.BIOSCAN_RANKS
 BIN_COLUMN = "dna_bin"  # the BIN: the species proxy of specimens without a species name
 ID_COLUMN = "processid"

@@ -77,18 +77,15 @@ def read(data: str, options: ReadOptions) -> Manifest:
 
 
 def read_metadata(file: Path) -> pd.DataFrame:
-    """The metadata with the owners' column types (`bioscan_dataset`'s `COLUMN_DTYPES`: the
-    ranks as categories, coordinates as floats, the chunk as text), its required columns
-    checked."""
-    from bioscan_dataset.bioscan5m import COLUMN_DTYPES
-
+    """The metadata with the owners' column types (`bioscan.COLUMN_DTYPES`: the ranks as
+    categories, coordinates as floats, the chunk as text), its required columns checked."""
     header = read_table(file).columns if file.suffix == ".parquet" else \
         pd.read_csv(file, nrows=0).columns
     absent = [column for column in REQUIRED_COLUMNS if column not in header]
     if absent:
         raise DataError(f"{file}: no column {', '.join(map(repr, absent))}; BIOSCAN-5M metadata "
                         f"has the columns {', '.join(bioscan.COLUMNS)}")
-    dtypes = {column: kind for column, kind in COLUMN_DTYPES.items() if column in header}
+    dtypes = {column: kind for column, kind in bioscan.COLUMN_DTYPES.items() if column in header}
     try:
         if file.suffix == ".parquet":
             return read_table(file).astype(dtypes)
