@@ -102,7 +102,7 @@ MALFORMED = {  # changes to VALID's top-level keys (None deletes one) -> the key
                                 "search.margin_m2"),
     "searched and fixed": ({"fixed": {"lr": 0.1}}, "search.lr"),
     "no search": ({"search": None}, "search"),
-    "metric level": ({"metric": "eval/All/kingdom/top1_cos"}, "metric"),
+    "metric level": ({"metric": "eval/All/tribe/top1_cos"}, "metric"),
     "metric name": ({"metric": "eval/All/species/accuracy"}, "metric"),
     "metric prefix": ({"metric": "All/species/top1_cos"}, "metric"),
     "direction": ({"direction": "up"}, "direction"),

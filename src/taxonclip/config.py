@@ -67,8 +67,9 @@ class DataConfig:
 
     data: str = _described(
         SYNTHETIC, "the dataset: a VLM4Bio folder, a manifest CSV/parquet (or a folder holding "
-                   "one), BIOSCAN-5M metadata, a folder of `data prepare`, a WebDataset shard URL "
-                   "pattern, or synthetic (the generated specimens)")
+                   "one), BIOSCAN-5M (its bioscan5m folder or metadata), a folder of `data "
+                   "prepare`, TreeOfLife-10M or prepared WebDataset shards (a path, brace pattern "
+                   "or URL), or synthetic (the generated specimens)")
     image_column: str | None = _described(
         None, "manifest column of the image paths (none: the first of fileNameAsDelivered, "
               "image_path, file_name, file_path, image, path)")

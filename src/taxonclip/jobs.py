@@ -158,8 +158,8 @@ def evaluate(config: EvalConfig) -> int:
         run.log_text(report, names.DATA_SUMMARY)
         result = run_evaluation(config, encoder, manifest, split)
         log_evaluation(run, result)
-    print(scored_note(result.manifest.table, result.split))
     print(format_table(result.table))
+    print(f"scored {scored_note(result.manifest.table, result.split)}")
     print(where_to_look(run.run_id, run.experiment_id))
     return 0
 
@@ -224,8 +224,8 @@ def train(config: TrainConfig) -> int:
     outcome = run_training(config)
     if outcome.evaluation is None:  # ranks other than 0 evaluate nothing
         return 0
-    print(scored_note(outcome.evaluation.manifest.table, outcome.evaluation.split))
     print(format_table(outcome.table))
+    print(f"scored {scored_note(outcome.evaluation.manifest.table, outcome.evaluation.split)}")
     print(f"best epoch {outcome.best_epoch} of {outcome.epochs} by {outcome.metric}: "
           f"{percent(outcome.best_metric)}%")
     print(f"its checkpoint: {outcome.best_checkpoint}")
