@@ -198,6 +198,8 @@ def test_missing_keys_and_empty_shard_lists_are_one_message(tmp_path, capsys):
     with pytest.raises(DataError, match=r"noimage.tar#k2 has no 'jpg' key"):
         read_manifest(no_image)
     assert len(read_manifest(no_image, missing="skip").table) == 1
+    assert main(["data", "prepare", no_image, "--missing", "skip", "--out", str(tmp_path / "p")]) == 1
+    assert "is WebDataset shards already" in capsys.readouterr().err
     empty = _tar(tmp_path / "empty.tar", [])
     for data in (empty, str(tmp_path / "none-{000001..000000}.tar"), str(tmp_path / "gone.tar")):
         assert main(["data", "check", data]) == 1

@@ -122,6 +122,9 @@ def prepare(manifest: Manifest, out: str | Path, settings: PrepareSettings = Pre
     (default: every core)."""
     if not str(out):
         raise ConfigError("prepare needs an output folder (--out)")
+    if manifest.shards:
+        raise DataError(f"{manifest.report.source} is WebDataset shards already: train and eval "
+                        f"read it as it is, with no prepare step")
     start = time.perf_counter()
     folder = Path(os.path.abspath(Path(out).expanduser()))
     table = manifest.table
