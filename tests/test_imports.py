@@ -4,6 +4,7 @@ at module level or inside a function, is an edge; a cycle among them fails."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import taxonclip
@@ -21,6 +22,7 @@ def _modules() -> dict[str, Path]:
     return found
 
 
+@functools.cache
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports (a name imported from a package that is itself
     a module counts as that module)."""

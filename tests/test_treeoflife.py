@@ -205,3 +205,17 @@ def test_missing_keys_and_empty_shard_lists_are_one_message(tmp_path, capsys):
         assert main(["data", "check", data]) == 1
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_identical_images_in_two_shards_are_found_by_the_audit(tmp_path):
+    from taxonclip.data.audit import audit_split
+    from taxonclip.data.shards import SOURCE_DIGEST_COLUMN
+
+    same = _sample("k1", "Animalia Chordata Aves Passeriformes Corvidae Corvus corax")
+    other = dict(same, __key__="k2")
+    first, second = _tar(tmp_path / "s-0.tar", [same]), _tar(tmp_path / "s-1.tar", [other])
+    manifest = read_manifest(str(tmp_path / "s-{0..1}.tar"))
+    assert manifest.table[SOURCE_DIGEST_COLUMN].nunique() == 1 and len(manifest.shards) == 2
+    assert {first, second} == set(manifest.shards)
+    audit = audit_split(manifest.table, make_split(manifest.table, DataConfig()))
+    assert audit.duplicates == (("k1", "k2"),)

@@ -1,7 +1,8 @@
 """TreeOfLife-10M: its WebDataset shards read directly (local paths, brace patterns, or any URL
 webdataset opens), with no prepare step; see `taxonclip.data.treeoflife` for the key layout.
 
-The table is built in one pass over the shards. A sample's ranks come from its `taxonTag.txt`
+The table is built in one pass over the shards, with each image's sha256 (which the duplicate
+audit and the embedding cache compare, as they do a prepared folder's). A sample's ranks come from its `taxonTag.txt`
 (which names each rank it gives) where it has one, else from `taxonomic_name.txt` read as the
 ranks from kingdom down; both must agree. A missing rank leaves the row out of that rank only;
 the species is `<genus> <epithet>` where both are known. Levels: kingdom to species; the taxa
@@ -17,6 +18,7 @@ species' texts and the caption embeddings read.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pandas as pd
@@ -97,6 +99,8 @@ def _row(sample: dict, text_key: str | None) -> dict:
            "image_path": shards.sample_locator(url, key),
            "scientific_name": texts.get(treeoflife.SCIENTIFIC_KEY),
            "common_name": texts.get(treeoflife.COMMON_KEY)}
+    if treeoflife.IMAGE_KEY in sample:  # the duplicate audit and the embedding cache compare them
+        row[shards.SOURCE_DIGEST_COLUMN] = hashlib.sha256(sample[treeoflife.IMAGE_KEY]).hexdigest()
     if text_key:
         row["caption"] = texts.get(text_key)
     return row
