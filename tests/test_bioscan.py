@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from taxonclip import names
 from taxonclip.cli import main
 from taxonclip.config import DataConfig, TrainConfig, check_table_key
-from taxonclip.data.bioscan import METADATA_FILES, write_fixture
+from taxonclip.data.bioscan import METADATA_FILES, METADATA_FOLDERS, write_fixture
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import make_split, official_split
 from taxonclip.errors import ConfigError, DataError, MetricNotInTable
@@ -32,8 +32,10 @@ def _cell(table: pd.DataFrame, taxa: str, level: str) -> pd.Series:
 
 
 def test_fixture_loads_with_every_rank_and_paths_relative_to_the_root(bioscan):
-    folder, file = read_manifest(bioscan), read_manifest(bioscan / METADATA_FILES[0])
-    assert folder.table.equals(file.table) and folder.levels == names.BIOSCAN_LEVELS
+    folder = read_manifest(bioscan)
+    for form in (bioscan / "bioscan5m", bioscan / "bioscan5m" / METADATA_FOLDERS[0] / METADATA_FILES[0]):
+        assert read_manifest(form).table.equals(folder.table)
+    assert folder.levels == names.BIOSCAN_LEVELS
     table = folder.table
     assert list(table.columns[:6]) == ["image_id", "image_path", "scientific_name", "species",
                                        "genus", "taxa"]
@@ -43,9 +45,9 @@ def test_fixture_loads_with_every_rank_and_paths_relative_to_the_root(bioscan):
     assert table["species"].nunique() == 24
     assert table["species"].isna().any() and table["genus"].isna().any()
     train = table[table["split"] == "train"]
-    assert train["image_id"].str.match(r"cropped_256/train/[12]/SYNTH\d{5}-24\.jpg$").all()
+    assert train["image_id"].str.match(r"images/cropped_256/train/[0-9a-f]/SYNTH\d{5}-24\.jpg$").all()
     assert table.loc[table["split"] == "test", "image_id"].str.match(
-        r"cropped_256/test/SYNTH\d{5}-24\.jpg$").all()  # a blank chunk has no folder
+        r"images/cropped_256/test/SYNTH\d{5}-24\.jpg$").all()  # a blank chunk has no folder
     unseen = table.loc[table["split"].str.endswith("unseen"), "species"].dropna()
     assert not set(unseen) & set(train["species"].dropna())
     # the lowest known rank names a row
@@ -68,12 +70,24 @@ def test_eval_official_has_every_rank_and_seen_unseen_rows(bioscan, tmp_path, mo
     sqlite_tracking(monkeypatch, tmp_path, "bioscan-official")
     assert main(["eval", "--model", "tiny", "--data", str(bioscan), "--split", "official",
                  "--workers", "0"]) == 0
-    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
-    for rank in names.BIOSCAN_RANKS:
+    out = capsys.readouterr().out
+    # the table says which partitions it scored, on the screen and in the run's tag
+    assert "queries: test + test_unseen" in out and "gallery: train + key_unseen" in out
+    import mlflow
+
+    run = mlflow.search_runs(experiment_names=["bioscan-official"]).iloc[0]
+    assert run[f"tags.{names.TAG_SCORED}"].startswith("queries: test + test_unseen")
+    assert np.isfinite(run["metrics.eval/All:unseen/order/top1_cos"])
+    assert np.isfinite(run["metrics.eval/All/dna_bin/top1_cos"])
+    rows = [line.split()[:2] for line in out.splitlines()]
+    for rank in names.BIOSCAN_LEVELS.scored:
         assert ["All", rank] in rows
-    below_order = ("family", "subfamily", "genus", "species")
-    for scope in ("Diptera", "Hymenoptera", "All:seen", "All:unseen"):
+    below_order = ("family", "subfamily", "genus", "species", "dna_bin")
+    for scope in ("Diptera", "Hymenoptera"):
         assert [[scope, level] for level in below_order] == [r for r in rows if r[:1] == [scope]]
+    for scope in ("All:seen", "All:unseen"):  # at every rank, order included
+        assert [[scope, level] for level in names.BIOSCAN_LEVELS.scored] == \
+            [r for r in rows if r[:1] == [scope]]
 
 
 def test_official_table_equals_a_brute_force_nearest_neighbour(bioscan):
@@ -129,8 +143,8 @@ def test_label_family_trains_on_the_family_of_every_train_row_with_one(bioscan):
 def test_label_order_on_vlm4bio_data_is_refused_naming_its_ranks(specimens):
     with pytest.raises(ConfigError, match="has the ranks species, genus; choose one of them"):
         prepare_data(TrainConfig(data=DataConfig(data=str(specimens)), label="order"))
-    with pytest.raises(ConfigError, match="'label' is 'kingdom'"):
-        TrainConfig(label="kingdom")
+    with pytest.raises(ConfigError, match="'label' is 'tribe'"):
+        TrainConfig(label="tribe")
 
 
 def test_official_split_needs_a_split_column_and_no_class_fraction(specimens):
@@ -155,7 +169,7 @@ def test_metric_cells_of_any_rank(bioscan):
 def test_data_synth_writes_either_format(tmp_path, capsys):
     assert main(["data", "synth", "--format", "bioscan5m", "--out", str(tmp_path / "b"),
                  "--size", "16"]) == 0
-    assert (tmp_path / "b" / METADATA_FILES[0]).is_file()
+    assert (tmp_path / "b" / "bioscan5m" / METADATA_FOLDERS[0] / METADATA_FILES[0]).is_file()
     assert main(["data", "synth", "--format", "vlm4bio", "--out", str(tmp_path / "v"),
                  "--taxa", "1", "--genera", "1", "--species", "2", "--images", "2",
                  "--size", "16"]) == 0

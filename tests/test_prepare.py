@@ -232,7 +232,7 @@ def test_bioscan_prepared_keeps_every_rank_and_the_official_split(tmp_path):
                           create_model("tiny", "pretrained")).table
     assert table.equals(unprepared)
     assert {"All:seen", "All:unseen"} <= set(table["taxa"])
-    assert set(names.BIOSCAN_RANKS) == set(table.loc[table["taxa"] == "All", "level"])
+    assert set(names.BIOSCAN_LEVELS.scored) == set(table.loc[table["taxa"] == "All", "level"])
 
 
 def _stream_rows(per_shard: list[int]) -> ShardedRows:
@@ -346,8 +346,10 @@ def test_bad_shards_and_folders_are_named(specimens, tmp_path):
         prepare(read_manifest(specimens), taken, PrepareSettings(size=32), workers=1, progress=False)
     assert (taken / "notes.txt").read_text() == "mine"
     unlabelled = _tar(tmp_path / "unlabelled.tar", {"a1.jpg": b"\xff\xd8", "a2.json": b"{}"})
-    with pytest.raises(DataError, match=r"sample 'a1' of shard .*unlabelled.tar has no .json row"):
+    with pytest.raises(DataError, match=r"shard .*unlabelled.tar has the keys jpg: neither"):
         read_manifest(str(unlabelled))
+    with pytest.raises(DataError, match=r"sample 'a1' of shard .*unlabelled.tar has no .json row"):
+        read_manifest(str(unlabelled), format="prepared")
     no_taxa = _tar(tmp_path / "no_taxa.tar", {"a1.jpg": b"\xff\xd8",
                                                "a1.json": b'{"scientific_name": "Aus bus"}'})
     with pytest.raises(DataError, match="no 'taxa' in their .json rows; name the taxa"):

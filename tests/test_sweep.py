@@ -105,7 +105,7 @@ MALFORMED = {  # changes to VALID's top-level keys (None deletes one) -> the key
                                 "search.margin_m2"),
     "searched and fixed": ({"fixed": {"lr": 0.1}}, "search.lr"),
     "no search": ({"search": None}, "search"),
-    "metric level": ({"metric": "val/All/kingdom/top1_cos"}, "metric"),
+    "metric level": ({"metric": "val/All/tribe/top1_cos"}, "metric"),
     "metric name": ({"metric": "val/All/species/accuracy"}, "metric"),
     "metric prefix": ({"metric": "All/species/top1_cos"}, "metric"),
     "direction": ({"direction": "up"}, "direction"),

@@ -352,7 +352,7 @@ def test_best_checkpoint_follows_the_configured_metric(specimens, tracking, monk
 def test_a_metric_the_table_lacks_is_refused_before_training(specimens, capsys):
     _refused(capsys, ["train", "--data", str(specimens), "--workers", "0", "--batch_size", "16",
                       "--metric", "Unicorn/species/top1_cos"], "has no such row")
-    _refused(capsys, ["train", "--metric", "All/kingdom/top1_cos"], "parameter 'metric'")
+    _refused(capsys, ["train", "--metric", "All/tribe/top1_cos"], "parameter 'metric'")
     # order is a level of BIOSCAN-5M tables, not of this VLM4Bio one
     _refused(capsys, ["train", "--data", str(specimens), "--workers", "0", "--batch_size", "16",
                       "--metric", "All/order/top1_cos"], "has no such row")

@@ -17,7 +17,8 @@ from typing import Any
 from taxonclip import config as cfg
 from taxonclip.errors import TaxonclipError, UsageError
 
-SYNTH_FORMATS = ("vlm4bio", "bioscan5m")
+# the formats whose reader writes a fixture (data.readers.registry; tests/test_readers.py checks)
+SYNTH_FORMATS = ("vlm4bio", "bioscan5m", "treeoflife")
 # `data synth`'s counts and sizes (those of data.synthetic.generate): name -> (default, description)
 SYNTH_OPTIONS = {
     "seed": (0, "seed of the generated taxonomy and images"),
@@ -101,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="folder to write, new or empty (required)")
     synth.add_argument("--format", choices=SYNTH_FORMATS, default=SYNTH_FORMATS[0],
                        help=f"vlm4bio: taxa x genera x species x images in the VLM4Bio layout; "
-                            f"bioscan5m: a small set of fixed shape, which takes only --seed and "
-                            f"--size; one of {', '.join(SYNTH_FORMATS)} "
+                            f"bioscan5m (the owners' layout and 23 columns), treeoflife "
+                            f"(WebDataset shards in TreeOfLife-10M's key layout): small sets of "
+                            f"fixed shape, which take only --seed and --size; one of "
+                            f"{', '.join(SYNTH_FORMATS)} "
                             f"(default: {SYNTH_FORMATS[0]})")
     for name, (default, description) in SYNTH_OPTIONS.items():
         synth.add_argument(f"--{name}", type=int, default=default, metavar="N",
@@ -182,8 +185,8 @@ def _message(exc: TaxonclipError) -> str:
 def _dispatch(args: argparse.Namespace) -> int:
     from taxonclip import jobs
 
-    if args.command == "data" and args.data_command == "synth" and args.format == "bioscan5m":
-        return jobs.synth_bioscan(args.out, seed=args.seed, size=args.size)
+    if args.command == "data" and args.data_command == "synth" and args.format != "vlm4bio":
+        return jobs.synth_fixture(args.format, args.out, seed=args.seed, size=args.size)
     if args.command == "data" and args.data_command == "synth":
         return jobs.synth(args.out, seed=args.seed, taxa=args.taxa, genera=args.genera,
                           species=args.species, images=args.images, size=args.size)

@@ -34,6 +34,13 @@ LABELS = (*(level for level in names.KNOWN_LEVELS if level != "taxa"), CLUSTER_L
 SPLITS = ("seeded", "official")
 # which epoch's weights a training keeps as its model: the best by the validation metric, or last
 SELECTIONS = ("best", "last")
+# the dataset formats of data.readers.registry (auto: the first whose reader detects the data);
+# names only here, since the registry imports pandas (tests/test_readers.py checks they match)
+DATA_FORMATS = ("auto", "prepared", "treeoflife", "bioscan5m", "vlm4bio", "manifest")
+# BIOSCAN-5M's image packages, as its owners name them (data.bioscan.IMAGE_PACKAGES)
+BIOSCAN_IMAGE_PACKAGES = ("cropped_256", "original_256", "cropped", "original_full")
+# TreeOfLife-10M's per-sample texts (data.treeoflife.TEXT_KEYS)
+TREEOFLIFE_TEXT_KEYS = ("sci", "com", "taxon", "taxonTag", "sci_com", "taxon_com", "taxonTag_com")
 # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
 MAX_SEED = 2**32 - 1
 # The scale s of the margin loss lies in (0, 128]: UNICOM trains with 32, ArcFace with 64; a
@@ -62,8 +69,9 @@ class DataConfig:
 
     data: str = _described(
         SYNTHETIC, "the dataset: a VLM4Bio folder, a manifest CSV/parquet (or a folder holding "
-                   "one), BIOSCAN-5M metadata, a folder of `data prepare`, a WebDataset shard URL "
-                   "pattern, or synthetic (the generated specimens)")
+                   "one), BIOSCAN-5M (its bioscan5m folder or metadata), a folder of `data "
+                   "prepare`, TreeOfLife-10M or prepared WebDataset shards (a path, brace pattern "
+                   "or URL), or synthetic (the generated specimens)")
     image_column: str | None = _described(
         None, "manifest column of the image paths (none: the first of fileNameAsDelivered, "
               "image_path, file_name, file_path, image, path)")
@@ -102,10 +110,30 @@ class DataConfig:
              "[0, 1): a training's best epoch, pruning and sweep objective score them, and it "
              "never trains on them; eval keeps them in its gallery (its table does not depend "
              "on val_size). split=seeded only; split=official validates on val + val_unseen")
+    format: str = _described(
+        "auto", "the dataset's format (auto: found from the data)", DATA_FORMATS)
+    image_package: str | None = _described(
+        None, "BIOSCAN-5M: the image package to read (none: the first present of "
+              f"{', '.join(BIOSCAN_IMAGE_PACKAGES)})", BIOSCAN_IMAGE_PACKAGES)
+    text_key: str | None = _described(
+        None, "TreeOfLife-10M: the per-sample text that becomes each row's caption (zero-shot "
+              "adds it to each species' texts)", TREEOFLIFE_TEXT_KEYS)
+    queries: str | None = _described(
+        None, "TreeOfLife-10M: held-out shards (a path or brace pattern) that are the queries, the "
+              "data's shards the gallery; needs split=official (none: a seeded split by shard)")
 
     def __post_init__(self) -> None:
         _check_choice("missing", self.missing, MISSING_POLICIES)
         _check_choice("split", self.split, SPLITS)
+        _check_choice("format", self.format, DATA_FORMATS)
+        for name, value, choices in (("image_package", self.image_package, BIOSCAN_IMAGE_PACKAGES),
+                                     ("text_key", self.text_key, TREEOFLIFE_TEXT_KEYS)):
+            if value is not None:
+                _check_choice(name, value, choices)
+        if self.queries is not None and self.split != "official":
+            raise ConfigError("parameter 'queries' names held-out query shards, which the "
+                              "official split scores (gallery: the data's shards); set "
+                              "split=official, or leave queries out for a seeded split by shard")
         if self.split == "official" and self.class_fraction < 1.0:
             raise ConfigError("parameters 'split'=official and 'class_fraction' below 1 both "
                               "choose the seen classes (the official partitions hold unseen "
@@ -536,6 +564,8 @@ DATA_PARAMS = {
     "image_column": "data.image_column", "name_column": "data.name_column",
     "taxa": "data.taxa", "caption_column": "data.caption_column", "captions": "data.captions",
     "group_column": "data.group_column", "split": "data.split", "val_size": "data.val_size",
+    "format": "data.format", "image_package": "data.image_package", "text_key": "data.text_key",
+    "queries": "data.queries",
 }
 EVAL_PARAMS = {
     "model": "model.name", "weights": "model.weights", **DATA_PARAMS,

@@ -34,6 +34,7 @@ from taxonclip.checks import (GALLERY_TEXT_EMBEDDINGS, QUERY_TEXT_EMBEDDINGS, TE
                               check_no_label_in_queries, label_revealing_captions,
                               made_by_caption_command)
 from taxonclip.config import DataConfig, EvalConfig, cache_dir
+from taxonclip.data.bioscan import PARTITIONS as BIOSCAN_PARTITIONS
 from taxonclip.data.images import ImageDataset, collate_skipping
 from taxonclip.data.shards import PREPARED_FILE, SOURCE_DIGEST_COLUMN, read_prepared_info
 from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows, ShardStream,
@@ -365,13 +366,13 @@ def table_cells(taxa, with_seen: bool,
                 levels: Levels = VLM4BIO_LEVELS) -> list[tuple[str, str]]:
     """The (taxa, level) rows of the table, in order: each taxa at the levels within a taxa
     (species and genus for VLM4Bio), `All` at every level, then `All:seen` and `All:unseen` at
-    the levels within a taxa when training used a fraction of the classes or the split is
-    official."""
+    every rank the data has (`levels.labels`: BIOSCAN-5M's from phylum, order included) when
+    training used a fraction of the classes or the split is official."""
     cells = [(scope, level) for scope in sorted(taxa) for level in levels.within_taxa]
     cells += [(ALL_TAXA, level) for level in levels.scored]
     if with_seen:
         cells += [(f"{ALL_TAXA}:{name}", level) for name in ("seen", "unseen")
-                  for level in levels.within_taxa]
+                  for level in levels.labels]
     return cells
 
 
@@ -566,6 +567,23 @@ def zero_shot_table(table: pd.DataFrame, queries: torch.Tensor, rows: pd.DataFra
         top1, top5 = zero_shot.zero_shot_hits(queries[picked], labels, class_prototypes, candidates)
         scores.append((_mean_hit(top1), _mean_hit(top5)))
     return table.assign(**dict(zip(names.ZERO_SHOT_SCORES, map(list, zip(*scores)))))
+
+
+def scored_note(table: pd.DataFrame, split: Split) -> str:
+    """Which rows a table scored: under an official split the data's own partitions of its
+    queries and gallery (in the data's order of partitions), else the seeded test split."""
+    if split.protocol != "official" or PARTITION_COLUMN not in table.columns:
+        return (f"queries: the seeded test split ({len(split.test)} rows, test_size "
+                f"{split.test_size:g}, seed {split.seed}); gallery: the rest")
+    partitions = table[PARTITION_COLUMN].astype(str)
+    known = {name: i for i, name in enumerate(BIOSCAN_PARTITIONS)}
+
+    def named(rows: np.ndarray) -> str:
+        found = sorted(set(partitions.iloc[rows]), key=lambda p: (known.get(p, len(known)), p))
+        return " + ".join(found) or "none"
+
+    return (f"queries: {named(split.test)} ({len(split.test)} rows); gallery: "
+            f"{named(split.train)} ({len(split.train)} rows); the data's own partitions")
 
 
 def _mean_hit(hits: torch.Tensor) -> float:

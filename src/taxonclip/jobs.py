@@ -22,14 +22,25 @@ def synth(out: str, **sizes: int) -> int:
     return 0
 
 
-def synth_bioscan(out: str, seed: int, size: int) -> int:
-    """Write the small BIOSCAN-5M-format set and print its summary."""
-    from taxonclip.data.bioscan import write_fixture
+def synth_fixture(format: str, out: str, seed: int, size: int) -> int:
+    """Write the small fixture of a dataset format (its reader's fixture writer), print how to
+    read it and its summary."""
     from taxonclip.data.manifest import read_manifest
+    from taxonclip.data.readers.registry import reader_named
 
-    root = write_fixture(out, seed=seed, size=size)
+    reader = reader_named(format)
+    root = reader.write_fixture(out, seed=seed, size=size)
     print(f"wrote {root}")
-    print(read_manifest(root).report.summary())
+    data, hint = str(root), ""
+    if format == "treeoflife":
+        from taxonclip.data.treeoflife import fixture_patterns
+
+        data, queries = fixture_patterns(root)
+        hint = (f"read it as --data '{data}' (a seeded split by shard), or add --queries "
+                f"'{queries}' --split official (the val shard as queries)")
+    print(read_manifest(data).report.summary())
+    if hint:
+        print(hint)
     return 0
 
 
@@ -155,7 +166,7 @@ def evaluate(config: EvalConfig) -> int:
     from taxonclip.data.audit import report_for_run
     from taxonclip.distributed import resolve_device
     from taxonclip.evaluate import evaluate as run_evaluation
-    from taxonclip.evaluate import check_zero_shot, format_table, prepare_evaluation
+    from taxonclip.evaluate import check_zero_shot, format_table, prepare_evaluation, scored_note
     from taxonclip.tracking.models import resolve_model
     from taxonclip.tracking.runs import tracked_run
 
@@ -174,6 +185,7 @@ def evaluate(config: EvalConfig) -> int:
         run.log_text(report, names.DATA_SUMMARY)
         log_evaluation(run, result)
     print(format_table(result.table))
+    print(f"scored {scored_note(result.manifest.table, result.split)}")
     print(where_to_look(run.run_id, run.experiment_id))
     return 0
 
@@ -196,13 +208,14 @@ def eval_run_name(config: EvalConfig) -> str:
 def log_evaluation(run, result) -> None:
     """Log a final evaluation: the table and its metrics, the split, the embedding speed."""
     from taxonclip.data.splits import split_fingerprint
-    from taxonclip.evaluate import split_csv
+    from taxonclip.evaluate import scored_note, split_csv
 
     run.log_eval_metrics(result.table)
     computed = math.isfinite(result.img_per_s)
     split_text = split_csv(result)
     run.set_tags({names.TAG_EMBEDDINGS: "computed" if computed else "cache",
-                  names.TAG_SPLIT_FINGERPRINT: split_fingerprint(split_text)})
+                  names.TAG_SPLIT_FINGERPRINT: split_fingerprint(split_text),
+                  names.TAG_SCORED: scored_note(result.manifest.table, result.split)})
     if computed:
         run.log_metrics({names.EVAL_EMBED_IMG_PER_S: result.img_per_s})
     run.log_eval_table(result.table)
@@ -235,16 +248,17 @@ LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` and `make server` serve 
 
 def train(config: TrainConfig) -> int:
     """Fine-tune, evaluate and log one model (`torchrun` starts one process per GPU)."""
-    from taxonclip.evaluate import format_table
+    from taxonclip.evaluate import format_table, scored_note
     from taxonclip.formats import percent
     from taxonclip.train import run_training
 
     outcome = run_training(config)
     if outcome.evaluation is None:  # ranks other than 0 evaluate nothing
         return 0
-    from taxonclip.evaluate import table_cell
+    from taxonclip.evaluate import scored_note, table_cell
 
     print(format_table(outcome.table))
+    print(f"scored {scored_note(outcome.evaluation.manifest.table, outcome.evaluation.split)}")
     how = ("the best validation" if outcome.select == "best" else "the last epoch; validation")
     print(f"the model: epoch {outcome.selected_epoch} of {outcome.epochs} (select="
           f"{outcome.select}: {how} {outcome.metric} "

@@ -39,6 +39,7 @@ TAG_TRIAL = "taxonclip.trial"
 TAG_STUDY = "taxonclip.study"
 TAG_BEST_CHILD = "taxonclip.best_run_id"
 TAG_EMBEDDINGS = "taxonclip.embeddings"
+TAG_SCORED = "taxonclip.scored"  # which rows a final table scored: queries and gallery
 TAG_STORAGE = "taxonclip.storage"
 TAG_METRIC = "taxonclip.metric"
 TAG_DIRECTION = "taxonclip.direction"
@@ -58,8 +59,12 @@ ALL_TAXA = "All"
 LEVELS = ("species", "genus", "taxa")  # the levels of a VLM4Bio table (and of any generic manifest)
 # BIOSCAN-5M's rank columns, high to low as its metadata orders them
 BIOSCAN_RANKS = ("phylum", "class", "order", "family", "subfamily", "genus", "species")
+# BIOSCAN-5M's BIN (its dna_bin column): the species proxy of specimens without a species name
+BIOSCAN_BIN = "dna_bin"
+# TreeOfLife-10M's ranks, high to low as its taxonomic names give them
+TREEOFLIFE_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 # every level a table can have: the <level> of a metric key and the possible training labels
-KNOWN_LEVELS = (*LEVELS, *(rank for rank in BIOSCAN_RANKS if rank not in LEVELS))
+KNOWN_LEVELS = tuple(dict.fromkeys((*LEVELS, *BIOSCAN_RANKS, BIOSCAN_BIN, *TREEOFLIFE_RANKS)))
 COUNT_COLUMNS = ("n_test", "n_classes", "n_lone")  # the per-taxa table's counts; the rest are scores
 # micro top-1/3/5 and macro (the mean over classes of each class's accuracy) top-1/5, as CLIBD reports
 SCORES = ("top1_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "macro_top1_cos", "map_at_r",
@@ -132,5 +137,7 @@ class Levels:
 
 VLM4BIO_LEVELS = Levels(scored=LEVELS, within_taxa=("species", "genus"))
 # a BIOSCAN-5M table's taxa are its orders, so the per-taxa rows score the ranks below order
-BIOSCAN_LEVELS = Levels(scored=BIOSCAN_RANKS,
-                        within_taxa=BIOSCAN_RANKS[BIOSCAN_RANKS.index("order") + 1:])
+BIOSCAN_LEVELS = Levels(scored=(*BIOSCAN_RANKS, BIOSCAN_BIN),
+                        within_taxa=(*BIOSCAN_RANKS[BIOSCAN_RANKS.index("order") + 1:], BIOSCAN_BIN))
+# a TreeOfLife-10M table's taxa are its kingdoms, so the per-taxa rows score the ranks below
+TREEOFLIFE_LEVELS = Levels(scored=TREEOFLIFE_RANKS, within_taxa=TREEOFLIFE_RANKS[1:])

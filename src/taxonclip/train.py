@@ -54,7 +54,8 @@ from taxonclip.errors import ConfigError, DataError, TrainingDiverged
 from taxonclip.formats import percent
 from taxonclip.evaluate import (EvalResult, Seen, check_decoder, check_has_test_images,
                                 check_metric_cell, check_no_label_in_queries, embed_visual,
-                                evaluate, gauges_captions, seen_of_split, split_csv, table_cell)
+                                evaluate, gauges_captions, scored_note, seen_of_split, split_csv,
+                                table_cell)
 from taxonclip.losses import CombinedMarginLoss, PartialFC
 from taxonclip.progress import Progress, say
 from taxonclip.tracking.runs import NullRun, Run, table_counts, table_metrics
@@ -892,6 +893,7 @@ def _finish(state: TrainState, ctx: TrainContext, result: EvalResult, selected: 
     run.log_text(split_text, names.SPLIT_ARTIFACT)
     run.set_tags({names.TAG_SPLIT_FINGERPRINT: split_fingerprint(split_text),
                   names.TAG_SELECTED_EPOCH: selected,
+                  names.TAG_SCORED: scored_note(result.manifest.table, result.split),
                   **({names.TAG_ALLOW_LABEL_TEXT: "true"} if ctx.config.allow_label_text else {})})
     with _scratch() as folder:
         centroids, classes = Path(folder, names.CENTROIDS), Path(folder, names.CENTROID_CLASSES)

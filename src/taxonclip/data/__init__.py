@@ -1,5 +1,7 @@
-"""Data: manifests (`manifest`), the seeded split and class choice (`splits`), image decoding for
-models (`images`) and the generated default specimens (`synthetic`)."""
+"""Data: manifests of every format (`manifest`, read by the `readers` registry into the table of
+`validated`), the seeded split and class choice (`splits`), image decoding for models (`images`),
+shards (`shards`, `streams`, `prepare`) and generated fixtures (`synthetic`, `bioscan`,
+`treeoflife`)."""
 
 from taxonclip.data.manifest import COLUMNS, Manifest, ManifestReport, load_manifest, read_manifest
 from taxonclip.data.splits import Split, select_classes, split_manifest, stratum

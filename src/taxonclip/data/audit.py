@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from taxonclip.data.manifest import CHECK_THREADS, SHOWN, Manifest
+from taxonclip.data.validated import CHECK_THREADS, SHOWN, Manifest
 from taxonclip.data.shards import SOURCE_DIGEST_COLUMN
 from taxonclip.data.splits import GROUP_COLUMN, Split, level_summary
 

@@ -34,8 +34,8 @@ from PIL import Image
 
 from taxonclip import names
 from taxonclip.data import shards
-from taxonclip.data.manifest import (COLUMNS, Manifest, ManifestReport, check_taxa_names,
-                                     clean_name, genus_of, species_of)
+from taxonclip.data.validated import (COLUMNS, Manifest, ManifestReport, check_taxa_names,
+                                      clean_name, genus_of, report_of, species_of)
 from taxonclip.diskio import atomic_path, disk_errors, write_bytes
 from taxonclip.errors import ConfigError, DataError
 from taxonclip.progress import Progress
@@ -124,6 +124,9 @@ def prepare(manifest: Manifest, out: str | Path, settings: PrepareSettings = Pre
     (default: every core)."""
     if not str(out):
         raise ConfigError("prepare needs an output folder (--out)")
+    if manifest.shards:
+        raise DataError(f"{manifest.report.source} is WebDataset shards already: train and eval "
+                        f"read it as it is, with no prepare step")
     start = time.perf_counter()
     folder = Path(os.path.abspath(Path(out).expanduser()))
     table = manifest.table
@@ -439,6 +442,8 @@ def read_shard_urls(pattern: str, taxa: str | None = None) -> Manifest:
     if taxa is not None:
         table["taxa"] = taxa
     ranked = all(rank in table.columns for rank in names.BIOSCAN_RANKS)
+    if ranked and names.BIOSCAN_BIN not in table.columns:
+        table[names.BIOSCAN_BIN] = None  # shards of BIOSCAN-5M rows read without their BIN
     if not ranked:
         table["species"] = table["scientific_name"].map(species_of)
         table["genus"] = table["scientific_name"].map(genus_of)
@@ -446,11 +451,6 @@ def read_shard_urls(pattern: str, taxa: str | None = None) -> Manifest:
         table["image_id"] = [f"{urls[s]}#{k}" for s, k in zip(table[shards.SHARD_COLUMN], table[shards.KEY_COLUMN])]
     check_taxa_names(table["taxa"], pattern)
     table = _with_locators(table, urls)
-    report = ManifestReport(
-        source=pattern, rows=len(table), dropped_blank=blank,
-        no_epithet=int(table["species"].isna().sum()), missing=(), policy="error",
-        n_species=int(table["species"].nunique()), n_genera=int(table["genus"].nunique()),
-        n_taxa=int(table["taxa"].nunique()), above_genus=int(table["genus"].isna().sum()),
-        ranked=ranked)
+    report = report_of(table, pattern, dropped_blank=blank, ranked=ranked, format="prepared")
     levels = names.BIOSCAN_LEVELS if ranked else names.VLM4BIO_LEVELS
     return Manifest(table=table, report=report, root=Path("."), levels=levels, shards=tuple(urls))

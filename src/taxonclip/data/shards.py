@@ -21,6 +21,7 @@ processes of a prepare start light.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -151,6 +152,21 @@ def scan_shards(urls: Sequence[str]) -> pd.DataFrame:
     if not rows:
         raise DataError(f"the shards {urls[0]} ... hold no sample")
     return pd.DataFrame(rows)
+
+
+def first_sample_keys(pattern: str) -> frozenset[str]:
+    """The file keys (`jpg`, `json`, `sci.txt`, ...) of the first sample of the first shard that
+    `pattern` names: what tells one sharded format from another. A shard that cannot be read, or
+    holds no sample, is a DataError naming it."""
+    url = expand_urls(pattern)[0]
+    return _first_keys(url)
+
+
+@functools.lru_cache(maxsize=16)
+def _first_keys(url: str) -> frozenset[str]:
+    for sample in iter_samples([url]):
+        return frozenset(k for k in sample if not k.startswith("__"))
+    raise DataError(f"shard {url} holds no sample")
 
 
 def sample_locator(url: str, key: str) -> str:

@@ -15,7 +15,7 @@ from taxonclip.models.registry import Encoder, create_model
 from taxonclip.tracking.logged_model import (CONFIG_ARTIFACT, CONFIG_FILE,  # noqa: F401
                                              MODEL_ARTIFACTS_DIR, WEIGHTS_ARTIFACT, WEIGHTS_FILE,
                                              read_logged_encoder)
-from taxonclip.tracking.runs import connect, redacted_uri, tracking_uri
+from taxonclip.tracking.connection import connect, redacted_uri, tracking_uri
 
 MODEL_URI_PREFIXES = ("runs:/", "models:/")
 
