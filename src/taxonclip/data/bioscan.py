@@ -51,6 +51,21 @@ PARTITIONS = ("pretrain", "train", "val", "test", "key_unseen", "val_unseen", "t
 CHUNKED = {"pretrain": 2, "train": 1, "other_heldout": 1}  # hex digits of a partition's chunks
 
 
+def check_partitions(values, source: object) -> None:
+    """Refuse a partition name BIOSCAN-5M does not have (a typo would read as missing images,
+    or as rows that take no part), naming it and its rows."""
+    from taxonclip.data.validated import clean_name
+
+    named = values.map(clean_name)
+    unknown = named.notna() & ~named.isin(PARTITIONS)
+    if unknown.any():
+        found = sorted(named[unknown].unique())
+        raise DataError(f"{source}: column {PARTITION_COLUMN!r} holds the unknown partition(s) "
+                        f"{', '.join(map(repr, found))} ({int(unknown.sum())} rows, the first row "
+                        f"{int(np.flatnonzero(unknown.to_numpy())[0]) + 1}); the partitions are "
+                        f"{', '.join(PARTITIONS)}")
+
+
 def image_relpath(partition: str, chunk: str | None, processid: str) -> str:
     """`<split>/<chunk>/<processid>.jpg` (no chunk folder when the chunk is blank), as the
     owners' `get_image_path` gives it."""
