@@ -112,3 +112,10 @@ VLM4BIO_LEVELS = Levels(scored=LEVELS, within_taxa=("species", "genus"))
 # a BIOSCAN-5M table's taxa are its orders, so the per-taxa rows score the ranks below order
 BIOSCAN_LEVELS = Levels(scored=BIOSCAN_RANKS,
                         within_taxa=BIOSCAN_RANKS[BIOSCAN_RANKS.index("order") + 1:])
+
+# `taxonclip caption`'s artifacts
+CAPTION_ARTIFACT_DIR = "caption"
+CAPTION_SETTINGS = "caption/settings.json"
+CAPTION_SAMPLE = "caption/sample.json"
+CAPTION_EMPTY = "caption/empty.csv"
+CAPTION_UNDECODABLE = "caption/undecodable.csv"
