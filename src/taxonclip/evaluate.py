@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from taxonclip import knn, zero_shot
+from taxonclip.captions.keyed import SAW_NAME, check_caption_split
 from taxonclip.config import DataConfig, EvalConfig, cache_dir
 from taxonclip.data.images import ImageDataset, collate_skipping
 from taxonclip.data.shards import PREPARED_FILE, SOURCE_DIGEST_COLUMN, read_prepared_info
@@ -326,7 +327,10 @@ def check_no_label_in_queries(manifest: Manifest, embedding: str) -> None:
     """Refuse an embedding that would fuse a label-revealing caption into the queries."""
     if embedding not in QUERY_TEXT_EMBEDDINGS or "caption" not in manifest.table.columns:
         return
-    reason = label_revealing_captions(manifest.table)
+    table = manifest.table
+    if SAW_NAME in table.columns:  # rows captioned with their name are gallery rows by design
+        table = table[~table[SAW_NAME].to_numpy(bool)]
+    reason = label_revealing_captions(table)
     if reason is not None:
         raise DataError(
             f"embedding={embedding} would put each test image's caption into its query, and the "
@@ -443,6 +447,7 @@ def prepare_evaluation(config: EvalConfig) -> tuple[Manifest, Split]:
     manifest = with_class_fraction(manifest, config.data)
     split = make_split(manifest.table, config.data)
     check_has_test_images(manifest, split)
+    check_caption_split(manifest.table, split, config.data)
     return manifest, split
 
 

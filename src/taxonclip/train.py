@@ -36,6 +36,7 @@ from taxonclip.config import (CLUSTER_LABEL, TRAIN_PARAMS, TrainConfig, check_la
                               from_params, to_params)
 from taxonclip.data.audit import report_for_run
 from taxonclip.data.images import ImageDataset
+from taxonclip.captions.keyed import check_caption_split
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.shards import is_sharded
 from taxonclip.data.splits import Split, make_split, select_classes
@@ -98,6 +99,7 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     table = manifest.table
     split = make_split(table, config.data)
     check_has_test_images(manifest, split)
+    check_caption_split(table, split, config.data)
     # clusters label every training image: the rows are those of the species kept, if not all
     level = "species" if config.label == CLUSTER_LABEL else config.label
     label_of = table[level]
