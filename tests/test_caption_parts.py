@@ -133,3 +133,18 @@ def test_train_reads_captions_keyed_by_image_and_checks_them(specimens, tmp_path
                    .replace_schema_metadata(metadata), file)
     data = prepare_data(config)
     assert data.manifest.table["caption_saw_name"].dtype == bool
+
+
+@pytest.mark.slow  # builds the model and starts the loop twice: seconds on a busy machine
+def test_the_caption_benchmark_prints_its_table(capsys):
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("caption_throughput",
+                                                  REPO / "bench" / "caption_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--images", "4", "--batch", "2", "--max-new-tokens", "2", "--workers", "0"])
+    out = capsys.readouterr().out
+    assert "| group's loop (1 image per call) |" in out and "| taxonclip caption (batch 2) |" in out
