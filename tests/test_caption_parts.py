@@ -148,3 +148,17 @@ def test_the_caption_benchmark_prints_its_table(capsys):
     bench.main(["--images", "4", "--batch", "2", "--max-new-tokens", "2", "--workers", "0"])
     out = capsys.readouterr().out
     assert "| group's loop (1 image per call) |" in out and "| taxonclip caption (batch 2) |" in out
+
+
+def test_generated_tokens_begin_after_the_repeated_prompt():
+    import torch
+
+    from taxonclip.captions.hf import _generated_count, _prompt_length
+
+    prompt = torch.tensor([[0, 5, 6, 7], [8, 5, 6, 7]])
+    decoder_only = torch.tensor([[0, 5, 6, 7, 9, 2], [8, 5, 6, 7, 9, 9]])
+    assert _prompt_length(decoder_only, prompt) == 4
+    blip = torch.tensor([[0, 5, 6, 9, 9], [8, 5, 6, 9, 2]])  # the separator 7 is dropped
+    assert _prompt_length(blip, prompt) == 3
+    assert _generated_count(torch.tensor([9, 9, 2, 0, 0]), {2}) == 3
+    assert _generated_count(torch.tensor([9, 9, 9]), {2}) == 3

@@ -77,24 +77,26 @@ class TransformersCaptioner:
     def __init__(self, model, processor, described: Described, device: torch.device) -> None:
         self.model, self.processor, self.described, self.device = model, processor, described, device
         tokenizer = getattr(processor, "tokenizer", None)
-        if tokenizer is None or getattr(processor, "chat_template", None) is None:
-            raise ModelError(f"{described.model}: its processor has no tokenizer or no chat "
-                             f"template, which captioning prompts through")
+        if tokenizer is None:
+            raise ModelError(f"{described.model}: its processor has no tokenizer to write the "
+                             f"prompts and read the captions")
+        # a processor without a chat template (BLIP) continues the prompt as the caption's start
+        self.chat = getattr(processor, "chat_template", None) is not None
         tokenizer.padding_side = "left"  # batched generation continues every row at its end
         self.tokenizer = tokenizer
         self.max_new_tokens = int(described.generation["max_new_tokens"])
 
     def caption(self, images: list[Image.Image], prompts: list[str]) -> list[Generated]:
         """Greedy captions of a batch of images, one prompt each."""
-        texts = [self.processor.apply_chat_template(_messages(prompt), add_generation_prompt=True)
-                 for prompt in prompts]
+        texts = ([self.processor.apply_chat_template(_messages(prompt), add_generation_prompt=True)
+                  for prompt in prompts] if self.chat else list(prompts))
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
         inputs = {key: value.to(self.device) for key, value in inputs.items()}
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **GENERATION)
-        new = out[:, inputs["input_ids"].shape[1]:].cpu()
+        new = out[:, _prompt_length(out, inputs["input_ids"]):].cpu()
         texts_out = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [Generated(text.strip(), _generated_count(row, self._stop_ids()))
                 for text, row in zip(texts_out, new)]
@@ -103,6 +105,14 @@ class TransformersCaptioner:
         eos = self.model.generation_config.eos_token_id
         ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         return ids or {self.tokenizer.pad_token_id}
+
+
+def _prompt_length(out: torch.Tensor, input_ids: torch.Tensor) -> int:
+    """Where the generated tokens begin: after the prompt that `generate` repeats, all of it
+    (decoder-only models) or without its closing separator (BLIP)."""
+    length = min(input_ids.shape[1], out.shape[1])
+    same = (out[:, :length] == input_ids[:, :length]).all(dim=0).tolist()
+    return same.index(False) if False in same else length
 
 
 def _messages(prompt: str) -> list[dict]:
