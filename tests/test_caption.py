@@ -294,3 +294,27 @@ def test_a_model_without_an_image_text_to_text_head_is_refused(specimens, tmp_pa
     err = capsys.readouterr().err
     assert "no image-text-to-text head" in err or "cannot load" in err
     assert err.count("\n") == 1
+
+
+def test_slurm_array_tasks_caption_their_shares_and_the_last_one_merges(
+        specimens, tmp_path, tracking, monkeypatch):
+    experiment = _experiment(monkeypatch)
+    out = tmp_path / "array"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")
+    assert _caption(out, specimens) == 0
+    assert not (out / parts.CAPTIONS_FILE).exists() and not _runs(experiment)
+    assert {p.name.split("-")[1] for p in parts.part_files(out)} == {"00001"}
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    assert _caption(out, specimens) == 0
+    (run,) = _runs(experiment)  # the merge's run
+    assert run.data.params["launcher"] == "slurm-array" and run.data.params["shares"] == "2"
+    for name in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name)
+    single = tmp_path / "single"
+    assert _caption(single, specimens) == 0
+    a = pd.read_parquet(out / parts.CAPTIONS_FILE)
+    b = pd.read_parquet(single / parts.CAPTIONS_FILE)
+    assert a["image_id"].tolist() == b["image_id"].tolist()
+    assert a["caption"].tolist() == b["caption"].tolist()
