@@ -307,7 +307,7 @@ def test_slurm_array_tasks_caption_their_shares_and_the_last_one_merges(
     assert not (out / parts.CAPTIONS_FILE).exists() and not _runs(experiment)
     assert {p.name.split("-")[1] for p in parts.part_files(out)} == {"00001"}
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
-    assert _caption(out, specimens) == 0
+    assert _caption(out, specimens, "--workers", "1") == 0  # a DataLoader worker decodes
     (run,) = _runs(experiment)  # the merge's run
     assert run.data.params["launcher"] == "slurm-array" and run.data.params["shares"] == "2"
     for name in ("SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_ID"):

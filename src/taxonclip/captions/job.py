@@ -22,7 +22,7 @@ from taxonclip.captions.templates import Template, load_template
 from taxonclip.config import CaptionConfig
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.errors import DataError
-from taxonclip.progress import Progress, say
+from taxonclip.progress import Progress
 
 WAIT_SECONDS = 0.5  # how often the leading rank looks whether the other shares are done
 SHOWN = 5
@@ -250,7 +250,3 @@ def empty_note(merged: pd.DataFrame) -> str | None:
     return (f"{len(empty)} of {len(merged)} captions are empty (the model stopped at once), e.g. "
             f"{', '.join(empty[:SHOWN])}: they are kept as empty texts, counted in caption/empty "
             f"and listed in caption/empty.csv")
-
-
-def say_note(text: str) -> None:
-    say(text)
