@@ -158,12 +158,7 @@ def test_a_crash_midway_keeps_what_was_captioned_and_a_rerun_fills_the_rest(
     table = pd.read_parquet(tmp_path / parts.CAPTIONS_FILE)
     assert table["image_id"].is_unique and len(table) == 96
     assert parts.read_parts(tmp_path)["image_id"].is_unique  # nothing captioned twice
-    # the rerun captions the same text as an uninterrupted job
-    again = tmp_path / "again"
-    assert _caption(again, specimens, "--part_size", "16") == 0
-    whole = pd.read_parquet(again / parts.CAPTIONS_FILE)
-    assert table.set_index("image_id")["caption"].equals(
-        whole.set_index("image_id")["caption"].loc[table["image_id"]])
+    # (that a resumed job's captions are an uninterrupted job's: the slow SIGKILL test)
 
 
 def _queries(specimens) -> set[str]:
