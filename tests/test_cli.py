@@ -123,7 +123,7 @@ def _help_of(argv: list[str], capsys) -> str:
 
 def test_every_command_of_the_issue_has_a_parser():
     assert set(_commands()) == {"eval", "train", "sweep", "compare", "data check", "data prepare",
-                                "data synth", "models", "sync"}
+                                "data synth", "models", "sync", "caption"}
 
 
 @pytest.mark.parametrize("command", sorted(_commands()))

@@ -19,6 +19,7 @@ ENTRY_CONFIGS = {
     "train": (cfg.TrainConfig, cfg.TRAIN_PARAMS),
     "sweep": (cfg.SweepConfig, {**cfg.SWEEP_PARAMS, "overrides": "overrides"}),
     "compare": (cfg.CompareConfig, cfg.COMPARE_PARAMS),
+    "caption": (cfg.CaptionConfig, cfg.CAPTION_PARAMS),
 }
 
 # Config fields an MLproject entry point deliberately does not expose, each with the reason. They
@@ -56,6 +57,14 @@ NOT_IN_MLPROJECT = {
     },
     "sweep": {},
     "compare": {},
+    "caption": {
+        **{path: reason for path, reason in _NOT_IN_MLPROJECT_OF_BOTH.items()
+           if path != "data.caption_column"},
+        "data.captions": "caption writes captions; it reads none",
+        "data.caption_column": "caption writes captions; it reads none",
+        "workers": "changes the job's speed, never its captions: taxonclip caption --workers",
+        "progress_every": "how often a log shows progress: taxonclip caption --progress_every",
+    },
 }
 
 

@@ -39,7 +39,7 @@ QUERY_TEXT_EMBEDDINGS = ("text", "avg", "concat")  # the modes that put a captio
 GALLERY_TEXT_EMBEDDINGS = ("gallery_avg",)  # captions on the gallery side only
 TEXT_EMBEDDINGS = (*QUERY_TEXT_EMBEDDINGS, *GALLERY_TEXT_EMBEDDINGS)
 # the column with which `taxonclip caption` marks its captions (and whether a prompt held a name)
-CAPTION_PROVENANCE_COLUMN = "caption_saw_name"
+CAPTION_PROVENANCE_COLUMN = names.CAPTION_SAW_NAME
 COMMON_NAME_COLUMNS = ("commonName", "common_name", "vernacularName", "vernacular_name")
 RANK_COLUMNS = tuple(level for level in names.KNOWN_LEVELS if level != "taxa")
 MIN_WORD = 3  # shorter words of a scientific name ("f.", "sp") name nothing
@@ -124,11 +124,13 @@ def made_by_caption_command(table: pd.DataFrame) -> bool:
 
 def check_no_label_in_queries(manifest, embedding: str, allow_label_text: bool = False) -> None:
     """Refuse an embedding that would fuse a label-revealing caption into the queries (unless
-    `allow_label_text`; captions of `taxonclip caption` are checked by that command)."""
+    `allow_label_text`); of the captions of `taxonclip caption`, those of rows whose prompt held no
+    name are checked (the others are gallery rows by design)."""
     table = manifest.table
-    if (embedding not in QUERY_TEXT_EMBEDDINGS or "caption" not in table.columns
-            or allow_label_text or made_by_caption_command(table)):
+    if embedding not in QUERY_TEXT_EMBEDDINGS or "caption" not in table.columns or allow_label_text:
         return
+    if made_by_caption_command(table):  # rows captioned with their name are gallery rows by design
+        table = table[~table[CAPTION_PROVENANCE_COLUMN].to_numpy(bool)]
     reason = label_revealing_captions(table)
     if reason is not None:
         raise DataError(

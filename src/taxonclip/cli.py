@@ -1,4 +1,4 @@
-"""The `taxonclip` command: data, models, eval, train, sweep, compare.
+"""The `taxonclip` command: data, models, eval, train, caption, sweep, compare.
 
 Parameters have the names of the MLproject entry points (`--batch_size` or `--batch-size`); a
 parameter not given keeps the default of the typed config, and `taxonclip <command> --help`
@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params(commands.add_parser("train", help="fine-tune a model, then evaluate it"),
                 cfg.TRAIN_PARAMS, cfg.TrainConfig)
 
+    _add_params(commands.add_parser("caption", help="caption every image with an "
+                                                    "image-text-to-text model, per image"),
+                cfg.CAPTION_PARAMS, cfg.CaptionConfig)
+
     sweep = commands.add_parser("sweep", help="run an Optuna study of training runs")
     _add_params(sweep, cfg.SWEEP_PARAMS, cfg.SweepConfig)
     sweep.add_argument("-P", "--param", dest="overrides", action="append", default=[],
@@ -210,6 +214,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         return jobs.train(cfg.from_params(cfg.TrainConfig, _given(args, cfg.TRAIN_PARAMS),
                                           cfg.TRAIN_PARAMS))
+    if args.command == "caption":
+        return jobs.caption(cfg.from_params(cfg.CaptionConfig, _given(args, cfg.CAPTION_PARAMS),
+                                            cfg.CAPTION_PARAMS))
     if args.command == "sweep":
         pairs = args.overrides + _split_pairs(args.override_list)
         params = {**_given(args, cfg.SWEEP_PARAMS), "overrides": _overrides(pairs)}

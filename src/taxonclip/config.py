@@ -384,6 +384,69 @@ class CompareConfig:
         _check_positive("top", self.top)
 
 
+# none: no prompt holds a rank name; gallery: a template's rank names fill the prompts of rows that
+# are never queries under the split eval and train use (taxonclip.captions.templates)
+NAME_IN_PROMPT = ("none", "gallery")
+# auto: bfloat16 on CUDA, float32 on the CPU
+CAPTION_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """`taxonclip caption`: one caption per image of `data` from an image-text-to-text model,
+    written as part files under `out` and merged into `out/captions.parquet`."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str | None = _described(
+        None, "folder of the captions: part files in parts/, merged into captions.parquet "
+              "(required; a rerun into it with the same settings captions only what is missing)")
+    model: str = _described(
+        "tiny", "the captioner: tiny (a tiny random model built in code: nonsense captions, for "
+                "trying the command), or an image-text-to-text model: a local folder, or a "
+                "Hugging Face id found in $HF_HUB_CACHE (transformers:<folder or id> says so "
+                "explicitly)")
+    template: str = _described(
+        "describe", "the prompt: a template's name in the templates file")
+    templates: str | None = _described(
+        None, "YAML file of named prompt templates (none: the shipped captions/templates.yaml)")
+    name_in_prompt: str = _described(
+        "none", "none: no prompt holds a name; gallery: a template's {scientific_name} (or any "
+                "rank) is filled only for rows that are never queries under the split (seed, "
+                "test_size, split, group_column) that eval and train use", NAME_IN_PROMPT)
+    trust_remote_code: bool = _described(
+        False, "let transformers run the model folder's own Python code (models not native to "
+               "transformers, such as InternVL2); only for code you trust")
+    batch_size: int = _described(16, "images captioned per generate call")
+    max_new_tokens: int = _described(100, "longest caption in tokens (greedy decoding)")
+    part_size: int = _described(256, "captions per part file: a kill loses at most one part")
+    workers: int = _described(2, "DataLoader worker processes that decode the images (0: the "
+                                 "main process)")
+    dtype: str = _described("auto", "the model's weights and compute: auto is bfloat16 on CUDA, "
+                                    "float32 on the CPU", CAPTION_DTYPES)
+    device: str = _described("auto", _DEVICE_HELP)
+    progress_every: int = _described(10, "off a terminal, one progress line every this many "
+                                         "batches")
+    merge_only: bool = _described(
+        False, "caption nothing: merge the part files of every share into captions.parquet (the "
+               "last step of a SLURM array) and log the run")
+
+    def __post_init__(self) -> None:
+        _check_choice("name_in_prompt", self.name_in_prompt, NAME_IN_PROMPT)
+        _check_choice("dtype", self.dtype, CAPTION_DTYPES)
+        if not self.model.strip():
+            raise ConfigError("parameter 'model' needs a value: tiny, or a model folder or id")
+        for name in ("batch_size", "max_new_tokens", "part_size", "progress_every"):
+            _check_positive(name, getattr(self, name))
+        _check_at_least("workers", self.workers, 0)
+
+    def out_folder(self) -> Path:
+        """The output folder; a job cannot run without one (a default has none, for --help)."""
+        if self.out is None or not self.out.strip():
+            raise ConfigError("parameter 'out' is required: the folder that will hold "
+                              "captions.parquet and its parts/")
+        return Path(self.out).expanduser().resolve()
+
+
 def flat_fields(config: Any, prefix: str = "") -> dict[str, Any]:
     """The config as a flat dict `{"data.seed": 0, ...}` (nested dataclasses joined by dots)."""
     flat: dict[str, Any] = {}
@@ -593,6 +656,14 @@ PREPARE_PARAMS = {
        if name not in ("seed", "test_size", "class_fraction", "split", "val_size")},
     "size": "size", "format": "image_format", "quality": "quality",
     "shard_size": "shard_size", "workers": "workers",
+}
+# caption reads the data as eval does; its own captions are what it writes, so none are read
+CAPTION_PARAMS = {
+    **{name: path for name, path in DATA_PARAMS.items() if name not in ("captions",
+                                                                        "caption_column")},
+    **{name: name for name in ("out", "model", "template", "templates", "name_in_prompt",
+                               "trust_remote_code", "batch_size", "max_new_tokens", "part_size",
+                               "workers", "dtype", "device", "progress_every", "merge_only")},
 }
 SWEEP_PARAMS = {name: name for name in ("sweep", "n_trials", "timeout", "storage", "study_name")}
 COMPARE_PARAMS = {name: name for name in ("experiments", "filter", "metric", "tie_break", "top",

@@ -33,6 +33,7 @@ from taxonclip.checks import (GALLERY_TEXT_EMBEDDINGS, QUERY_TEXT_EMBEDDINGS, TE
                               caption_gauge_refusal, caption_only_scores,
                               check_no_label_in_queries, label_revealing_captions,
                               made_by_caption_command)
+from taxonclip.captions.keyed import check_caption_split
 from taxonclip.config import DataConfig, EvalConfig, cache_dir
 from taxonclip.data.bioscan import PARTITIONS as BIOSCAN_PARTITIONS
 from taxonclip.data.images import ImageDataset, collate_skipping
@@ -424,6 +425,7 @@ def prepare_evaluation(config: EvalConfig) -> tuple[Manifest, Split]:
     manifest = with_class_fraction(manifest, config.data)
     split = make_split(manifest.table, config.data)
     check_has_test_images(manifest, split)
+    check_caption_split(manifest.table, split, config.data)
     return manifest, split
 
 

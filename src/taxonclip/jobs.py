@@ -286,3 +286,99 @@ def compare(config: CompareConfig) -> int:
     report = run_compare(config)
     print(f"report: {Path(report).resolve()}")
     return 0
+
+
+def caption(config: "CaptionConfig") -> int:  # noqa: F821 (config.CaptionConfig)
+    """Caption every image of a dataset (this process's share of them under torchrun or a SLURM
+    array) into part files, merge them into captions.parquet, and log the job as an MLflow run."""
+    from taxonclip.captions import job as captions
+    from taxonclip.captions.shares import SLURM_ARRAY
+    from taxonclip.progress import say
+
+    job = captions.prepare_job(config)
+    if config.merge_only:
+        missing = captions.missing_ids(job)
+        if missing:  # refused before a run is opened
+            captions.merge_job(job)
+        return _log_merge(job, None)
+    if job.captioner.described.note:
+        say(job.captioner.described.note)
+    if not job.share.leads:
+        stats = captions.caption_share(job)
+        say(f"share {job.share.index + 1} of {job.share.count}: {stats.captioned} captioned, "
+            f"{len(stats.undecodable)} undecodable, in {stats.seconds:.1f} s")
+        if job.share.kind == SLURM_ARRAY and not captions.missing_ids(job):
+            return _log_merge(job, None)  # the last task to finish merges
+        return 0
+    return _log_merge(job, captions.caption_share)
+
+
+def _log_merge(job, caption_share) -> int:
+    """Open the caption run; caption this share first where `caption_share` is given (waiting
+    for the other torchrun ranks), then merge and log the file, its counts and a sample."""
+    import json
+    import time
+
+    from taxonclip.captions import job as captions
+    from taxonclip.captions import parts
+    from taxonclip.config import CAPTION_PARAMS
+    from taxonclip.progress import say
+    from taxonclip.tracking.runs import tracked_run
+
+    config = job.config
+    name = f"caption {job.settings['model']} {job.settings['template']}"
+    if config.name_in_prompt != "none":
+        name += f" name_in_prompt={config.name_in_prompt}"
+    with tracked_run("caption", run_name=name) as run:
+        run.log_params({**to_params(config, CAPTION_PARAMS), **_caption_params(job)})
+        run.log_text(json.dumps(job.metadata, indent=2, sort_keys=True), names.CAPTION_SETTINGS)
+        if caption_share is not None:
+            start = time.monotonic()
+            stats = caption_share(job)
+            if job.share.count > 1:
+                captions.wait_for_shares(job)
+            run.log_metrics(_speed(job, time.monotonic() - start))
+            if stats.undecodable:
+                run.log_text("image_id\n" + "\n".join(stats.undecodable) + "\n",
+                             names.CAPTION_UNDECODABLE)
+        merged = captions.merge_job(job)
+        run.log_metrics(captions.summary_metrics(merged, job))
+        run.log_named_table(captions.sample_table(merged, job.manifest), names.CAPTION_SAMPLE)
+        note = captions.empty_note(merged)
+        if note:
+            say(f"warning: {note}")
+            empty = merged.loc[merged["caption"] == "", ["image_id"]]
+            run.log_text(empty.to_csv(index=False), names.CAPTION_EMPTY)
+        run.log_artifact(job.out / parts.CAPTIONS_FILE, names.CAPTION_ARTIFACT_DIR)
+    file = job.out / parts.CAPTIONS_FILE
+    print(f"wrote {file}: {len(merged)} captions of {len(job.ids)} images "
+          f"({len(job.ids) - len(job.done_before)} captioned now)")
+    print(f"use it: taxonclip eval --embedding avg --captions {file} --data {config.data.data}")
+    print(where_to_look(run.run_id, run.experiment_id))
+    return 0
+
+
+def _caption_params(job) -> dict:
+    """What the run records beside its parameters: the resolved model, the prompt's text, the
+    generation settings, the split and how the rows were shared."""
+    import json
+
+    described = job.settings
+    split = {f"split.{key}": value for key, value in job.metadata["split"].items()}
+    return {"revision": described["revision"], "dtype_used": described["dtype"],
+            "template_text": described["template_text"],
+            "without_name_text": described["without_name_text"],
+            "generation": json.dumps(described["generation"], sort_keys=True),
+            "shares": job.share.count, "launcher": job.share.kind, **split}
+
+
+def _speed(job, seconds: float) -> dict[str, float]:
+    """Images and generated tokens per second of this invocation (every share's new rows over
+    the leading process's time from its start to the last share's end)."""
+    from taxonclip.captions import parts
+
+    done = parts.read_parts(job.out)
+    new = done[~done["image_id"].isin(job.done_before) & (done["status"] != parts.UNDECODABLE)]
+    return {"caption/images_per_s": len(new) / seconds if seconds > 0 else 0.0,
+            "caption/tokens_per_s": float(new["tokens"].sum()) / seconds if seconds > 0 else 0.0,
+            "caption/seconds": seconds, "caption/captioned_now": float(len(new))}

@@ -141,3 +141,12 @@ BIOSCAN_LEVELS = Levels(scored=(*BIOSCAN_RANKS, BIOSCAN_BIN),
                         within_taxa=(*BIOSCAN_RANKS[BIOSCAN_RANKS.index("order") + 1:], BIOSCAN_BIN))
 # a TreeOfLife-10M table's taxa are its kingdoms, so the per-taxa rows score the ranks below
 TREEOFLIFE_LEVELS = Levels(scored=TREEOFLIFE_RANKS, within_taxa=TREEOFLIFE_RANKS[1:])
+
+# the table column of captions read from a `taxonclip caption` file: that row's prompt held a name
+CAPTION_SAW_NAME = "caption_saw_name"
+# `taxonclip caption`'s artifacts
+CAPTION_ARTIFACT_DIR = "caption"
+CAPTION_SETTINGS = "caption/settings.json"
+CAPTION_SAMPLE = "caption/sample.json"
+CAPTION_EMPTY = "caption/empty.csv"
+CAPTION_UNDECODABLE = "caption/undecodable.csv"

@@ -44,6 +44,7 @@ from taxonclip.config import (CLUSTER_LABEL, TRAIN_PARAMS, TrainConfig, check_la
 from taxonclip.data.audit import report_for_run
 from taxonclip.diskio import tensor_bytes
 from taxonclip.data.images import ImageDataset
+from taxonclip.captions.keyed import check_caption_split
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.shards import is_sharded
 from taxonclip.data.splits import (Split, make_split, select_classes, split_name_parts,
@@ -123,6 +124,7 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     table = manifest.table
     split = make_split(table, config.data)
     check_has_test_images(manifest, split)
+    check_caption_split(table, split, config.data)
     validation = validation_data(manifest, split)
     if validation is None and config.select == "best":
         raise DataError(f"{manifest.report.source}: select=best picks the epoch by its validation "

@@ -75,7 +75,13 @@ def read_manifest(path: str | Path, image_column: str | None = None, name_column
 def with_captions(manifest: Manifest, file: Path, caption_column: str | None = None) -> Manifest:
     """The manifest with a `caption` per row from `file`, a CSV or parquet table of one text per
     scientific name (such as field-guide descriptions of each species), replacing any caption the
-    manifest had. Every name in the manifest needs one; names are matched after cleaning."""
+    manifest had. Every name in the manifest needs one; names are matched after cleaning. A file
+    with an `image_id` column (as `taxonclip caption` writes) gives each image its own caption
+    instead (`taxonclip.captions.keyed`)."""
+    from taxonclip.captions.keyed import is_keyed, join_by_image
+
+    if file.is_file() and is_keyed(file):
+        return join_by_image(manifest, file, caption_column)
     captions = manifest.table["scientific_name"].map(_captions_by_name(file, caption_column))
     uncaptioned = sorted(manifest.table.loc[captions.isna(), "scientific_name"].unique())
     if uncaptioned:

@@ -166,6 +166,11 @@ class Run:
         self.log_text(csv_text(table), names.TABLE_CSV)
         self.log_text(markdown_table(table), names.TABLE_MARKDOWN)
 
+    def log_named_table(self, table: pd.DataFrame, artifact_file: str) -> None:
+        """Log `table` as an MLflow table (a `.json` artifact the UI shows as a table)."""
+        self._send("named_table", table=table.to_json(orient="split", index=False),
+                   artifact_file=artifact_file)
+
     def log_model(self, encoder, register_as: str | None = None) -> None:
         """Log the encoder as the run's `model` (see `tracking.logged_model.log_model`)."""
         self._send("model", encoder=encoder, register_as=register_as)
@@ -289,6 +294,14 @@ class Run:
             self._write_delete(names.PER_TAXA_TABLE)
         frame = pd.read_json(io.StringIO(table), orient="split")
         mlflow.log_table(frame, artifact_file=names.PER_TAXA_TABLE, run_id=self.run_id)
+
+    def _write_named_table(self, table: str, artifact_file: str) -> None:
+        import io
+
+        import mlflow
+
+        frame = pd.read_json(io.StringIO(table), orient="split", dtype=False)
+        mlflow.log_table(frame, artifact_file=artifact_file, run_id=self.run_id)
 
     def _spooled_model(self, record: dict) -> dict:
         """The model call with its encoder written into the spool as a logged model's files."""
