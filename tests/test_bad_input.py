@@ -93,7 +93,7 @@ def _faulty_files(root: Path, table, specimens: Path) -> dict[str, str]:
     files = {}
     for name, column, value in (("escape", "chunk", "../../.."), ("tset", "split", "tset")):
         folder = write_fixture(root / f"bioscan-{name}", size=16)
-        metadata = next(folder / m for m in METADATA_FILES if (folder / m).is_file())
+        metadata = next(folder.rglob(METADATA_FILES[0]))
         rows = pd.read_csv(metadata, dtype=str)
         rows.loc[rows["split"] == "test", column] = value
         rows.to_csv(metadata, index=False)

@@ -177,7 +177,7 @@ def test_a_verified_folder_is_not_hashed_again_until_a_shard_changes(prepared, m
     assert hashed[2:] == [shard]
 
 
-SWEEP = """metric: eval/All/species/top1_cos
+SWEEP = """metric: val/All/species/top1_cos
 sampler: {type: tpe, seed: 7}
 search:
   lr: {type: float, low: 0.0001, high: 0.1, log: true}

@@ -163,16 +163,10 @@ def caption_vectors(captions: list[str]):
     return torch.from_numpy(np.asarray(hstack(parts).todense(), dtype=np.float32))
 
 
-def caption_only_scores(table: pd.DataFrame, rows: pd.DataFrame, split, *, seen, levels,
-                        chunk_size: int, device) -> list[float]:
-    """`caption_only_top1` of each row of the per-taxa `table`: the captions of `rows` alone,
-    queries and gallery as the table has them, scored by the nearest-neighbour protocol of the
-    table itself (`evaluate.evaluation_table`)."""
-    from taxonclip.evaluate import evaluation_table
-
-    vectors = caption_vectors(rows["caption"].fillna("").astype(str).tolist())
-    alone = evaluation_table(vectors, rows, split, chunk_size=chunk_size, device=device,
-                             seen=seen, levels=levels)
+def caption_only_scores(table: pd.DataFrame, alone: pd.DataFrame) -> list[float]:
+    """`caption_only_top1` of each row of the per-taxa `table`: the `top1_cos` of the same cell
+    of `alone`, the table that the nearest-neighbour protocol gives the captions' bag-of-words
+    vectors (`caption_vectors`) on the same queries and gallery."""
     by_cell = {(t, lv): value for t, lv, value in zip(alone["taxa"], alone["level"],
                                                        alone["top1_cos"])}
     return [by_cell.get((t, lv), float("nan")) for t, lv in zip(table["taxa"], table["level"])]

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 
 from taxonclip import knn, zero_shot
 from taxonclip.checks import (GALLERY_TEXT_EMBEDDINGS, QUERY_TEXT_EMBEDDINGS, TEXT_EMBEDDINGS,
-                              caption_gauge_refusal, caption_only_scores,
+                              caption_gauge_refusal, caption_only_scores, caption_vectors,
                               check_no_label_in_queries, label_revealing_captions,
                               made_by_caption_command)
 from taxonclip.captions.keyed import check_caption_split
@@ -509,8 +509,10 @@ def _with_caption_gauge(table: pd.DataFrame, manifest: Manifest, split: Split, s
     """The table with `caption_only_top1`; refused (DataError) where `visual` is given and the
     captions alone beat the images alone."""
     rows = manifest.table
-    scores = caption_only_scores(table, rows, split, seen=seen, levels=manifest.levels,
-                                 chunk_size=config.chunk_size, device=device)
+    alone = evaluation_table(caption_vectors(rows["caption"].fillna("").astype(str).tolist()),
+                             rows, split, chunk_size=config.chunk_size, device=device, seen=seen,
+                             levels=manifest.levels)
+    scores = caption_only_scores(table, alone)
     table = table.assign(**{names.CAPTION_ONLY_TOP1: scores})
     if visual is not None:
         images = evaluation_table(visual, rows, split, chunk_size=config.chunk_size, device=device,
