@@ -174,6 +174,10 @@ class Run:
         checkpoint then has a copy on the local disk until its upload succeeds."""
         return self.spool.staging(name)
 
+    def local_copy(self, name: str) -> Path | None:
+        """The file `name` staged in the run's spool whose upload still waits, if any."""
+        return self.spool.kept(name)
+
     def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None:
         """Upload one local file or folder into the run's artifacts."""
         self._send("artifact", path=str(path), artifact_dir=artifact_dir)

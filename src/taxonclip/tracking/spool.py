@@ -81,6 +81,11 @@ class Spool:
         folder.mkdir(parents=True)
         return folder / name
 
+    def kept(self, name: str) -> Path | None:
+        """The newest file named `name` still under `files/` (its upload not yet done), if any."""
+        found = sorted((self.folder / FILES).glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
+
     def keep(self, path: str | Path) -> Path:
         """A copy of `path` under `files/` (the path itself when it is there already), so that a
         queued upload outlives the caller's temporary folder."""
