@@ -102,8 +102,10 @@ def _assert_whole(run_id: str, epochs: int) -> None:
     losses = Counter(m.step for m in client.get_metric_history(run_id, names.TRAIN_LOSS))
     assert set(losses.values()) == {1} and sorted(losses) == list(range(1, len(losses) + 1))
     evals = Counter(m.step for m in client.get_metric_history(
-        run_id, names.eval_metric("All", "species", "top1_cos")))
+        run_id, names.val_metric("All", "species", "top1_cos")))
     assert evals == Counter(range(1, epochs + 1)), sorted(evals.items())
+    tests = client.get_metric_history(run_id, names.eval_metric("All", "species", "top1_cos"))
+    assert len(tests) == 1  # the selected model, scored once on the test split
     checkpoints = {Path(a.path).name for a in client.list_artifacts(run_id, names.CHECKPOINT_DIR)}
     assert f"epoch_{epochs:03d}.pt" in checkpoints and len(checkpoints) <= 2
     models = client.search_logged_models([run.info.experiment_id],

@@ -83,6 +83,9 @@ class TrainState:
     # the validation table of the selected epoch so far (rank 0; not kept by a checkpoint)
     selected_table: pd.DataFrame | None = None
     last_metric: float = math.nan  # the validation metric of the last validated epoch
+    # select=best: the best epoch's weights and this rank's centres, on the CPU (not kept by a
+    # checkpoint: a resumed run reads them from the best epoch's checkpoint)
+    best_weights: tuple[dict, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -689,14 +692,18 @@ def _select(state: TrainState, ctx: TrainContext) -> int:
     selected = state.epoch
     if config.select == "best" and 0 < state.best_epoch < state.epoch:
         selected = state.best_epoch
-        saved = _checkpoint_of(ctx.run, _checkpoint_name(selected)) if ctx.info.is_main else None
-        saved = dist.broadcast_object(saved)
-        if saved is None:
-            raise DataError(f"the checkpoint of the best epoch {selected} is not in run "
-                            f"{ctx.run.run_id}; resume it with select=last")
-        state.encoder.load_state_dict(saved["state_dict"])
+        weights = dist.broadcast_object(state.best_weights is not None)
+        if not weights:  # a resumed run: from the best epoch's checkpoint
+            saved = _checkpoint_of(ctx.run, _checkpoint_name(selected)) if ctx.info.is_main else None
+            saved = dist.broadcast_object(saved)
+            if saved is None:
+                raise DataError(f"the checkpoint of the best epoch {selected} is not in run "
+                                f"{ctx.run.run_id}; resume it with select=last")
+            state.best_weights = (saved["state_dict"],
+                                  saved["head_shards"][ctx.info.rank]["weight"])
+        state.encoder.load_state_dict(state.best_weights[0])
         with torch.no_grad():
-            state.head.weight.copy_(saved["head_shards"][ctx.info.rank]["weight"])
+            state.head.weight.copy_(state.best_weights[1])
     # rank 0 holds the tables: every rank learns whether all of them must validate again
     again = dist.broadcast_object(ctx.data.validation is not None and state.selected_table is None)
     if again:
@@ -794,6 +801,10 @@ def _validate_epoch(state: TrainState, ctx: TrainContext) -> EvalResult | None:
             ctx.on_epoch(state.epoch, result)
     best = dist.broadcast_object((state.best_metric, state.best_epoch))
     state.best_metric, state.best_epoch = best
+    if ctx.config.select == "best" and state.best_epoch == state.epoch:
+        state.best_weights = ({k: v.detach().cpu().clone() for k, v in
+                               state.encoder.state_dict().items()},
+                              state.head.weight.detach().cpu().clone())
     return result
 
 
@@ -849,7 +860,11 @@ def _resume(state: TrainState, ctx: TrainContext) -> Logged:
 
 
 def _checkpoint_of(run, name: str) -> dict | None:
-    """The run's checkpoint `name`, None when the run does not hold it."""
+    """The run's checkpoint `name`, None when the run does not hold it: the copy in the run's
+    spool while its upload waits for the server, else the one in the artifact store."""
+    local = run.local_copy(name)
+    if local is not None:
+        return torch.load(local, map_location="cpu", weights_only=True)
     if name not in {Path(p).name for p in run.list_artifacts(names.CHECKPOINT_DIR)}:
         return None
     with _scratch() as folder:

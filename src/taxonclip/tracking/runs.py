@@ -92,6 +92,9 @@ class Run:
         """Write a file to upload (a checkpoint) into the run's spool by `writer(path)`, whole
         or not at all (`Spool.write`); returns its path."""
         return self.spool.write(name, writer, needed)
+    def local_copy(self, name: str) -> Path | None:
+        """The file `name` staged in the run's spool whose upload still waits, if any."""
+        return self.spool.kept(name)
 
     def log_artifact(self, path: str | Path, artifact_dir: str | None = None) -> None:
         """Upload one local file or folder into the run's artifacts."""

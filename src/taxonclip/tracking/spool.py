@@ -114,6 +114,10 @@ class Spool:
             shutil.rmtree(path.parent, ignore_errors=True)
             raise
         return path
+    def kept(self, name: str) -> Path | None:
+        """The newest file named `name` still under `files/` (its upload not yet done), if any."""
+        found = sorted((self.folder / FILES).glob(f"*/{name}"), key=lambda p: p.stat().st_mtime)
+        return found[-1] if found else None
 
     def keep(self, path: str | Path) -> Path:
         """A copy of `path` under `files/` (the path itself when it is there already), so that a
