@@ -49,7 +49,7 @@ SchedulerParameters=sched_interval=1
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MinJobAge=600
-KillWait=10
+KillWait=30
 InactiveLimit=0
 NodeName=localhost CPUs=2 RealMemory=4000 State=UNKNOWN
 PartitionName={partition} Nodes=localhost Default=YES MaxTime=INFINITE State=UP

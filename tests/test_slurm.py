@@ -204,3 +204,88 @@ def test_a_partition_the_cluster_lacks_is_refused(at_cluster, specimens, capsys)
     assert not (at_cluster / "slurm-logs").exists()
     experiment = MlflowClient().get_experiment_by_name(f"slurm-{at_cluster.name}")
     assert experiment is None or not MlflowClient().search_runs([experiment.experiment_id])
+
+
+AUTH_INI = """\
+[mlflow]
+default_permission = READ
+database_uri = {database}
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+ADMIN_PASSWORD = "admin-Pw-7d1"
+USER_PASSWORD = "alice-Pw-93f"
+
+
+@pytest.fixture(scope="module")
+def group_server(postgres, tmp_path_factory):
+    """README's "A tracking server for a group": `mlflow server` on PostgreSQL, artifacts in a
+    folder the nodes share, the basic-auth app; its URL, once user alice is made."""
+    import os
+    import sys
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    import psycopg2
+
+    from tests.conftest import wait_for_http
+
+    url = urlsplit(postgres)
+    connection = psycopg2.connect(host=url.hostname, port=url.port, user="taxonclip",
+                                  dbname="postgres")
+    connection.autocommit = True
+    connection.cursor().execute("CREATE DATABASE mlflow")
+    connection.cursor().execute("CREATE DATABASE mlflow_auth")
+    connection.close()
+    root = tmp_path_factory.mktemp("group-server")
+    database = f"postgresql+psycopg2://taxonclip@{url.hostname}:{url.port}"
+    (root / "auth.ini").write_text(AUTH_INI.format(database=f"{database}/mlflow_auth"))
+    port = free_port()
+    log = open(root / "server.log", "w")
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+           "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-key-shared-by-the-servers"}
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
+         "--backend-store-uri", f"{database}/mlflow", "--artifacts-destination",
+         str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{uri}/health", server)
+        admin = {**os.environ, "MLFLOW_TRACKING_USERNAME": "admin",
+                 "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
+        subprocess.run([sys.executable, "-c", "import mlflow.server as s, sys; s.get_app_client("
+                        "'basic-auth', tracking_uri=sys.argv[1]).create_user('alice', sys.argv[2])",
+                        uri, USER_PASSWORD], env=admin, check=True, timeout=120)
+        yield uri, root
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def test_a_job_logs_to_the_group_server_with_credentials_from_the_environment(
+        group_server, slurm_cluster, specimens, tmp_path, monkeypatch, capsys):  # noqa: F811
+    uri, root = group_server
+    monkeypatch.chdir(tmp_path)
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", USER_PASSWORD)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "alice-evals")
+    status = main(["eval", "--launcher", "slurm", "--wait", "--data", str(specimens),
+                   "--workers", "0"])
+    output = capsys.readouterr()
+    assert status == 0, output.out + output.err
+    assert "warning" not in output.err
+    _, run_id = _submitted(output.out)
+    mlflow.set_tracking_uri(uri)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert any((root / "artifacts").rglob(names.SPLIT_ARTIFACT.rsplit("/", 1)[-1]))
+    # the credentials reach the job through its environment only
+    shown = [output.out, output.err, str(run.data.params), str(run.data.tags)]
+    shown += [p.read_text() for p in (tmp_path / "slurm-logs").iterdir()]
+    assert not [text for text in shown if USER_PASSWORD in text]

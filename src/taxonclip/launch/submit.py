@@ -19,6 +19,9 @@ from taxonclip.launch.base import Job
 LAUNCHABLE = ("train", "eval", "caption", "sweep")
 # commands whose --workers are array tasks (train and eval have DataLoader --workers of their own)
 ARRAY_COMMANDS = ("caption", "sweep")
+# the launch options that MLproject's entry points pass (with the array commands' --workers);
+# `mlflow run` follows a job to its end, so --wait is implied there
+MLPROJECT_LAUNCH_PARAMS = ("launcher", "slurm", "slurm_profile")
 # commands whose one MLflow run is made at submission, so that it can be named and resumed
 ONE_RUN = ("train", "eval")
 # file paths that no other machine sees

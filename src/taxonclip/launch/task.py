@@ -68,6 +68,8 @@ class TaskRunner:
     def run(self) -> int:
         """Start the program, wait for it, settle its run; returns its exit status."""
         program, env = self.command()
+        if self.run_id:  # imported now: a stopped job has seconds to end its run
+            import taxonclip.tracking.jobs  # noqa: F401
         print(f"taxonclip job {self.job_id} (restart {self.restarts}): {shlex.join(program)}",
               flush=True)
         signal.signal(signal.SIGUSR1, self._requeue)
@@ -87,16 +89,17 @@ class TaskRunner:
         subprocess.run(["scontrol", "requeue", self.job_id], check=False)
 
     def _stopped(self, signum, frame) -> None:
-        """SIGTERM: the job is being requeued (by us) or cancelled (scancel, the time limit)."""
+        """SIGTERM: the job is being requeued (by us) or cancelled (scancel, the time limit).
+        The run is ended first: SLURM kills what is left after KillWait (30 s by default)."""
+        if not self.requeueing and self.run_id:
+            self._end_run("KILLED", f"its SLURM job {self.job_id} was stopped (scancel or its "
+                                    f"time limit)")
         if self.child is not None and self.child.poll() is None:
             self.child.terminate()
             try:
                 self.child.wait(timeout=GRACE_S)
             except subprocess.TimeoutExpired:
                 self.child.kill()
-        if not self.requeueing and self.run_id:
-            self._end_run("KILLED", f"its SLURM job {self.job_id} was stopped (scancel or its "
-                                    f"time limit)")
         raise SystemExit(128 + signum)
 
     def _end_run(self, status: str, reason: str) -> None:
