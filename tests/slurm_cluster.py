@@ -1,7 +1,8 @@
-"""A real single-node SLURM cluster for the tests: munged, slurmctld and slurmd (Debian's
-`slurm-wlm` and `munge`) with their key, configuration, state and logs in a temporary folder,
-on free ports; stopped by their PIDs at the end. It needs root (slurmd starts jobs as their
-user) and skips, saying why, where SLURM is not installed; .ci/run installs it."""
+"""A real SLURM cluster on this machine for the tests: munged, slurmctld and two slurmd (Debian's
+`slurm-wlm` and `munge`), nodes node1 and node2 of one core each, so that a job can span two
+nodes; key, configuration, state and logs in a temporary folder, ports free ones; stopped by
+their PIDs at the end. It needs root (slurmd starts jobs as their user) and skips, saying why,
+where SLURM is not installed; .ci/run installs it."""
 
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from tests.conftest import free_port
 
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "sinfo")
 PARTITION = "debug"
+NODES = ("node1", "node2")
 CONF = """\
 ClusterName=taxonclip-test
 SlurmctldHost=localhost
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -32,11 +33,11 @@ CredType=cred/munge
 # cred_expire: a requeued job may start again 5 s after it stopped (SLURM's default is 120 s)
 AuthInfo=socket={root}/munge/munge.socket,cred_expire=5
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -51,8 +52,10 @@ JobCompType=jobcomp/none
 MinJobAge=600
 KillWait=30
 InactiveLimit=0
-NodeName=localhost CPUs=2 RealMemory=4000 State=UNKNOWN
-PartitionName={partition} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+# two nodes on this host, each its own slurmd on its own port
+NodeName=node1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={node1_port} CPUs=1 RealMemory=4000
+NodeName=node2 NodeHostname=localhost NodeAddr=127.0.0.1 Port={node2_port} CPUs=1 RealMemory=4000
+PartitionName={partition} Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -80,6 +83,8 @@ def _start(root: Path) -> dict[str, str]:
     """Start munged, slurmctld and slurmd; returns the environment clients need (SLURM_CONF)."""
     for folder in ("munge", "state", "spool", "log"):
         (root / folder).mkdir()
+    for node in NODES:
+        (root / "spool" / node).mkdir()
     munge = root / "munge"
     key = munge / "munge.key"
     key.write_bytes(os.urandom(1024))
@@ -92,12 +97,12 @@ def _start(root: Path) -> dict[str, str]:
                     f"--log-file={munge}/munged.log", f"--seed-file={munge}/seed", "--force"],
                    check=True, timeout=30)
     conf = root / "slurm.conf"
-    conf.write_text(CONF.format(root=root, ctld_port=free_port(), slurmd_port=free_port(),
-                                partition=PARTITION))
+    conf.write_text(CONF.format(root=root, ctld_port=free_port(), node1_port=free_port(),
+                                node2_port=free_port(), partition=PARTITION))
     env = {"SLURM_CONF": str(conf)}
-    for daemon in ("slurmctld", "slurmd"):
-        subprocess.run([_program(daemon), "-f", str(conf)], check=True, timeout=30,
-                       env={**os.environ, **env})
+    for command in (["slurmctld"], *(["slurmd", "-N", node] for node in NODES)):
+        subprocess.run([_program(command[0]), "-f", str(conf), *command[1:]], check=True,
+                       timeout=30, env={**os.environ, **env})
     return env
 
 
@@ -106,7 +111,7 @@ def _wait_idle(env: dict[str, str], root: Path, seconds: float = 60.0) -> None:
     while time.monotonic() < deadline:
         done = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
                               env={**os.environ, **env})
-        if done.stdout.strip() == "idle":
+        if done.stdout.split() == ["idle"]:
             return
         time.sleep(0.3)
     logs = "\n".join(p.read_text()[-1500:] for p in (root / "log").glob("*.log"))
@@ -114,8 +119,10 @@ def _wait_idle(env: dict[str, str], root: Path, seconds: float = 60.0) -> None:
 
 
 def _stop(root: Path) -> None:
-    """Stop the daemons by the PIDs they wrote, slurmd first; munged last."""
-    for pid_file in (root / "slurmd.pid", root / "slurmctld.pid", root / "munge" / "munged.pid"):
+    """Stop the daemons by the PIDs they wrote, the slurmds first; munged last."""
+    pid_files = [*(root / f"slurmd-{node}.pid" for node in NODES), root / "slurmctld.pid",
+                 root / "munge" / "munged.pid"]
+    for pid_file in pid_files:
         try:
             pid = int(pid_file.read_text().split()[0])
         except (OSError, ValueError, IndexError):

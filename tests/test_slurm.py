@@ -22,7 +22,9 @@ from optuna.trial import TrialState
 
 from taxonclip import names
 from taxonclip.cli import main
+from taxonclip.config import TRAIN_PARAMS, TrainConfig, from_params
 from taxonclip.launch.slurm import job_states
+from taxonclip.train import steps_per_epoch
 from tests.conftest import free_port
 from tests.slurm_cluster import PARTITION, slurm_cluster  # noqa: F401 (the fixture)
 from tests.test_resume import ARGS, EPOCHS, _assert_record_whole, _final_weights, _steps_per_epoch
@@ -125,6 +127,26 @@ def test_a_requeued_train_job_resumes_into_its_run(uninterrupted_job, at_cluster
 
     total_steps = EPOCHS * _steps_per_epoch(specimens)
     _assert_record_whole(run_id, total_steps, at_cluster, uninterrupted_job[4])
+
+
+def test_a_two_node_train_job_is_one_process_group_logging_one_run(at_cluster, specimens,
+                                                                    capsys):
+    status = main([*_train_argv(specimens), "--epochs", "1", "--slurm", "nodes=2", "--wait"])
+    output = capsys.readouterr()
+    assert status == 0, output.out + output.err
+    job_id, run_id = _submitted(output.out)
+    client = MlflowClient()
+    [run] = client.search_runs([client.get_experiment_by_name(f"slurm-{at_cluster.name}")
+                                .experiment_id])
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    # the steps of two processes, each with half of the images: one group of world size 2
+    config = from_params(TrainConfig, {"batch_size": "16"}, TRAIN_PARAMS)
+    steps = steps_per_epoch(int(run.data.params["train_images"]), config, world_size=2)
+    assert steps != steps_per_epoch(int(run.data.params["train_images"]), config, world_size=1)
+    logged = [m.step for m in client.get_metric_history(run_id, names.TRAIN_LOSS)]
+    assert logged == list(range(1, steps + 1))
+    log = (at_cluster / "slurm-logs" / f"taxonclip-train-{job_id}.out").read_text()
+    assert "srun --nodes=2" in log and "--nnodes=2" in log and "--rdzv_endpoint=127.0.0.1:" in log
 
 
 SWEEP = """\

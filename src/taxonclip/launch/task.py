@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -115,11 +116,19 @@ class TaskRunner:
 
 
 def _first_node() -> str:
-    """The first host of the job's node list: where the c10d rendezvous listens."""
+    """The address of the job's first node (SLURM's NodeAddr, which is its host name unless the
+    cluster says otherwise): where the c10d rendezvous listens."""
     nodes = os.environ.get("SLURM_JOB_NODELIST", "localhost")
-    done = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True)
-    names = done.stdout.split()
-    return names[0] if done.returncode == 0 and names else nodes
+    names = _scontrol("show", "hostnames", nodes).split()
+    if not names:
+        return nodes
+    address = re.search(r"\bNodeAddr=(\S+)", _scontrol("-o", "show", "node", names[0]))
+    return address.group(1) if address else names[0]
+
+
+def _scontrol(*args: str) -> str:
+    done = subprocess.run(["scontrol", *args], capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else ""
 
 
 def main(argv: list[str]) -> int:
