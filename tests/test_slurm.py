@@ -36,7 +36,7 @@ JOB_TIMEOUT_S = 420
 
 def _submitted(text: str) -> tuple[str, str | None]:
     """The job id and the MLflow run id that a submission printed."""
-    job = re.search(r"submitted SLURM (?:array )?job (?:\(\d+ tasks\) )?(\d+)", text)
+    job = re.search(r"submitted SLURM (?:array )?job (\d+)", text)
     run = re.search(r"it logs to MLflow run (\w+)", text)
     assert job, text
     return job.group(1), run.group(1) if run else None

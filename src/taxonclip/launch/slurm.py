@@ -71,8 +71,9 @@ class Submitted:
 
     def describe(self) -> str:
         """What the command prints once the job is in the queue."""
-        kind = f"array job ({self.job.launch.workers} tasks)" if self.job.launch.workers > 1 else "job"
-        lines = [f"submitted SLURM {kind} {self.job_id} ({self.job.name})",
+        tasks = f"{self.job.launch.workers} tasks, " if self.job.launch.workers > 1 else ""
+        kind = "array job" if tasks else "job"
+        lines = [f"submitted SLURM {kind} {self.job_id} ({tasks}{self.job.name})",
                  f"its log: {self.logs[0] if len(self.logs) == 1 else _log_pattern(self)}"]
         if self.then_id:
             lines.append(f"then job {self.then_id}: {' '.join(self.job.then or ())}")
