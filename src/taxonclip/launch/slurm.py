@@ -207,9 +207,14 @@ def follow(submitted: Submitted) -> int:
     """Wait for the job (and its follow-up) to end; print how each ended and, for a failure,
     its log's path and last lines. Returns 0 if all succeeded, else the first failure's exit
     status (1 when SLURM gives none)."""
-    status = _follow_one(submitted.job_id, submitted)
-    if status == 0 and submitted.then_id:
-        status = _follow_one(submitted.then_id, submitted)
+    try:
+        status = _follow_one(submitted.job_id, submitted)
+        if status == 0 and submitted.then_id:
+            status = _follow_one(submitted.then_id, submitted)
+    except KeyboardInterrupt:  # the job goes on without us
+        print(f"\nstopped following job {submitted.job_id}, which goes on; stop it with: "
+              f"scancel {submitted.job_id}", file=sys.stderr)
+        return 130
     return status
 
 
