@@ -182,6 +182,46 @@ def test_a_two_task_sweep_array_completes_its_trials(at_cluster, postgres, speci
         assert (at_cluster / "slurm-logs" / f"taxonclip-sweep-{job_id}_{task}.out").exists()
 
 
+def test_a_dead_array_task_has_its_trial_failed_by_the_others(at_cluster, postgres, specimens,
+                                                              monkeypatch, capsys):
+    from taxonclip.sweep import HEARTBEAT_ENV, open_storage
+
+    monkeypatch.setenv(HEARTBEAT_ENV, "1")  # a trial silent for 5 s has lost its process
+    sweep = at_cluster / "dead.yaml"
+    sweep.write_text(textwrap.dedent(SWEEP).replace("name: array", "name: dead"))
+    assert main(["sweep", "--launcher", "slurm", "--workers", "2", "--sweep", str(sweep),
+                 "--n_trials", "3", "--storage", postgres, "-P", f"data={specimens}"]) == 0
+    job_id, _ = _submitted(capsys.readouterr().out)
+
+    def both_running():
+        assert not _ended(job_id), "the array ended before both tasks ran a trial"
+        try:
+            study = optuna.load_study(study_name="dead", storage=open_storage(postgres))
+        except KeyError:  # not made yet
+            return None
+        return [t for t in study.trials if t.state == TrialState.RUNNING][1:]
+
+    _wait_for(both_running, "a trial of each task")
+    # task 0 dies at once, as on a lost node: no handler runs, its trial stays RUNNING
+    subprocess.run(["scancel", "--signal=KILL", "--full", f"{job_id}_0"], check=True)
+    _wait_for(lambda: _ended(job_id), f"array job {job_id} to end")
+
+    study = optuna.load_study(study_name="dead", storage=open_storage(postgres))
+    states = Counter(t.state for t in study.trials)
+    # task 1 ran its 3 trials, and failed task 0's at the start of a later one
+    assert states == Counter({TrialState.COMPLETE: 3, TrialState.FAIL: 1}), states
+    [dead] = [t for t in study.trials if t.state == TrialState.FAIL]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`{names.TAG_STUDY}` = 'dead'")
+    sweeps = {r.info.status: r for r in runs if r.data.tags[names.TAG_ENTRY] == "sweep"}
+    assert set(sweeps) == {"FINISHED", "KILLED"}, "the dead task's sweep run not ended KILLED"
+    assert "stopped sending heartbeats" in sweeps["KILLED"].data.tags[names.TAG_KILLED_REASON]
+    # the dead trial's run, if it had started one, ended KILLED too
+    for run in runs:
+        if run.data.tags.get(names.TAG_TRIAL) == str(dead.number):
+            assert run.info.status == "KILLED"
+
+
 def test_an_eval_job_logs_its_run(at_cluster, specimens, capsys):
     status = main(["eval", "--launcher", "slurm", "--wait", "--data", str(specimens),
                    "--model", "tiny", "--workers", "0"])

@@ -94,6 +94,9 @@ def run_command(launch: cfg.LaunchConfig, argv: Sequence[str], config: Any,
     warning = tracking_warning()
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
+    from taxonclip.tracking.jobs import ensure_experiment
+
+    ensure_experiment()  # also finds an unreachable tracking server before anything is submitted
     if command not in ONE_RUN:
         return launcher.launch(job, here)
     return _launch_with_run(launcher, job, config, under_mlflow_run)

@@ -31,6 +31,17 @@ def _experiment_id(client) -> str:
     return found.experiment_id if found is not None else client.create_experiment(name)
 
 
+def ensure_experiment() -> str:
+    """Make and tag the experiment the jobs will log to, if new, and return its id: array tasks
+    starting together would otherwise race to create and tag it, and all but one fail."""
+    from taxonclip.tracking.experiments import prepare_experiment
+
+    client = _client()
+    experiment_id = _experiment_id(client)
+    prepare_experiment(client, experiment_id)
+    return experiment_id
+
+
 def create_run(entry: str, run_name: str) -> tuple[str, str]:
     """A new RUNNING run of entry point `entry`; returns (run id, experiment id)."""
     client = _client()
