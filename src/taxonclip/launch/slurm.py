@@ -78,7 +78,8 @@ class Submitted:
         if self.then_id:
             lines.append(f"then job {self.then_id}: {' '.join(self.job.then or ())}")
         if self.job.run_id:
-            lines.append(f"it logs to MLflow run {self.job.run_id}")
+            experiment = f" (experiment {self.job.experiment_id})" if self.job.experiment_id else ""
+            lines.append(f"it logs to MLflow run {self.job.run_id}{experiment}")
         lines.append(f"follow it with: squeue -j {self.job_id}; cancel it with: scancel "
                      f"{self.job_id}")
         return "\n".join(lines)

@@ -76,8 +76,9 @@ def run_command(launch: cfg.LaunchConfig, argv: Sequence[str], config: Any,
     through the launcher `launch` names."""
     launcher = get_launcher(launch.launcher)
     if launch.launcher == "local":
-        launcher.check(Job(argv=tuple(argv), name=argv[0], launch=launch))
-        return launcher.launch(Job(argv=tuple(argv), name=argv[0], launch=launch), here)
+        job = Job(argv=tuple(argv), name=argv[0], launch=launch)
+        launcher.check(job)
+        return launcher.launch(job, here)
     command = argv[0]
     if command == "sweep":
         check_sweep_storage(config, launch)
