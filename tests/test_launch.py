@@ -217,3 +217,36 @@ def test_the_local_launcher_runs_the_command_here():
     launch = LaunchConfig()
     job = Job(argv=("eval",), name="eval", launch=launch)
     assert get_launcher("local").launch(job, lambda: 7) == 7
+
+
+def test_a_caption_array_is_followed_by_its_merge(fake_slurm, tmp_path):
+    from taxonclip.config import SlurmOptions
+    from taxonclip.launch.slurm import submit
+
+    launch = LaunchConfig(launcher="slurm", workers=3, slurm=SlurmOptions(partition="debug"))
+    argv = ("caption", "--data", "/shared/data", "--out", "/shared/captions")
+    job = Job(argv=argv, name="taxonclip-caption", launch=launch, then=(*argv, "--merge-only"))
+    submitted = submit(job)
+    first, merge = _calls(fake_slurm, "sbatch")
+    assert "--dependency" not in first and f"--dependency=afterok:{JOB_ID}" in merge
+    assert submitted.then_id == JOB_ID and len(submitted.logs) == 3
+    scripts = {p.name: p.read_text() for p in (tmp_path / "slurm-logs").glob("*.sbatch")}
+    [array] = [text for name, text in scripts.items() if not name.endswith("-then.sbatch")]
+    [after] = [text for name, text in scripts.items() if name.endswith("-then.sbatch")]
+    assert "#SBATCH --array=0-2\n" in array and "--array" not in after
+    assert "# taxonclip caption --data /shared/data --out /shared/captions --merge-only" in after
+    assert "#SBATCH --partition=debug\n" in after and "--no-requeue" in after
+
+
+def test_launch_options_come_off_any_launchable_command_line():
+    from taxonclip.launch.submit import split_launch_options
+
+    launch, rest = split_launch_options(["caption", "--data", "x", "--launcher=slurm", "--workers",
+                                         "3", "--slurm", "time=10,partition=gpu", "--wait"])
+    assert rest == ["caption", "--data", "x"]
+    assert (launch.launcher, launch.workers, launch.wait) == ("slurm", 3, True)
+    assert (launch.slurm.time, launch.slurm.partition) == ("10", "gpu")
+    # train's --workers are its DataLoader's, and stay on its command line
+    launch, rest = split_launch_options(["train", "--workers", "4", "--launcher", "slurm"])
+    assert rest == ["train", "--workers", "4"] and launch.workers == 1
+    assert split_launch_options(["compare", "--top", "3"]) == (None, ["compare", "--top", "3"])
