@@ -12,6 +12,7 @@ import yaml
 
 from taxonclip import config as cfg
 from taxonclip import names
+from taxonclip.launch.submit import ARRAY_COMMANDS, MLPROJECT_LAUNCH_PARAMS
 from tests.conftest import REPO
 
 ENTRY_CONFIGS = {
@@ -87,6 +88,8 @@ def test_every_mlproject_default_is_the_config_default(entry):
     cls, mapping = ENTRY_CONFIGS[entry]
     defaults = cfg.flat_fields(cls())
     for name, spec in _entry_points()[entry]["parameters"].items():
+        if name in _launch_params(entry):  # where it runs: test_the_launch_parameters_...
+            continue
         assert name in mapping, f"{entry}: MLproject parameter {name!r} is no parameter of the command"
         if name == "overrides":
             continue
@@ -144,3 +147,20 @@ def test_the_headline_metric_is_defined_once():
     from taxonclip.sweep import DEFAULT_METRIC
 
     assert DEFAULT_METRIC == f"val/{names.HEADLINE_METRIC}"  # a sweep optimises validation
+
+
+def _launch_params(entry: str) -> tuple[str, ...]:
+    if entry not in ("train", "eval", "sweep"):
+        return ()
+    return (*MLPROJECT_LAUNCH_PARAMS, *(("workers",) if entry in ARRAY_COMMANDS else ()))
+
+
+@pytest.mark.parametrize("entry", ["train", "eval", "sweep"])
+def test_the_launch_parameters_default_to_running_here(entry):
+    from taxonclip.launch.submit import split_launch_options
+
+    parameters = _entry_points()[entry]["parameters"]
+    given = [word for name in _launch_params(entry)
+             for word in (f"--{name}", parameters[name]["default"])]
+    launch, rest = split_launch_options([entry, *given])
+    assert rest == [entry] and launch == cfg.LaunchConfig()

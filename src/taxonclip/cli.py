@@ -16,6 +16,7 @@ from typing import Any
 
 from taxonclip import config as cfg
 from taxonclip.errors import TaxonclipError, UsageError
+from taxonclip.launch.submit import add_launch_options
 
 # the formats whose reader writes a fixture (data.readers.registry; tests/test_readers.py checks)
 SYNTH_FORMATS = ("vlm4bio", "bioscan5m", "treeoflife")
@@ -128,14 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     sync = commands.add_parser("sync", help="send a run's spool to the tracking server once it is back")
     sync.add_argument("folder", help="the spool folder a run named when the server was unreachable")
 
-    _add_params(commands.add_parser("eval", help="evaluate a model (nearest-neighbour metrics)"),
-                cfg.EVAL_PARAMS, cfg.EvalConfig)
-    _add_params(commands.add_parser("train", help="fine-tune a model, then evaluate it"),
-                cfg.TRAIN_PARAMS, cfg.TrainConfig)
+    evaluate = commands.add_parser("eval", help="evaluate a model (nearest-neighbour metrics)")
+    _add_params(evaluate, cfg.EVAL_PARAMS, cfg.EvalConfig)
+    train = commands.add_parser("train", help="fine-tune a model, then evaluate it")
+    _add_params(train, cfg.TRAIN_PARAMS, cfg.TrainConfig)
 
-    _add_params(commands.add_parser("caption", help="caption every image with an "
-                                                    "image-text-to-text model, per image"),
-                cfg.CAPTION_PARAMS, cfg.CaptionConfig)
+    caption = commands.add_parser("caption", help="caption every image with an "
+                                                  "image-text-to-text model, per image")
+    _add_params(caption, cfg.CAPTION_PARAMS, cfg.CaptionConfig)
 
     sweep = commands.add_parser("sweep", help="run an Optuna study of training runs")
     _add_params(sweep, cfg.SWEEP_PARAMS, cfg.SweepConfig)
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--overrides", dest="override_list", default=None, metavar="N=V,N=V",
                        help="the same overrides as one comma-separated string, "
                             "model=ViT-B/32,epochs=32, as MLproject passes them (default: none)")
+    # shown by --help; main() takes them off the command line before this parser sees it
+    for name, launchable in (("eval", evaluate), ("train", train), ("caption", caption),
+                             ("sweep", sweep)):
+        add_launch_options(launchable.add_argument_group("where it runs"), name)
 
     _add_params(commands.add_parser("compare", help="rank runs and write a report"),
                 cfg.COMPARE_PARAMS, cfg.CompareConfig)
@@ -153,16 +158,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
+    from taxonclip.launch.submit import split_launch_options
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        launch, argv = split_launch_options(argv)
         args = _parse(argv)
     except UsageError as exc:
         print(f"{exc.prog}: error: {exc}", file=sys.stderr)
         return 1
+    except TaxonclipError as exc:  # a launch option
+        print(f"taxonclip {argv[0]}: error: {_message(exc)}", file=sys.stderr)
+        return 1
     try:
+        if launch is not None and launch != cfg.LaunchConfig():
+            return _launched(launch, argv, args)
         return _dispatch(args)
     except TaxonclipError as exc:
         print(f"taxonclip {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 1
+
+
+def _launched(launch: cfg.LaunchConfig, argv: list[str], args: argparse.Namespace) -> int:
+    """Run the command through its launcher, its parameters checked (its typed config built)
+    here first, so that bad input is refused before anything is submitted."""
+    from taxonclip.launch.submit import run_command
+
+    return run_command(launch, argv, _typed_config(args), lambda: _dispatch(args))
+
+
+def _typed_config(args: argparse.Namespace):
+    """The typed config of a launchable command (None where this module builds none)."""
+    if args.command == "eval":
+        return cfg.from_params(cfg.EvalConfig, _given(args, cfg.EVAL_PARAMS), cfg.EVAL_PARAMS)
+    if args.command == "train":
+        return cfg.from_params(cfg.TrainConfig, _given(args, cfg.TRAIN_PARAMS), cfg.TRAIN_PARAMS)
+    if args.command == "caption":
+        return cfg.from_params(cfg.CaptionConfig, _given(args, cfg.CAPTION_PARAMS),
+                               cfg.CAPTION_PARAMS)
+    if args.command == "sweep":
+        pairs = args.overrides + _split_pairs(args.override_list)
+        params = {**_given(args, cfg.SWEEP_PARAMS), "overrides": _overrides(pairs)}
+        return cfg.from_params(cfg.SweepConfig, params,
+                               {**cfg.SWEEP_PARAMS, "overrides": "overrides"})
+    return None
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -217,6 +256,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "caption":
         return jobs.caption(cfg.from_params(cfg.CaptionConfig, _given(args, cfg.CAPTION_PARAMS),
                                             cfg.CAPTION_PARAMS))
+    if args.command == "caption":
+        return cfg.from_params(cfg.CaptionConfig, _given(args, cfg.CAPTION_PARAMS),
+                               cfg.CAPTION_PARAMS)
     if args.command == "sweep":
         pairs = args.overrides + _split_pairs(args.override_list)
         params = {**_given(args, cfg.SWEEP_PARAMS), "overrides": _overrides(pairs)}
