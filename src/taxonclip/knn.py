@@ -126,26 +126,31 @@ class _Gallery:
     resident: Tensor | None
 
     def blocks(self):
-        """(start, items) of each block of the gallery, in the order of the gallery: read into
-        the same two buffers each time (the store's type, then the compute type and device
-        where they differ), or views of a store that needs neither a gather nor a conversion."""
+        """(start, items) of each block of the gallery, in the order of the gallery."""
         if self.resident is not None:
-            yield 0, self.resident
-            return
-        source, raw, converted = self.source, None, None
-        for start in range(0, len(self.classes), self.block):
-            stop = min(start + self.block, len(self.classes))
-            if source.rows is None:
-                items = source.vectors[start:stop]
-            else:
-                if raw is None:
-                    raw = source.vectors.new_empty(self.block, source.vectors.shape[1])
-                items = torch.index_select(source.vectors, 0, source.rows[start:stop], out=raw[:stop - start])
-            if items.dtype != source.dtype or items.device != source.device:
-                if converted is None:
-                    converted = torch.empty(self.block, items.shape[1], device=source.device, dtype=source.dtype)
-                items = converted[:stop - start].copy_(items)
-            yield start, items
+            return iter([(0, self.resident)])
+        return _blocks(self.source, self.block)
+
+
+def _blocks(source: _Source, block: int):
+    """(start, items) of each block of `block` rows of `source`, read into the same buffers each
+    time (the store's type, then the compute type and device where they differ), or views of a
+    store that needs neither a gather nor a conversion. Fresh blocks would fragment the C
+    library's heap: a small tensor kept from one block lands in the hole the block left."""
+    raw = converted = None
+    for start in range(0, len(source), block):
+        stop = min(start + block, len(source))
+        if source.rows is None:
+            items = source.vectors[start:stop]
+        else:
+            if raw is None:
+                raw = source.vectors.new_empty(block, source.vectors.shape[1])
+            items = torch.index_select(source.vectors, 0, source.rows[start:stop], out=raw[:stop - start])
+        if items.dtype != source.dtype or items.device != source.device:
+            if converted is None:
+                converted = torch.empty(block, items.shape[1], device=source.device, dtype=source.dtype)
+            items = converted[:stop - start].copy_(items)
+        yield start, items
 
 
 @dataclass(frozen=True)
@@ -263,17 +268,19 @@ def _squared_norms(vectors: Tensor, name: str) -> Tensor:
 
 def _gallery(source: _Source, classes: Tensor, n_classes: int, block: int) -> _Gallery:
     """The gallery's statistics, from one pass over its blocks."""
-    squared_norms, resident = [], None
+    squared_norms = torch.empty(len(source), device=source.device, dtype=source.dtype)
     unit_sums = torch.zeros(n_classes, source.vectors.shape[1], device=source.device, dtype=source.dtype)
-    for start in range(0, len(source), block):
-        vectors = source.read(slice(start, start + block))
-        resident = vectors if len(source) <= block else None
-        block_norms = _squared_norms(vectors, "gallery")
-        squared_norms.append(block_norms)
+    resident = source.read(slice(0, len(source))) if len(source) <= block else None
+    unit = None
+    for start, vectors in ([(0, resident)] if resident is not None else _blocks(source, block)):
+        stop = start + len(vectors)
+        norms = torch.linalg.vecdot(vectors, vectors, out=squared_norms[start:stop])
+        if not torch.isfinite(norms).all():
+            raise DataError("gallery embeddings contain NaN or infinite values (or values too large to square)")
         # the mean cosine with a class is the dot product with the mean of its L2-normalised vectors
-        unit = vectors / block_norms.sqrt().clamp_min(_NORM_EPS)[:, None]
-        _add_class_vectors(unit_sums, unit, classes[start:start + block])
-    squared_norms = torch.cat(squared_norms)
+        unit = vectors.new_empty(vectors.shape) if unit is None else unit[:len(vectors)]
+        torch.div(vectors, norms.sqrt().clamp_min(_NORM_EPS)[:, None], out=unit)
+        _add_class_vectors(unit_sums, unit, classes[start:stop])
     counts = torch.bincount(classes, minlength=n_classes)
     return _Gallery(source=source, block=block, classes=classes, squared_norms=squared_norms,
                     inverse_norms=1 / squared_norms.sqrt().clamp_min(_NORM_EPS), counts=counts,
@@ -301,6 +308,7 @@ def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
         distances = distances.add_(query_squared_norms[:, None]).clamp_(min=0).sqrt_()
         nearest_l2 = _nearer(nearest_l2, distances, start)
         _add_per_class(distance_sums, distances, gallery.classes[start:stop])
+        del dots, distances  # freed before the next block's products are allocated
     nearest = gallery.classes[ranked[1]]
     hits = nearest == query_classes[:, None]
     # the query's own norm scales every class alike: it cannot change which class is best
