@@ -45,7 +45,7 @@ _PER_QUERY = ("top1_cos", "top3_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l
 _NORM_EPS = 1e-12
 # values per block when a row's nearest item is found block by block (`_first_smallest`)
 _BLOCK_WIDTH = 64
-# values per group whose maximum screens a row before ranking (`_ranked`)
+# items per group whose maximum screens a row before ranking (`_ranked`)
 _GROUP_WIDTH = 16
 
 
@@ -346,28 +346,29 @@ def _ranked(similarity: Tensor, depth: int) -> tuple[Tensor, Tensor]:
     """Values and indices of the `depth` most similar items per row: most similar first, ties
     to the lower index (the first `depth` of a stable descending sort, without sorting rows).
 
-    Rows are first screened by the maxima of groups of `_GROUP_WIDTH` items: the groups of the
-    `depth` largest maxima hold `depth` items at least as similar as any item outside them, so
-    only those groups are ranked. Where the last item kept equals the smallest of those maxima,
-    an equal item outside could come first by index: those rows are ranked whole."""
+    Rows are first screened by the maxima of `_GROUP_WIDTH` groups: of G = items // width
+    groups, group g holds the items g, g + G, g + 2G, ... (strided, so that their maxima are
+    taken over contiguous rows of G values, which vectorises), and the last items % width
+    items are candidates in any case. The groups of the `depth` largest maxima hold `depth`
+    items at least as similar as any item outside them, so only those groups are ranked; where
+    a group left out has a maximum equal to the smallest one kept, an item outside could tie
+    with one kept and come first by index: those rows are ranked whole."""
     rows, items = similarity.shape
-    groups = -(-items // _GROUP_WIDTH)
+    groups = items // _GROUP_WIDTH
     if groups < 4 * depth or rows == 0:
         return _ranked_exactly(similarity, depth)
-    full = items // _GROUP_WIDTH * _GROUP_WIDTH
-    maxima = similarity[:, :full].view(rows, -1, _GROUP_WIDTH).amax(dim=2)
-    if full < items:
-        maxima = torch.cat([maxima, similarity[:, full:].amax(dim=1, keepdim=True)], dim=1)
+    full = groups * _GROUP_WIDTH
+    maxima = similarity[:, :full].view(rows, _GROUP_WIDTH, groups).amax(dim=1)
     bounds, chosen = maxima.topk(depth, dim=1, sorted=False)
-    # candidates in gallery order, so that ranking them exactly breaks ties by gallery index
+    # candidates in gallery order (layer by layer of ascending groups, then the tail), so that
+    # ranking them exactly breaks ties by gallery index
     chosen = chosen.sort(dim=1).values
-    candidates = (chosen[:, :, None] * _GROUP_WIDTH
-                  + torch.arange(_GROUP_WIDTH, device=similarity.device)).view(rows, -1)
-    outside = candidates >= items  # past the end, in a short last group
-    values = similarity.gather(1, candidates.clamp_(max=items - 1)).masked_fill_(outside, float("-inf"))
-    values, positions = _ranked_exactly(values, depth)
+    layers = torch.arange(_GROUP_WIDTH, device=similarity.device)[None, :, None] * groups
+    candidates = torch.cat([(chosen[:, None, :] + layers).view(rows, -1),
+                            torch.arange(full, items, device=similarity.device).expand(rows, -1)], dim=1)
+    values, positions = _ranked_exactly(similarity.gather(1, candidates), depth)
     indices = candidates.gather(1, positions)
-    unsure = values[:, -1] <= bounds.amin(dim=1)
+    unsure = (maxima >= bounds.amin(dim=1, keepdim=True)).sum(dim=1) > depth
     if unsure.any():
         values[unsure], indices[unsure] = _ranked_exactly(similarity[unsure], depth)
     return values, indices
