@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="device for ours (cpu, cuda)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=5, help="timings are the best of this many runs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of ours and its products (default: torch's choice); on a "
+                             "machine shared with other work, 1 spares each operation waiting for "
+                             "a thread the others have descheduled")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--products", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -175,6 +179,8 @@ def _ru_maxrss_bytes() -> int:
 def run_child(args: argparse.Namespace) -> None:
     """Ours alone in this (child) process: prints its metrics, best seconds, the RSS before the
     runs, the peak RSS after them, and on CUDA the peak device memory, as one JSON line."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     data = clustered_embeddings(args.test, args.train, args.dim, args.classes, args.spread, args.seed)
     before = current_rss_bytes()
     metrics, seconds = timed(ours, *data, args.chunk_size, args.device, repeat=args.repeat)
@@ -194,7 +200,8 @@ def measure_in_child(args: argparse.Namespace, n_test: int, n_train: int, repeat
     command = [sys.executable, __file__, "--child", "--test", str(n_test), "--train", str(n_train),
                "--dim", str(args.dim), "--classes", str(args.classes), "--spread", str(args.spread),
                "--chunk-size", str(args.chunk_size), "--device", args.device, "--seed", str(args.seed),
-               "--repeat", str(repeat)] + (["--products"] if products else [])
+               "--repeat", str(repeat)] + (["--products"] if products else []) + (
+                   [] if args.threads is None else ["--threads", str(args.threads)])
     finished = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(finished.stdout.splitlines()[-1])
 
@@ -227,7 +234,8 @@ def print_report(args: argparse.Namespace, baseline: dict, child_small: dict,
     big_pairs = f"{args.big_test:,} x {args.big_train:,}"
     ours_name = f"taxonclip.knn (torch, {args.device}, chunk {args.chunk_size})"
     ours_memory = measured_memory(child_small, whole_process=False)
-    print(f"\ntorch threads: {torch.get_num_threads()}; seconds: best of {args.repeat} runs "
+    threads = torch.get_num_threads() if args.threads is None else args.threads
+    print(f"\ntorch threads: {threads}; seconds: best of {args.repeat} runs "
           f"at {pairs}, one run at {big_pairs}\n")
     print("| method | test x train | seconds | speed-up | peak memory |")
     print("|---|---|---|---|---|")
@@ -244,6 +252,7 @@ def print_report(args: argparse.Namespace, baseline: dict, child_small: dict,
         print(f"| {ours_name} | {big_pairs} | {child_big['seconds']:.1f} | | "
               f"{measured_memory(child_big, whole_process=True)} |")
     share = child_small["products_seconds"] / child_small["seconds"]
+    print(f"\nours / products: {child_small['seconds'] / child_small['products_seconds']:.2f}")
     print(f"\nThe matrix products take {100 * share:.0f}% of ours: every metric needs them, so the "
           f"speed-up on this processor can reach at most the products' row, whatever the rest costs.")
     print("\nMemory: tracemalloc counts every numpy and pandas allocation during the group's method; "

@@ -153,6 +153,7 @@ def test_first_smallest_is_the_first_occurrence_argmin_gives(items):
     values = torch.randint(0, 4, (50, items), generator=generator).float()
     values[0] = 7.0
     values[1, -1] = -1.0
+    values[2:10] = torch.randn(8, items, generator=generator)  # one smallest value a row
 
     assert torch.equal(knn._first_smallest(values), values.argmin(dim=1))
 

@@ -45,7 +45,7 @@ _PER_QUERY = ("top1_cos", "top3_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l
 _NORM_EPS = 1e-12
 # values per block when a row's nearest item is found block by block (`_first_smallest`)
 _BLOCK_WIDTH = 64
-# values per group whose maximum screens a row before ranking (`_ranked`)
+# items per group whose maximum screens a row before ranking (`_ranked`)
 _GROUP_WIDTH = 16
 
 
@@ -126,26 +126,31 @@ class _Gallery:
     resident: Tensor | None
 
     def blocks(self):
-        """(start, items) of each block of the gallery, in the order of the gallery: read into
-        the same two buffers each time (the store's type, then the compute type and device
-        where they differ), or views of a store that needs neither a gather nor a conversion."""
+        """(start, items) of each block of the gallery, in the order of the gallery."""
         if self.resident is not None:
-            yield 0, self.resident
-            return
-        source, raw, converted = self.source, None, None
-        for start in range(0, len(self.classes), self.block):
-            stop = min(start + self.block, len(self.classes))
-            if source.rows is None:
-                items = source.vectors[start:stop]
-            else:
-                if raw is None:
-                    raw = source.vectors.new_empty(self.block, source.vectors.shape[1])
-                items = torch.index_select(source.vectors, 0, source.rows[start:stop], out=raw[:stop - start])
-            if items.dtype != source.dtype or items.device != source.device:
-                if converted is None:
-                    converted = torch.empty(self.block, items.shape[1], device=source.device, dtype=source.dtype)
-                items = converted[:stop - start].copy_(items)
-            yield start, items
+            return iter([(0, self.resident)])
+        return _blocks(self.source, self.block)
+
+
+def _blocks(source: _Source, block: int):
+    """(start, items) of each block of `block` rows of `source`, read into the same buffers each
+    time (the store's type, then the compute type and device where they differ), or views of a
+    store that needs neither a gather nor a conversion. Fresh blocks would fragment the C
+    library's heap: a small tensor kept from one block lands in the hole the block left."""
+    raw = converted = None
+    for start in range(0, len(source), block):
+        stop = min(start + block, len(source))
+        if source.rows is None:
+            items = source.vectors[start:stop]
+        else:
+            if raw is None:
+                raw = source.vectors.new_empty(block, source.vectors.shape[1])
+            items = torch.index_select(source.vectors, 0, source.rows[start:stop], out=raw[:stop - start])
+        if items.dtype != source.dtype or items.device != source.device:
+            if converted is None:
+                converted = torch.empty(block, items.shape[1], device=source.device, dtype=source.dtype)
+            items = converted[:stop - start].copy_(items)
+        yield start, items
 
 
 @dataclass(frozen=True)
@@ -263,17 +268,19 @@ def _squared_norms(vectors: Tensor, name: str) -> Tensor:
 
 def _gallery(source: _Source, classes: Tensor, n_classes: int, block: int) -> _Gallery:
     """The gallery's statistics, from one pass over its blocks."""
-    squared_norms, resident = [], None
+    squared_norms = torch.empty(len(source), device=source.device, dtype=source.dtype)
     unit_sums = torch.zeros(n_classes, source.vectors.shape[1], device=source.device, dtype=source.dtype)
-    for start in range(0, len(source), block):
-        vectors = source.read(slice(start, start + block))
-        resident = vectors if len(source) <= block else None
-        block_norms = _squared_norms(vectors, "gallery")
-        squared_norms.append(block_norms)
+    resident = source.read(slice(0, len(source))) if len(source) <= block else None
+    unit = None
+    for start, vectors in ([(0, resident)] if resident is not None else _blocks(source, block)):
+        stop = start + len(vectors)
+        norms = torch.linalg.vecdot(vectors, vectors, out=squared_norms[start:stop])
+        if not torch.isfinite(norms).all():
+            raise DataError("gallery embeddings contain NaN or infinite values (or values too large to square)")
         # the mean cosine with a class is the dot product with the mean of its L2-normalised vectors
-        unit = vectors / block_norms.sqrt().clamp_min(_NORM_EPS)[:, None]
-        _add_class_vectors(unit_sums, unit, classes[start:start + block])
-    squared_norms = torch.cat(squared_norms)
+        unit = vectors.new_empty(vectors.shape) if unit is None else unit[:len(vectors)]
+        torch.div(vectors, norms.sqrt().clamp_min(_NORM_EPS)[:, None], out=unit)
+        _add_class_vectors(unit_sums, unit, classes[start:stop])
     counts = torch.bincount(classes, minlength=n_classes)
     return _Gallery(source=source, block=block, classes=classes, squared_norms=squared_norms,
                     inverse_norms=1 / squared_norms.sqrt().clamp_min(_NORM_EPS), counts=counts,
@@ -301,6 +308,7 @@ def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
         distances = distances.add_(query_squared_norms[:, None]).clamp_(min=0).sqrt_()
         nearest_l2 = _nearer(nearest_l2, distances, start)
         _add_per_class(distance_sums, distances, gallery.classes[start:stop])
+        del dots, distances  # freed before the next block's products are allocated
     nearest = gallery.classes[ranked[1]]
     hits = nearest == query_classes[:, None]
     # the query's own norm scales every class alike: it cannot change which class is best
@@ -338,28 +346,29 @@ def _ranked(similarity: Tensor, depth: int) -> tuple[Tensor, Tensor]:
     """Values and indices of the `depth` most similar items per row: most similar first, ties
     to the lower index (the first `depth` of a stable descending sort, without sorting rows).
 
-    Rows are first screened by the maxima of groups of `_GROUP_WIDTH` items: the groups of the
-    `depth` largest maxima hold `depth` items at least as similar as any item outside them, so
-    only those groups are ranked. Where the last item kept equals the smallest of those maxima,
-    an equal item outside could come first by index: those rows are ranked whole."""
+    Rows are first screened by the maxima of `_GROUP_WIDTH` groups: of G = items // width
+    groups, group g holds the items g, g + G, g + 2G, ... (strided, so that their maxima are
+    taken over contiguous rows of G values, which vectorises), and the last items % width
+    items are candidates in any case. The groups of the `depth` largest maxima hold `depth`
+    items at least as similar as any item outside them, so only those groups are ranked; where
+    a group left out has a maximum equal to the smallest one kept, an item outside could tie
+    with one kept and come first by index: those rows are ranked whole."""
     rows, items = similarity.shape
-    groups = -(-items // _GROUP_WIDTH)
+    groups = items // _GROUP_WIDTH
     if groups < 4 * depth or rows == 0:
         return _ranked_exactly(similarity, depth)
-    full = items // _GROUP_WIDTH * _GROUP_WIDTH
-    maxima = similarity[:, :full].view(rows, -1, _GROUP_WIDTH).amax(dim=2)
-    if full < items:
-        maxima = torch.cat([maxima, similarity[:, full:].amax(dim=1, keepdim=True)], dim=1)
+    full = groups * _GROUP_WIDTH
+    maxima = similarity[:, :full].view(rows, _GROUP_WIDTH, groups).amax(dim=1)
     bounds, chosen = maxima.topk(depth, dim=1, sorted=False)
-    # candidates in gallery order, so that ranking them exactly breaks ties by gallery index
+    # candidates in gallery order (layer by layer of ascending groups, then the tail), so that
+    # ranking them exactly breaks ties by gallery index
     chosen = chosen.sort(dim=1).values
-    candidates = (chosen[:, :, None] * _GROUP_WIDTH
-                  + torch.arange(_GROUP_WIDTH, device=similarity.device)).view(rows, -1)
-    outside = candidates >= items  # past the end, in a short last group
-    values = similarity.gather(1, candidates.clamp_(max=items - 1)).masked_fill_(outside, float("-inf"))
-    values, positions = _ranked_exactly(values, depth)
+    layers = torch.arange(_GROUP_WIDTH, device=similarity.device)[None, :, None] * groups
+    candidates = torch.cat([(chosen[:, None, :] + layers).view(rows, -1),
+                            torch.arange(full, items, device=similarity.device).expand(rows, -1)], dim=1)
+    values, positions = _ranked_exactly(similarity.gather(1, candidates), depth)
     indices = candidates.gather(1, positions)
-    unsure = values[:, -1] <= bounds.amin(dim=1)
+    unsure = (maxima >= bounds.amin(dim=1, keepdim=True)).sum(dim=1) > depth
     if unsure.any():
         values[unsure], indices[unsure] = _ranked_exactly(similarity[unsure], depth)
     return values, indices
@@ -399,23 +408,29 @@ def _nearer(nearest: tuple[Tensor, Tensor] | None, distances: Tensor,
 
 def _first_smallest(values: Tensor, width: int = _BLOCK_WIDTH) -> Tensor:
     """Per row, the index of the smallest value, the lowest index among equal ones: what
-    `argmin(dim=1)` gives, in a fifth of its time on CPUs, where it does not vectorise.
+    `argmin(dim=1)` gives, in a fraction of its time on CPUs, where it does not vectorise.
 
-    The minima of contiguous blocks of `width` values are vectorised; the first block holding
-    the row's minimum holds its first occurrence, so `argmin` then runs on one block a row."""
+    Of G = items // width groups, group g holds the items g, g + G, g + 2G, ...: their minima
+    are taken over contiguous rows of G values, which vectorises. Where one group holds the
+    smallest value, `argmin` then runs on its `width` items; the last items % width items
+    come after all of them. Rows where several groups hold it are searched whole."""
     rows, items = values.shape
-    blocks = items // width
-    if blocks < 2:
+    groups = items // width
+    if groups < 2:
         return values.argmin(dim=1)
-    minima = values[:, :blocks * width].view(rows, blocks, width).amin(dim=2)
-    if items > blocks * width:
-        minima = torch.cat([minima, values[:, blocks * width:].amin(dim=1, keepdim=True)], dim=1)
-    # the last block may be short: its index range is clamped onto its last item, whose
-    # repeats come after the item itself and so never win argmin's first-occurrence rule
-    block = minima.argmin(dim=1)
-    candidates = (block[:, None] * width + torch.arange(width, device=values.device)).clamp_(max=items - 1)
-    first = values.gather(1, candidates).argmin(dim=1, keepdim=True)
-    return candidates.gather(1, first).squeeze(1)
+    full = groups * width
+    minima = values[:, :full].view(rows, width, groups).amin(dim=1)
+    group = minima.argmin(dim=1, keepdim=True)
+    smallest = minima.gather(1, group)
+    candidates = group + torch.arange(width, device=values.device) * groups
+    first = candidates.gather(1, values.gather(1, candidates).argmin(dim=1, keepdim=True)).squeeze(1)
+    if full < items:
+        tail, position = values[:, full:].min(dim=1)
+        first = torch.where(tail < smallest.squeeze(1), position + full, first)
+    tied = (minima == smallest).sum(dim=1) > 1
+    if tied.any():
+        first[tied] = values[tied].argmin(dim=1)
+    return first
 
 
 def _add_per_class(sums: Tensor, values: Tensor, classes: Tensor) -> Tensor:
