@@ -45,7 +45,7 @@ OUT=${DEVICE_CHECK_OUT:-bench/results/device-$DATE.md}
 BUDGET=${DEVICE_CHECK_BUDGET:-450}
 WORK=${DEVICE_CHECK_WORK:-/tmp/taxonclip-device-check}
 SHARDS="$WORK/shards"
-CAPTION_MODEL=${CAPTION_MODEL:-tiny}
+CAPTION_MODEL=${CAPTION_MODEL:-2b}  # a random model of InternVL2-2B's size: the speed target's case
 TRAIN="bench/train_throughput.py --steps 8 --warmup 3"
 
 DRY=0

@@ -65,9 +65,7 @@ def test_ddp_row_under_torchrun_is_the_global_rate_printed_by_rank_0_alone():
 # --- bench/device_check.sh ---------------------------------------------------------------------
 
 DEVICE_CHECK = REPO / "bench" / "device_check.sh"
-CAPTION_BENCH = REPO / "bench" / "caption_throughput.py"
 # written by the captions work in parallel: until it is merged, its step's check is skipped
-CAPTION_SKIP = [] if CAPTION_BENCH.is_file() else ["--skip", "caption"]
 
 
 def bench_module(name: str):
@@ -124,13 +122,13 @@ def test_the_command_checker_finds_a_missing_script_and_a_refused_argument():
 
 @pytest.mark.slow  # about 6 s: every script imported and its parser given the step's arguments
 def test_device_check_dry_run_passes():
-    done = subprocess.run(["bash", str(DEVICE_CHECK), "--dry-run", *CAPTION_SKIP], cwd=REPO,
+    done = subprocess.run(["bash", str(DEVICE_CHECK), "--dry-run"], cwd=REPO,
                           env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""},
                           capture_output=True, text=True, timeout=300)
 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "FAILED" not in done.stdout
-    assert done.stdout.count("ok: ") == 12 - (1 if CAPTION_SKIP else 0)
+    assert done.stdout.count("ok: ") == 12
 
 
 # --- bench/eval_scale.py -------------------------------------------------------------------------
