@@ -65,7 +65,6 @@ def test_ddp_row_under_torchrun_is_the_global_rate_printed_by_rank_0_alone():
 # --- bench/device_check.sh ---------------------------------------------------------------------
 
 DEVICE_CHECK = REPO / "bench" / "device_check.sh"
-# written by the captions work in parallel: until it is merged, its step's check is skipped
 
 
 def bench_module(name: str):
