@@ -99,7 +99,7 @@ def _faulty_files(root: Path, table, specimens: Path) -> dict[str, str]:
         rows.to_csv(metadata, index=False)
         files[f"bioscan_{name}"] = str(folder)
     (root / "unknown_taxa.yaml").write_text(
-        f"metric: eval/Insect/species/top1_cos\nfixed: {{model: tiny, data: {specimens}}}\n"
+        f"metric: val/Insect/species/top1_cos\nfixed: {{model: tiny, data: {specimens}}}\n"
         f"search:\n  lr: {{type: float, low: 0.001, high: 0.1}}\n")
     return {**files, "damaged_spool": str(spool), "truncated": str(root / "truncated.csv"),
             **{stem: str(root / name) for stem, name in (
@@ -210,9 +210,9 @@ CASES = [
     case("prepare-into-dev-null", ("data", "prepare", "{specimens}", "--out", "/dev/null/x"),
          "/dev/null is a file, not a folder"),
     case("bioscan-path-outside-its-folder", (*CHECK, "{bioscan_escape}"),
-         "names an image outside the dataset folder"),
+         "not a plain folder or file name: an image path may not leave its package"),
     case("bioscan-partition-typo", (*EVAL, "--data", "{bioscan_tset}", "--split", "official"),
-         "unknown partition(s) 'tset'"),
+         "column 'split' is 'tset'; BIOSCAN-5M's partitions are"),
     case("sync-damaged-queue", ("sync", "{damaged_spool}"), "queue.jsonl line 2 is not a queued call"),
     case("weights-corrupt-safetensors", (*EVAL, "--weights", "{corrupt_safetensors}"),
          "cannot read weights file"),

@@ -120,7 +120,7 @@ def test_train_reads_captions_keyed_by_image_and_checks_them(specimens, tmp_path
                           "saw_name": False})
     frame.loc[test_rows[0], "saw_name"] = True
     metadata = {parts.METADATA_KEY: b'{"split": {"split": "seeded", "seed": 0, "test_size": 0.2,'
-                                    b' "group_column": null, "val_size": 0.0}}'}
+                                    b' "group_column": null, "val_size": 0.1}}'}
     file = tmp_path / "captions.parquet"
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False)
                    .replace_schema_metadata(metadata), file)

@@ -16,9 +16,9 @@ from taxonclip import names
 from taxonclip.cli import main
 from taxonclip.clusters import (adjusted_rand_index, cluster_count, kmeans,
                                 normalized_mutual_information)
-from taxonclip.config import TrainConfig
+from taxonclip.config import DataConfig, TrainConfig
 from taxonclip.data.manifest import read_manifest
-from taxonclip.data.splits import split_manifest
+from taxonclip.data.splits import make_split, split_manifest
 from taxonclip.errors import ConfigError
 from tests.conftest import sqlite_tracking
 
@@ -95,7 +95,8 @@ def test_train_on_clusters_logs_their_purity_and_scores_the_true_labels(specimen
             assert np.isfinite(run[f"metrics.{names.cluster_purity(score, level)}"])
     assert run[f"metrics.{names.CLUSTER_KMEANS_SECONDS}"] >= 0
     assignment = mlflow.artifacts.load_text(f"runs:/{run['run_id']}/{names.CLUSTER_ASSIGNMENT}")
-    train_rows = len(split_manifest(read_manifest(specimens).table, 0.2, 0).train)
+    # the training rows: the train split without its validation rows
+    train_rows = len(make_split(read_manifest(specimens).table, DataConfig()).training_rows)
     assert assignment.startswith("image_id,cluster") and len(assignment.splitlines()) == 1 + train_rows
     # the table scores the true labels, with 12 species and 4 genera, not the 6 clusters
     table = mlflow.MlflowClient().load_table(run["experiment_id"], names.PER_TAXA_TABLE,

@@ -50,9 +50,9 @@ def fake_slurm(tmp_path, store, monkeypatch) -> Path:
     _fake(bin_dir, "sinfo", "echo debug")
     _fake(bin_dir, "scontrol", "echo node1; echo node2")
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     sqlite_tracking(monkeypatch, store, experiment=tmp_path.name)
+    monkeypatch.chdir(tmp_path)  # after sqlite_tracking, which runs a test in the store's folder
     return bin_dir
 
 

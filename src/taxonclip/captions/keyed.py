@@ -79,7 +79,7 @@ def check_caption_split(table: pd.DataFrame, split, data) -> None:
                             f"{_spelled(made)}, and this run splits by {_spelled(now)} (differing: "
                             f"{', '.join(differing)}): its gallery rows may be this run's queries; "
                             f"caption again with this split, or run with that one")
-    queries = np.union1d(split.test, getattr(split, "val", np.empty(0, int))).astype(int)
+    queries = np.union1d(split.test, split.val).astype(int)
     leaked = queries[saw[queries]]
     if len(leaked):
         ids = table["image_id"].iloc[leaked].tolist()

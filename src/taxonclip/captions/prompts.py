@@ -19,7 +19,7 @@ from taxonclip.config import DataConfig
 from taxonclip.data.splits import make_split, select_classes
 from taxonclip.errors import ConfigError, TaxonclipError
 
-# the data parameters that decide the split (val_size once the validation split exists)
+# the data parameters that decide the split
 SPLIT_KEYS = ("split", "seed", "test_size", "group_column", "val_size")
 
 
@@ -35,7 +35,7 @@ class Prompts:
 
 def split_parameters(data: DataConfig) -> dict:
     """The parameters of the split that decides which rows are queries."""
-    return {key: getattr(data, key, 0.0 if key == "val_size" else None) for key in SPLIT_KEYS}
+    return {key: getattr(data, key) for key in SPLIT_KEYS}
 
 
 def query_rows(table: pd.DataFrame, data: DataConfig) -> np.ndarray:
@@ -52,9 +52,8 @@ def query_rows(table: pd.DataFrame, data: DataConfig) -> np.ndarray:
 
 def _queries(table: pd.DataFrame, data: DataConfig) -> np.ndarray:
     split = make_split(table, data)
-    # the validation rows of the split, once it has them (sorted positions, like test)
-    val = getattr(split, "val", np.empty(0, int))
-    return np.union1d(split.test, val).astype(int)
+    # a training's validation rows are queries too (its choices score them)
+    return np.union1d(split.test, split.val).astype(int)
 
 
 def build_prompts(table: pd.DataFrame, template: Template, name_in_prompt: str,
