@@ -313,3 +313,18 @@ def test_slurm_array_tasks_caption_their_shares_and_the_last_one_merges(
     b = pd.read_parquet(single / parts.CAPTIONS_FILE)
     assert a["image_id"].tolist() == b["image_id"].tolist()
     assert a["caption"].tolist() == b["caption"].tolist()
+
+
+def test_treeoflife_shards_are_captioned_by_key_without_a_prepare(tmp_path, tracking, monkeypatch):
+    """TreeOfLife-10M's shards are read directly: each image by its key in its shard."""
+    from taxonclip.data import treeoflife
+    from taxonclip.data.manifest import read_manifest
+
+    train, _ = treeoflife.fixture_patterns(treeoflife.write_fixture(tmp_path / "tol", size=16))
+    _experiment(monkeypatch)
+    out = tmp_path / "out"
+    assert _caption(out, train) == 0
+    table = pd.read_parquet(out / parts.CAPTIONS_FILE)
+    ids = read_manifest(train).table["image_id"]
+    assert sorted(table["image_id"]) == sorted(ids) and table["image_id"].is_unique
+    assert table["caption"].str.len().gt(0).all()

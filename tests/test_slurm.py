@@ -233,6 +233,25 @@ def test_an_eval_job_logs_its_run(at_cluster, specimens, capsys):
     assert run.data.metrics[names.eval_metric("All", "species", "top1_cos")] >= 0
 
 
+def test_a_two_task_caption_array_captions_every_row_once(at_cluster, specimens, capsys):
+    """Each array task captions its share on its own node; the merge job joins the parts."""
+    import pandas as pd
+
+    from taxonclip.data.manifest import read_manifest
+
+    out = at_cluster / "captions"
+    status = main(["caption", "--launcher", "slurm", "--tasks", "2", "--wait", "--data",
+                   str(specimens), "--out", str(out), "--workers", "0", "--batch_size", "8",
+                   "--max_new_tokens", "4"])
+    output = capsys.readouterr()
+    assert status == 0, output.out + output.err
+    merged = pd.read_parquet(out / "captions.parquet")
+    images = read_manifest(specimens).table["image_id"]
+    assert sorted(merged["image_id"]) == sorted(images), "a row lost or captioned twice"
+    shares = {p.name.split("-")[1] for p in (out / "parts").glob("part-*.parquet")}
+    assert shares == {"0", "1"}, "both tasks wrote their share"
+
+
 def test_a_failing_job_reaches_the_user_with_its_log(at_cluster, capsys):
     status = main(["eval", "--launcher", "slurm", "--wait", "--data",
                    str(at_cluster / "no-such-folder"), "--workers", "0"])

@@ -83,10 +83,11 @@ def prepare_job(config: CaptionConfig) -> CaptionJob:
     before any model is loaded or any run opened."""
     out = config.out_folder()
     manifest = load_manifest(config.data)
-    if manifest.shards:
-        raise DataError(f"{manifest.report.source} is prepared shards: caption the dataset it was "
-                        f"prepared from (its images are the same, and the captions are keyed by "
-                        f"the same image ids)")
+    remote = [url for url in manifest.shards if not os.path.isfile(url)]
+    if remote:  # a member is read by its key, which needs the shard's index: a local file
+        raise DataError(f"{manifest.report.source}: caption reads the images of shards on this "
+                        f"machine's file system, and {remote[0]} is not a local file; copy the "
+                        f"shards here (or caption the dataset they were made from)")
     template = load_template(config.template, config.templates)
     prompts = build_prompts(manifest.table, template, config.name_in_prompt, config.data)
     device = caption_device(config)
