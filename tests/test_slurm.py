@@ -140,7 +140,7 @@ def test_a_two_node_train_job_is_one_process_group_logging_one_run(at_cluster, s
                                 .experiment_id])
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     # the steps of two processes, each with half of the images: one group of world size 2
-    config = from_params(TrainConfig, {"batch_size": "16"}, TRAIN_PARAMS)
+    config = from_params(TrainConfig, {"batch_size": run.data.params["batch_size"]}, TRAIN_PARAMS)
     steps = steps_per_epoch(int(run.data.params["train_images"]), config, world_size=2)
     assert steps != steps_per_epoch(int(run.data.params["train_images"]), config, world_size=1)
     logged = [m.step for m in client.get_metric_history(run_id, names.TRAIN_LOSS)]
@@ -248,8 +248,8 @@ def test_a_two_task_caption_array_captions_every_row_once(at_cluster, specimens,
     merged = pd.read_parquet(out / "captions.parquet")
     images = read_manifest(specimens).table["image_id"]
     assert sorted(merged["image_id"]) == sorted(images), "a row lost or captioned twice"
-    shares = {p.name.split("-")[1] for p in (out / "parts").glob("part-*.parquet")}
-    assert shares == {"0", "1"}, "both tasks wrote their share"
+    shares = {int(p.name.split("-")[1]) for p in (out / "parts").glob("part-*.parquet")}
+    assert shares == {0, 1}, "both tasks wrote their share"
 
 
 def test_a_failing_job_reaches_the_user_with_its_log(at_cluster, capsys):
