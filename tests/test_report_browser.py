@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # Headless, and fit for a container: no sandbox (root), no GPU, no small /dev/shm.
 CHROMIUM_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage")
 WIDTH, HEIGHT = 1280, 800
-ARTIFACTS = REPO / "test-artifacts"
 SCREENSHOT = "report-1280.png"
 
 
@@ -53,14 +51,12 @@ def report(demo_runs) -> Path:
 @pytest.fixture(scope="module")
 def page(browser, report, tmp_path_factory):
     """The browser showing the report, its console log read once (reading empties it), and a
-    full-page screenshot saved to test-artifacts/ and to pytest's tmp folder, before any test
-    looks, so that a failing test leaves the picture of what failed."""
+    full-page screenshot saved to pytest's tmp folder, before any test looks, so that a failing
+    test leaves the picture of what failed."""
     browser.get(report.as_uri())  # returns once the page and its data-URI images have loaded
     console = browser.get_log("browser")
     screenshot = full_page_png(browser)
-    ARTIFACTS.mkdir(exist_ok=True)
-    for folder in (ARTIFACTS, tmp_path_factory.mktemp("screenshot")):
-        (folder / SCREENSHOT).write_bytes(screenshot)
+    (tmp_path_factory.mktemp("screenshot") / SCREENSHOT).write_bytes(screenshot)
     return browser, console, screenshot
 
 
@@ -104,4 +100,3 @@ def test_the_screenshot_is_the_whole_page_at_1280_px(page):
     driver, _, screenshot = page
     height = driver.execute_script("return document.documentElement.scrollHeight")
     assert Image.open(io.BytesIO(screenshot)).size == (WIDTH, height)
-    assert (ARTIFACTS / SCREENSHOT).read_bytes() == screenshot

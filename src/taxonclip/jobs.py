@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 from taxonclip import names
-from taxonclip.config import (EVAL_PARAMS, CompareConfig, DataConfig, EvalConfig, PrepareConfig,
-                              SweepConfig, TrainConfig, to_params)
+from taxonclip.config import (EVAL_PARAMS, CaptionConfig, CompareConfig, DataConfig, EvalConfig,
+                              PrepareConfig, SweepConfig, TrainConfig, to_params)
 
 
 def synth(out: str, **sizes: int) -> int:
@@ -248,14 +248,13 @@ LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` and `make server` serve 
 
 def train(config: TrainConfig) -> int:
     """Fine-tune, evaluate and log one model (`torchrun` starts one process per GPU)."""
-    from taxonclip.evaluate import format_table, scored_note
+    from taxonclip.evaluate import format_table, scored_note, table_cell
     from taxonclip.formats import percent
     from taxonclip.train import run_training
 
     outcome = run_training(config)
     if outcome.evaluation is None:  # ranks other than 0 evaluate nothing
         return 0
-    from taxonclip.evaluate import scored_note, table_cell
 
     print(format_table(outcome.table))
     print(f"scored {scored_note(outcome.evaluation.manifest.table, outcome.evaluation.split)}")
