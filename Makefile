@@ -10,7 +10,7 @@ DEMO_EXPERIMENT ?= taxonclip-demo
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,postgres,dashboard]'
+	$(PY) -m pip install -q -e '.[test,postgres,dashboard,auth]'
 	touch $(STAMP)
 
 install: $(STAMP)
