@@ -247,23 +247,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return jobs.models()
     if args.command == "sync":
         return jobs.sync(args.folder)
-    if args.command == "eval":
-        return jobs.evaluate(cfg.from_params(cfg.EvalConfig, _given(args, cfg.EVAL_PARAMS),
-                                             cfg.EVAL_PARAMS))
-    if args.command == "train":
-        return jobs.train(cfg.from_params(cfg.TrainConfig, _given(args, cfg.TRAIN_PARAMS),
-                                          cfg.TRAIN_PARAMS))
-    if args.command == "caption":
-        return jobs.caption(cfg.from_params(cfg.CaptionConfig, _given(args, cfg.CAPTION_PARAMS),
-                                            cfg.CAPTION_PARAMS))
-    if args.command == "caption":
-        return cfg.from_params(cfg.CaptionConfig, _given(args, cfg.CAPTION_PARAMS),
-                               cfg.CAPTION_PARAMS)
-    if args.command == "sweep":
-        pairs = args.overrides + _split_pairs(args.override_list)
-        params = {**_given(args, cfg.SWEEP_PARAMS), "overrides": _overrides(pairs)}
-        return jobs.sweep(cfg.from_params(cfg.SweepConfig, params,
-                                          {**cfg.SWEEP_PARAMS, "overrides": "overrides"}))
+    launchable = {"eval": jobs.evaluate, "train": jobs.train, "caption": jobs.caption,
+                  "sweep": jobs.sweep}
+    if args.command in launchable:
+        return launchable[args.command](_typed_config(args))
     return jobs.compare(cfg.from_params(cfg.CompareConfig, _given(args, cfg.COMPARE_PARAMS),
                                         cfg.COMPARE_PARAMS))
 

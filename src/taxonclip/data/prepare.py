@@ -34,6 +34,7 @@ from PIL import Image
 
 from taxonclip import names
 from taxonclip.data import shards
+from taxonclip.data.integrity import file_sha256
 from taxonclip.data.validated import (COLUMNS, Manifest, ManifestReport, check_taxa_names,
                                       clean_name, genus_of, report_of, species_of)
 from taxonclip.diskio import atomic_path, disk_errors, write_bytes
@@ -46,7 +47,6 @@ IMAGE_FORMATS = {"jpeg": ("jpg", "JPEG"), "webp": ("webp", "WEBP")}
 # an image already no larger than the size keeps its own bytes when it is in one of these
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _TAR_OWNER = "taxonclip"
-_READ_CHUNK = 1 << 20
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
@@ -261,7 +261,7 @@ def write_shard(job: _ShardJob) -> _ShardDone:
         writer.close()
         stream.flush()
         os.fsync(stream.fileno())
-    digest = _file_sha256(partial)
+    digest = file_sha256(partial)
     size = partial.stat().st_size
     partial.replace(tar)
     _write_atomic(sidecar, json.dumps({"keys": list(job.keys), "digests": list(digests),
@@ -314,14 +314,6 @@ def _target_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
         return width, height
     scale = short_side / min(width, height)
     return max(short_side, round(width * scale)), max(short_side, round(height * scale))
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_READ_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
