@@ -150,12 +150,12 @@ def test_the_headline_metric_is_defined_once():
 
 
 def _launch_params(entry: str) -> tuple[str, ...]:
-    if entry not in ("train", "eval", "sweep"):
+    if entry not in ("train", "eval", "caption", "sweep"):
         return ()
-    return (*MLPROJECT_LAUNCH_PARAMS, *(("workers",) if entry in ARRAY_COMMANDS else ()))
+    return (*MLPROJECT_LAUNCH_PARAMS, *((ARRAY_COMMANDS[entry],) if entry in ARRAY_COMMANDS else ()))
 
 
-@pytest.mark.parametrize("entry", ["train", "eval", "sweep"])
+@pytest.mark.parametrize("entry", ["train", "eval", "caption", "sweep"])
 def test_the_launch_parameters_default_to_running_here(entry):
     from taxonclip.launch.submit import split_launch_options
 
