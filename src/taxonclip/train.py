@@ -625,11 +625,12 @@ class Logged:
     has_test_metrics: bool = False  # the final evaluation's eval/ metrics
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainContext:
     """What the epoch loop works with besides the state: the typed config, the data, the run it
     logs to (a no-op run off rank 0), this process's place among the ranks, the per-epoch
-    callback, and what a resumed run had logged already."""
+    callback, and what a resumed run had logged already. Frozen: a change (the cluster labels,
+    what a resumed run holds) is a new context, made with `dataclasses.replace`."""
 
     config: TrainConfig
     data: TrainData
@@ -648,11 +649,11 @@ def _train_in_run(ctx: TrainContext, encoder) -> TrainResult:
     config = ctx.config
     seed_everything(config.data.seed)
     if config.label == CLUSTER_LABEL:
-        ctx.data = _with_cluster_labels(ctx, encoder)
+        ctx = replace(ctx, data=_with_cluster_labels(ctx, encoder))
     loader = make_loader(ctx.data, encoder, config, ctx.info)
     state = build_state(encoder, len(ctx.data.classes), config, sum(ctx.data.epoch_steps), ctx.device)
     forward = torch.compile(state.replica) if config.compile else state.replica
-    ctx.logged = _resume(state, ctx)
+    ctx = replace(ctx, logged=_resume(state, ctx))
     if state.epoch == 0:
         ctx.run.log_params({**to_params(config, TRAIN_PARAMS), **_sizes(state, ctx.data)})
     while state.epoch < config.epochs:
