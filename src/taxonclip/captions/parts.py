@@ -12,7 +12,6 @@ so shares never write the same file. The merged file carries, as parquet metadat
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from taxonclip.diskio import atomic_path, write_bytes
 from taxonclip.errors import ConfigError, DataError
 
 CAPTIONS_FILE = "captions.parquet"
@@ -117,9 +117,8 @@ class PartWriter:
     def _write(self, rows: list[dict]) -> None:
         frame = pd.DataFrame(rows, columns=list(PART_COLUMNS))
         target = self.folder / f"part-{self.share:05d}-{self.next_number:06d}.parquet"
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        frame.to_parquet(temporary, index=False)
-        _fsync_and_replace(temporary, target)
+        with atomic_path(target, what="a captions part") as partial:
+            frame.to_parquet(partial, index=False)
         self.next_number += 1
         self.written += len(rows)
 
@@ -139,9 +138,8 @@ def merge(out: Path, metadata: dict, order: list[str]) -> pd.DataFrame:
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     target = out / CAPTIONS_FILE
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    pq.write_table(table, temporary)
-    _fsync_and_replace(temporary, target)
+    with atomic_path(target, what="the captions file") as partial:
+        pq.write_table(table, partial)
     return frame
 
 
@@ -154,13 +152,4 @@ def read_metadata(file: Path) -> dict | None:
 
 
 def _write_text_atomic(file: Path, text: str) -> None:
-    temporary = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    _fsync_and_replace(temporary, file)
-
-
-def _fsync_and_replace(temporary: Path, target: Path) -> None:
-    """Make the temporary file durable, then rename it over the target in one step."""
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, target)
+    write_bytes(file, text.encode())
