@@ -17,12 +17,12 @@ import pandas as pd
 
 from taxonclip.captions.parts import read_metadata
 from taxonclip.captions.prompts import split_parameters
+from taxonclip.data.validated import listed
 from taxonclip import names
 from taxonclip.errors import DataError
 
 KEY = "image_id"
 SAW_NAME = names.CAPTION_SAW_NAME  # the table's column: that row's caption prompt held a rank name
-SHOWN = 5
 
 
 def is_keyed(file: Path) -> bool:
@@ -49,13 +49,13 @@ def join_by_image(manifest, file: Path, caption_column: str | None = None):
                         f"are {', '.join(map(str, table.columns))}")
     repeated = table.loc[table[KEY].duplicated(), KEY].unique().tolist()
     if repeated:
-        raise DataError(f"captions file {file}: images captioned twice: {_listed(repeated)}")
+        raise DataError(f"captions file {file}: images captioned twice: {listed(repeated)}")
     by_id = table.set_index(KEY)
     ids = manifest.table[KEY]
     absent = ids[~ids.isin(by_id.index)].tolist()
     if absent:
         raise DataError(f"captions file {file} has no caption for {len(absent)} of {len(ids)} "
-                        f"images of {manifest.report.source}: {_listed(absent)} (caption them "
+                        f"images of {manifest.report.source}: {listed(absent)} (caption them "
                         f"into the same out folder: a rerun adds only what is missing)")
     columns = {"caption": ids.map(by_id[column]).fillna("").astype(str).to_numpy()}
     if "saw_name" in by_id.columns and read_metadata(file) is not None:
@@ -84,14 +84,10 @@ def check_caption_split(table: pd.DataFrame, split, data) -> None:
     if len(leaked):
         ids = table["image_id"].iloc[leaked].tolist()
         raise DataError(f"captions file {file}: {len(leaked)} query image(s) of this run's split "
-                        f"were captioned with their name in the prompt: {_listed(ids)}; their "
+                        f"were captioned with their name in the prompt: {listed(ids)}; their "
                         f"captions carry the label into the query")
 
 
 def _spelled(split: dict) -> str:
     return ", ".join(f"{key}={split.get(key)}" for key in sorted(split))
 
-
-def _listed(items: list[str]) -> str:
-    shown = ", ".join(map(str, items[:SHOWN]))
-    return shown if len(items) <= SHOWN else f"{shown} and {len(items) - SHOWN} more"
