@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from taxonclip import names
 from taxonclip.cli import main
-from taxonclip.config import DataConfig, TrainConfig, check_table_key
+from taxonclip.config import DataConfig, TrainConfig
+from taxonclip.config_checks import check_table_key
 from taxonclip.data.bioscan import METADATA_FILES, METADATA_FOLDERS, write_fixture
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import make_split, official_split

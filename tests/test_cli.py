@@ -9,6 +9,8 @@ import pytest
 
 from taxonclip import config as cfg
 from taxonclip.cli import build_parser, main
+from taxonclip.params import (COMPARE_PARAMS, EVAL_PARAMS, TRAIN_PARAMS, description, field_type,
+                              flat_fields)
 
 
 def test_data_synth_then_check(tmp_path, capsys):
@@ -92,9 +94,9 @@ def test_malformed_number_is_named(capsys):
 # ------------------------------------------------------------------------------------- --help
 
 # the commands with typed parameters, with their config, their parameters and the job they run
-TYPED_COMMANDS = {"eval": (cfg.EvalConfig, cfg.EVAL_PARAMS, "evaluate"),
-                  "train": (cfg.TrainConfig, cfg.TRAIN_PARAMS, "train"),
-                  "compare": (cfg.CompareConfig, cfg.COMPARE_PARAMS, "compare")}
+TYPED_COMMANDS = {"eval": (cfg.EvalConfig, EVAL_PARAMS, "evaluate"),
+                  "train": (cfg.TrainConfig, TRAIN_PARAMS, "train"),
+                  "compare": (cfg.CompareConfig, COMPARE_PARAMS, "compare")}
 
 
 def _parsers(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()):
@@ -141,9 +143,9 @@ def test_every_option_has_a_one_line_description_and_its_default(command):
 def test_help_names_every_parameter_with_its_choices_and_default(command, capsys):
     cls, mapping, _ = TYPED_COMMANDS[command]
     printed = _help_of([command], capsys)
-    defaults = cfg.flat_fields(cls())
+    defaults = flat_fields(cls())
     for name, path in mapping.items():
-        text, choices = cfg.description(cls, path)
+        text, choices = description(cls, path)
         assert f"--{name}" in printed
         assert " ".join(text.split()) in printed, name
         if choices:
@@ -168,7 +170,7 @@ def test_train_help_lists_the_embeddings_labels_and_decoders(capsys):
 def _bool_params() -> list[tuple[str, str]]:
     """(command, parameter) of every bool field the typed commands take, found by type."""
     return [(command, name) for command, (cls, mapping, _) in TYPED_COMMANDS.items()
-            for name, path in mapping.items() if cfg.field_type(cls, path) is bool]
+            for name, path in mapping.items() if field_type(cls, path) is bool]
 
 
 def _config_of(argv: list[str], monkeypatch):
@@ -195,7 +197,7 @@ def test_a_bool_parameter_is_a_flag_that_takes_a_value(command, name, spelling, 
                                                        monkeypatch):
     _, mapping, _ = TYPED_COMMANDS[command]
     config = _config_of([command, *spelling.format(flag=f"--{name}").split()], monkeypatch)
-    assert cfg.flat_fields(config)[mapping[name]] is expected
+    assert flat_fields(config)[mapping[name]] is expected
 
 
 def test_a_flag_alone_leaves_the_next_option_its_value(monkeypatch):

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from taxonclip import names
 from taxonclip.cli import main
-from taxonclip.config import LaunchConfig, slurm_options
+from taxonclip.launch.options import LaunchConfig, slurm_options
 from taxonclip.errors import ConfigError
 from taxonclip.launch import LAUNCHERS, get_launcher
 from taxonclip.launch.base import Job
@@ -80,7 +80,7 @@ def _refused(argv: list[str], capsys, *words: str) -> str:
 
 
 def test_every_launcher_name_is_registered():
-    from taxonclip.config import LAUNCHER_NAMES
+    from taxonclip.launch.options import LAUNCHER_NAMES
 
     assert set(LAUNCHERS) == set(LAUNCHER_NAMES)
     for name in LAUNCHER_NAMES:
@@ -222,7 +222,7 @@ def test_the_local_launcher_runs_the_command_here():
 
 
 def test_a_caption_array_is_followed_by_its_merge(fake_slurm, tmp_path):
-    from taxonclip.config import SlurmOptions
+    from taxonclip.launch.options import SlurmOptions
     from taxonclip.launch.slurm import submit
 
     launch = LaunchConfig(launcher="slurm", workers=3, slurm=SlurmOptions(partition="debug"))

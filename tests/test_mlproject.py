@@ -12,15 +12,18 @@ import yaml
 
 from taxonclip import config as cfg
 from taxonclip import names
+from taxonclip.launch.options import LaunchConfig
 from taxonclip.launch.submit import ARRAY_COMMANDS, MLPROJECT_LAUNCH_PARAMS
+from taxonclip.params import (CAPTION_PARAMS, COMPARE_PARAMS, EVAL_PARAMS, SWEEP_PARAMS,
+                              TRAIN_PARAMS, flat_fields, from_params)
 from tests.conftest import REPO
 
 ENTRY_CONFIGS = {
-    "eval": (cfg.EvalConfig, cfg.EVAL_PARAMS),
-    "train": (cfg.TrainConfig, cfg.TRAIN_PARAMS),
-    "sweep": (cfg.SweepConfig, {**cfg.SWEEP_PARAMS, "overrides": "overrides"}),
-    "compare": (cfg.CompareConfig, cfg.COMPARE_PARAMS),
-    "caption": (cfg.CaptionConfig, cfg.CAPTION_PARAMS),
+    "eval": (cfg.EvalConfig, EVAL_PARAMS),
+    "train": (cfg.TrainConfig, TRAIN_PARAMS),
+    "sweep": (cfg.SweepConfig, {**SWEEP_PARAMS, "overrides": "overrides"}),
+    "compare": (cfg.CompareConfig, COMPARE_PARAMS),
+    "caption": (cfg.CaptionConfig, CAPTION_PARAMS),
 }
 
 # Config fields an MLproject entry point deliberately does not expose, each with the reason. They
@@ -86,14 +89,14 @@ def test_mlproject_has_the_entry_points_of_the_configs():
 @pytest.mark.parametrize("entry", sorted(ENTRY_CONFIGS))
 def test_every_mlproject_default_is_the_config_default(entry):
     cls, mapping = ENTRY_CONFIGS[entry]
-    defaults = cfg.flat_fields(cls())
+    defaults = flat_fields(cls())
     for name, spec in _entry_points()[entry]["parameters"].items():
         if name in _launch_params(entry):  # where it runs: test_the_launch_parameters_...
             continue
         assert name in mapping, f"{entry}: MLproject parameter {name!r} is no parameter of the command"
         if name == "overrides":
             continue
-        given = cfg.flat_fields(cfg.from_params(cls, {name: spec["default"]}, mapping))
+        given = flat_fields(from_params(cls, {name: spec["default"]}, mapping))
         assert given[mapping[name]] == defaults[mapping[name]], f"{entry}: {name}"
 
 
@@ -113,7 +116,7 @@ def test_the_command_passes_every_parameter_to_its_script(entry):
 def test_every_config_field_is_an_mlproject_parameter_or_left_out_for_a_reason(entry):
     cls, _ = ENTRY_CONFIGS[entry]
     exposed, left_out = _exposed(entry), NOT_IN_MLPROJECT[entry]
-    for path in cfg.flat_fields(cls()):
+    for path in flat_fields(cls()):
         assert path in exposed or path in left_out, (
             f"{cls.__name__} field {path!r} is not a parameter of MLproject entry point {entry!r}: "
             f"add it there (to `parameters`, with the config's default, and to `command`), or "
@@ -123,7 +126,7 @@ def test_every_config_field_is_an_mlproject_parameter_or_left_out_for_a_reason(e
 @pytest.mark.parametrize("entry", sorted(ENTRY_CONFIGS))
 def test_what_is_left_out_is_a_field_that_mlproject_lacks(entry):
     cls, _ = ENTRY_CONFIGS[entry]
-    fields = cfg.flat_fields(cls())
+    fields = flat_fields(cls())
     for path, reason in NOT_IN_MLPROJECT[entry].items():
         assert path in fields, f"NOT_IN_MLPROJECT[{entry!r}]: {cls.__name__} has no field {path!r}"
         assert path not in _exposed(entry), (
@@ -163,4 +166,4 @@ def test_the_launch_parameters_default_to_running_here(entry):
     given = [word for name in _launch_params(entry)
              for word in (f"--{name}", parameters[name]["default"])]
     launch, rest = split_launch_options([entry, *given])
-    assert rest == [entry] and launch == cfg.LaunchConfig()
+    assert rest == [entry] and launch == LaunchConfig()

@@ -18,10 +18,11 @@ from mlflow.tracking import MlflowClient
 
 from taxonclip import names
 from taxonclip.cli import main
-from taxonclip.config import TRAIN_PARAMS, DataConfig, TrainConfig, from_params
+from taxonclip.config import DataConfig, TrainConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.prepare import PrepareSettings, prepare
 from taxonclip.data.splits import make_split
+from taxonclip.params import TRAIN_PARAMS, from_params
 from taxonclip.train import prepare_data
 
 pytestmark = pytest.mark.integration

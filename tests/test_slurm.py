@@ -22,8 +22,9 @@ from optuna.trial import TrialState
 
 from taxonclip import names
 from taxonclip.cli import main
-from taxonclip.config import TRAIN_PARAMS, TrainConfig, from_params
+from taxonclip.config import TrainConfig
 from taxonclip.launch.slurm import job_states
+from taxonclip.params import TRAIN_PARAMS, from_params
 from taxonclip.train import steps_per_epoch
 from tests.conftest import free_port
 from tests.slurm_cluster import PARTITION, slurm_cluster  # noqa: F401 (the fixture)

@@ -17,13 +17,14 @@ from mlflow.tracking import MlflowClient
 
 from taxonclip import names
 from taxonclip.cli import main
-from taxonclip.config import TRAIN_PARAMS, ModelConfig, TrainConfig, from_params
+from taxonclip.config import ModelConfig, TrainConfig
+from taxonclip.config import DataConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.prepare import PrepareSettings, prepare
-from taxonclip.config import DataConfig
 from taxonclip.data.splits import make_split
-from taxonclip.train import prepare_data
+from taxonclip.params import TRAIN_PARAMS, from_params
 from taxonclip.tracking.models import resolve_model
+from taxonclip.train import prepare_data
 from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,11 @@ from typing import Any
 
 from taxonclip import config as cfg
 from taxonclip.errors import TaxonclipError, UsageError
+from taxonclip.launch.options import LaunchConfig
 from taxonclip.launch.submit import add_launch_options
+from taxonclip.params import (CAPTION_PARAMS, COMPARE_PARAMS, DATA_PARAMS, EVAL_PARAMS,
+                              PREPARE_PARAMS, SWEEP_PARAMS, TRAIN_PARAMS, description, field_type,
+                              flat_fields, from_params)
 
 # the formats whose reader writes a fixture (data.readers.registry; tests/test_readers.py checks)
 SYNTH_FORMATS = ("vlm4bio", "bioscan5m", "treeoflife")
@@ -31,7 +35,7 @@ SYNTH_OPTIONS = {
 }
 
 # `data check`: the data's parameters, and the processes that decode every image
-CHECK_PARAMS = {**cfg.DATA_PARAMS, "workers": "workers"}
+CHECK_PARAMS = {**DATA_PARAMS, "workers": "workers"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,19 +52,19 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_params(parser: argparse.ArgumentParser, mapping: Mapping[str, str], cls: type) -> None:
     """One option per entry-point parameter of `mapping`, described by its field of `cls`. Values
-    stay strings (None where not given) for `config.from_params` to parse, so that bad input is
+    stay strings (None where not given) for `params.from_params` to parse, so that bad input is
     refused there, by name; a bool is a flag that also takes a value: `--compile` alone is true,
     and `--compile false`, as MLproject passes it, still works."""
-    defaults = cfg.flat_fields(cls())
+    defaults = flat_fields(cls())
     for name, path in mapping.items():
         flags = {f"--{name}", f"--{name.replace('_', '-')}"}
-        if cfg.field_type(cls, path) is bool:
+        if field_type(cls, path) is bool:
             # nargs="?" takes the next word only if it is not an option: `--compile --epochs 2`
             kind: dict[str, Any] = {"nargs": "?", "const": "true", "metavar": "true|false"}
         else:
             kind = {"metavar": "VALUE"}
         parser.add_argument(*sorted(flags), dest=name, default=None,
-                            help=_option_help(*cfg.description(cls, path), defaults[path]), **kind)
+                            help=_option_help(*description(cls, path), defaults[path]), **kind)
 
 
 def _option_help(description: str, choices: tuple[str, ...], default: Any) -> str:
@@ -83,7 +87,7 @@ def _literal(text: str) -> str:
 
 def _field_help(cls: type, path: str) -> str:
     """The description of a config field, for an argument that is not an entry-point parameter."""
-    return _literal(cfg.description(cls, path)[0])
+    return _literal(description(cls, path)[0])
 
 
 def _given(args: argparse.Namespace, mapping: Mapping[str, str]) -> dict[str, str]:
@@ -108,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"fixed shape, which take only --seed and --size; one of "
                             f"{', '.join(SYNTH_FORMATS)} "
                             f"(default: {SYNTH_FORMATS[0]})")
-    for name, (default, description) in SYNTH_OPTIONS.items():
+    for name, (default, text) in SYNTH_OPTIONS.items():
         synth.add_argument(f"--{name}", type=int, default=default, metavar="N",
-                           help=f"{description} (default: {default})")
+                           help=f"{text} (default: {default})")
     check = data_commands.add_parser("check", help="validate a manifest and print its summary")
     check.add_argument("path", help=_field_help(cfg.DataConfig, "data"))
     _add_params(check, {k: v for k, v in CHECK_PARAMS.items() if k != "data"}, cfg.EvalConfig)
@@ -121,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("path", help=_field_help(cfg.DataConfig, "data"))
     prepare.add_argument("--out", required=True,
                          help=f"{_field_help(cfg.PrepareConfig, 'out')} (required)")
-    _add_params(prepare, {k: v for k, v in cfg.PREPARE_PARAMS.items() if k != "data"},
+    _add_params(prepare, {k: v for k, v in PREPARE_PARAMS.items() if k != "data"},
                 cfg.PrepareConfig)
 
     commands.add_parser("models", help="list the model names")
@@ -130,16 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("folder", help="the spool folder a run named when the server was unreachable")
 
     evaluate = commands.add_parser("eval", help="evaluate a model (nearest-neighbour metrics)")
-    _add_params(evaluate, cfg.EVAL_PARAMS, cfg.EvalConfig)
+    _add_params(evaluate, EVAL_PARAMS, cfg.EvalConfig)
     train = commands.add_parser("train", help="fine-tune a model, then evaluate it")
-    _add_params(train, cfg.TRAIN_PARAMS, cfg.TrainConfig)
+    _add_params(train, TRAIN_PARAMS, cfg.TrainConfig)
 
     caption = commands.add_parser("caption", help="caption every image with an "
                                                   "image-text-to-text model, per image")
-    _add_params(caption, cfg.CAPTION_PARAMS, cfg.CaptionConfig)
+    _add_params(caption, CAPTION_PARAMS, cfg.CaptionConfig)
 
     sweep = commands.add_parser("sweep", help="run an Optuna study of training runs")
-    _add_params(sweep, cfg.SWEEP_PARAMS, cfg.SweepConfig)
+    _add_params(sweep, SWEEP_PARAMS, cfg.SweepConfig)
     sweep.add_argument("-P", "--param", dest="overrides", action="append", default=[],
                        metavar="NAME=VALUE", help="override a fixed training parameter of the "
                                                   "sweep file; repeatable (default: none)")
@@ -152,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_launch_options(launchable.add_argument_group("where it runs"), name)
 
     _add_params(commands.add_parser("compare", help="rank runs and write a report"),
-                cfg.COMPARE_PARAMS, cfg.CompareConfig)
+                COMPARE_PARAMS, cfg.CompareConfig)
     return parser
 
 
@@ -171,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taxonclip {argv[0]}: error: {_message(exc)}", file=sys.stderr)
         return 1
     try:
-        if launch is not None and launch != cfg.LaunchConfig():
+        if launch is not None and launch != LaunchConfig():
             return _launched(launch, argv, args)
         return _dispatch(args)
     except TaxonclipError as exc:
@@ -179,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _launched(launch: cfg.LaunchConfig, argv: list[str], args: argparse.Namespace) -> int:
+def _launched(launch: LaunchConfig, argv: list[str], args: argparse.Namespace) -> int:
     """Run the command through its launcher, its parameters checked (its typed config built)
     here first, so that bad input is refused before anything is submitted."""
     from taxonclip.launch.submit import run_command
@@ -190,17 +194,17 @@ def _launched(launch: cfg.LaunchConfig, argv: list[str], args: argparse.Namespac
 def _typed_config(args: argparse.Namespace):
     """The typed config of a launchable command (None where this module builds none)."""
     if args.command == "eval":
-        return cfg.from_params(cfg.EvalConfig, _given(args, cfg.EVAL_PARAMS), cfg.EVAL_PARAMS)
+        return from_params(cfg.EvalConfig, _given(args, EVAL_PARAMS), EVAL_PARAMS)
     if args.command == "train":
-        return cfg.from_params(cfg.TrainConfig, _given(args, cfg.TRAIN_PARAMS), cfg.TRAIN_PARAMS)
+        return from_params(cfg.TrainConfig, _given(args, TRAIN_PARAMS), TRAIN_PARAMS)
     if args.command == "caption":
-        return cfg.from_params(cfg.CaptionConfig, _given(args, cfg.CAPTION_PARAMS),
-                               cfg.CAPTION_PARAMS)
+        return from_params(cfg.CaptionConfig, _given(args, CAPTION_PARAMS),
+                               CAPTION_PARAMS)
     if args.command == "sweep":
         pairs = args.overrides + _split_pairs(args.override_list)
-        params = {**_given(args, cfg.SWEEP_PARAMS), "overrides": _overrides(pairs)}
-        return cfg.from_params(cfg.SweepConfig, params,
-                               {**cfg.SWEEP_PARAMS, "overrides": "overrides"})
+        params = {**_given(args, SWEEP_PARAMS), "overrides": _overrides(pairs)}
+        return from_params(cfg.SweepConfig, params,
+                               {**SWEEP_PARAMS, "overrides": "overrides"})
     return None
 
 
@@ -234,14 +238,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return jobs.synth(args.out, seed=args.seed, taxa=args.taxa, genera=args.genera,
                           species=args.species, images=args.images, size=args.size)
     if args.command == "data" and args.data_command == "prepare":
-        params = {**_given(args, cfg.PREPARE_PARAMS), "data": args.path, "out": args.out}
+        params = {**_given(args, PREPARE_PARAMS), "data": args.path, "out": args.out}
         if "size" in params:
             params["size"] = jobs.prepare_size(params["size"])
-        return jobs.prepare(cfg.from_params(cfg.PrepareConfig, params,
-                                            {**cfg.PREPARE_PARAMS, "out": "out"}))
+        return jobs.prepare(from_params(cfg.PrepareConfig, params,
+                                            {**PREPARE_PARAMS, "out": "out"}))
     if args.command == "data":
         params = {**_given(args, CHECK_PARAMS), "data": args.path}
-        config = cfg.from_params(cfg.EvalConfig, params, cfg.EVAL_PARAMS)
+        config = from_params(cfg.EvalConfig, params, EVAL_PARAMS)
         return jobs.check(config.data, workers=config.workers)
     if args.command == "models":
         return jobs.models()
@@ -251,8 +255,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                   "sweep": jobs.sweep}
     if args.command in launchable:
         return launchable[args.command](_typed_config(args))
-    return jobs.compare(cfg.from_params(cfg.CompareConfig, _given(args, cfg.COMPARE_PARAMS),
-                                        cfg.COMPARE_PARAMS))
+    return jobs.compare(from_params(cfg.CompareConfig, _given(args, COMPARE_PARAMS),
+                                        COMPARE_PARAMS))
 
 
 def _split_pairs(text: str | None) -> list[str]:

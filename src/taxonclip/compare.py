@@ -45,8 +45,9 @@ from pathlib import Path
 import pandas as pd
 
 from taxonclip import names
-from taxonclip.config import (COMPARE_PARAMS, DATA_PARAMS, EVAL_PARAMS, TRAIN_PARAMS,
-                              CompareConfig, EvalConfig, flat_fields, to_params)
+from taxonclip.config import CompareConfig, EvalConfig
+from taxonclip.params import (COMPARE_PARAMS, DATA_PARAMS, EVAL_PARAMS, TRAIN_PARAMS, flat_fields,
+                              to_params)
 from taxonclip.errors import ConfigError, ModelError, TrackingError
 from taxonclip.formats import PERCENT_NOTE, csv_text, markdown_grid, percent
 from taxonclip.tracking import queries

@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 
 from taxonclip import names
-from taxonclip.config import (EVAL_PARAMS, CaptionConfig, CompareConfig, DataConfig, EvalConfig,
-                              PrepareConfig, SweepConfig, TrainConfig, to_params)
+from taxonclip.config import (CaptionConfig, CompareConfig, DataConfig, EvalConfig, PrepareConfig,
+                              SweepConfig, TrainConfig)
+from taxonclip.params import EVAL_PARAMS, to_params
 
 
 def synth(out: str, **sizes: int) -> int:
@@ -320,7 +321,7 @@ def _log_merge(job, caption_share) -> int:
 
     from taxonclip.captions import job as captions
     from taxonclip.captions import parts
-    from taxonclip.config import CAPTION_PARAMS
+    from taxonclip.params import CAPTION_PARAMS
     from taxonclip.progress import say
     from taxonclip.tracking.runs import tracked_run
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from taxonclip import distributed
-from taxonclip.config import LossConfig, check_margins, check_sample_rate
+from taxonclip.config import LossConfig
+from taxonclip.config_checks import check_margins, check_sample_rate
 from taxonclip.errors import ConfigError, DataError
 
 

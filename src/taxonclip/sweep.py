@@ -67,7 +67,8 @@ from sqlalchemy.exc import ArgumentError
 from taxonclip import names
 from taxonclip.tracking import sweeps as sweep_runs
 from taxonclip.tracking.runs import Run, RunKilled, tracked_run, tracking_uri
-from taxonclip.config import SWEEP_PARAMS, TRAIN_PARAMS, SweepConfig, TrainConfig, from_params, to_params
+from taxonclip.config import SweepConfig, TrainConfig
+from taxonclip.params import SWEEP_PARAMS, TRAIN_PARAMS, from_params, to_params
 from taxonclip.errors import ConfigError, MetricNotInTable, TaxonclipError, TrackingError
 from taxonclip.evaluate import EvalResult, table_cell
 from taxonclip.formats import percent

@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from taxonclip import clusters, names
 from taxonclip import distributed as dist
-from taxonclip.config import (CLUSTER_LABEL, TRAIN_PARAMS, TrainConfig, check_label, flat_fields,
-                              from_params, to_params)
+from taxonclip.config import CLUSTER_LABEL, TrainConfig, check_label
+from taxonclip.params import TRAIN_PARAMS, flat_fields, from_params, to_params
 from taxonclip.data.audit import report_for_run
 from taxonclip.diskio import tensor_bytes
 from taxonclip.data.images import ImageDataset

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from taxonclip.config import LaunchConfig
+from taxonclip.launch.options import LaunchConfig
 
 
 @dataclass(frozen=True)

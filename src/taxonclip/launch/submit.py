@@ -15,6 +15,8 @@ from taxonclip import config as cfg
 from taxonclip.errors import ConfigError
 from taxonclip.launch import get_launcher
 from taxonclip.launch.base import Job
+from taxonclip.launch.options import SLURM_OPTION_NAMES, LaunchConfig, slurm_options
+from taxonclip.params import coerce, description
 
 LAUNCHABLE = ("train", "eval", "caption", "sweep")
 # commands that run as arrays of tasks, and the option that sets their count: a sweep's
@@ -32,13 +34,13 @@ NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 def add_launch_options(parser: argparse.ArgumentParser, command: str) -> None:
     """The launch options, on `command`'s parser (its --help) or a parser of them alone."""
     def text(path: str) -> str:
-        return cfg.description(cfg.LaunchConfig, path)[0].replace("%", "%%")
+        return description(LaunchConfig, path)[0].replace("%", "%%")
 
     parser.add_argument("--launcher", default=None, metavar="local|slurm",
                         help=f"{text('launcher')} (default: local)")
     parser.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                         help=f"a SLURM option of the job, repeatable or comma-separated; keys: "
-                             f"{', '.join(cfg.SLURM_OPTION_NAMES)} (default: none)")
+                             f"{', '.join(SLURM_OPTION_NAMES)} (default: none)")
     parser.add_argument("--slurm_profile", "--slurm-profile", default=None, metavar="FILE",
                         help="a file of SLURM options, one KEY=VALUE a line; --slurm overrides "
                              "it (default: none)")
@@ -49,7 +51,7 @@ def add_launch_options(parser: argparse.ArgumentParser, command: str) -> None:
                             metavar="N", help=f"{text('workers')} (default: 1)")
 
 
-def split_launch_options(argv: Sequence[str]) -> tuple[cfg.LaunchConfig | None, list[str]]:
+def split_launch_options(argv: Sequence[str]) -> tuple[LaunchConfig | None, list[str]]:
     """The launch options of a command line and the rest of it; (None, argv) for a command
     that takes none."""
     argv = list(argv)
@@ -63,15 +65,15 @@ def split_launch_options(argv: Sequence[str]) -> tuple[cfg.LaunchConfig | None, 
     profile = None if (known.slurm_profile or "none").lower() == "none" else known.slurm_profile
     params = {"launcher": known.launcher, "wait": known.wait,
               "workers": getattr(known, "workers", None)}
-    values = {name: cfg.coerce(cfg.LaunchConfig, name, value)
+    values = {name: coerce(LaunchConfig, name, value)
               for name, value in params.items() if value is not None}
-    launch = cfg.LaunchConfig(slurm=cfg.slurm_options(pairs, profile), **values)
+    launch = LaunchConfig(slurm=slurm_options(pairs, profile), **values)
     if launch.launcher == "local" and (pairs or profile):
         raise ConfigError("--slurm and --slurm_profile describe a SLURM job: add --launcher slurm")
     return launch, [argv[0], *rest]
 
 
-def run_command(launch: cfg.LaunchConfig, argv: Sequence[str], config: Any,
+def run_command(launch: LaunchConfig, argv: Sequence[str], config: Any,
                 here: Callable[[], int]) -> int:
     """Run the command `argv` (its typed `config` already built, so bad parameters were refused)
     through the launcher `launch` names."""
@@ -133,7 +135,7 @@ def _run_name(command: str, config: Any) -> str:
     return eval_run_name(config)
 
 
-def check_sweep_storage(config: cfg.SweepConfig, launch: cfg.LaunchConfig) -> None:
+def check_sweep_storage(config: cfg.SweepConfig, launch: LaunchConfig) -> None:
     """Array workers share one study: SQLite cannot serve several nodes at once."""
     if launch.workers <= 1:
         return
