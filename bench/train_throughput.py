@@ -43,7 +43,8 @@ from taxonclip import distributed  # noqa: E402
 from taxonclip.config import DataConfig, LossConfig, ModelConfig, TrainConfig  # noqa: E402
 from taxonclip.distributed import DistInfo  # noqa: E402
 from taxonclip.models import create_model  # noqa: E402
-from taxonclip.train import build_state, make_loader, prepare_data, train_step  # noqa: E402
+from taxonclip.training.data import make_loader, prepare_data  # noqa: E402
+from taxonclip.training.loop import build_state, train_step  # noqa: E402
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 

@@ -18,7 +18,7 @@ from taxonclip.cli import main
 from taxonclip.config import TrainConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.models import create_model, get_spec
-from taxonclip.train import build_state
+from taxonclip.training.loop import build_state
 from tests.conftest import free_port
 
 NO_SUCH_RUN = "0123456789abcdef0123456789abcdef"

@@ -111,7 +111,7 @@ def test_train_reads_captions_keyed_by_image_and_checks_them(specimens, tmp_path
     from taxonclip.config import DataConfig, TrainConfig
     from taxonclip.data.manifest import load_manifest
     from taxonclip.data.splits import make_split
-    from taxonclip.train import prepare_data
+    from taxonclip.training.data import prepare_data
 
     table = load_manifest(DataConfig(data=str(specimens))).table
     test_rows = make_split(table, DataConfig(data=str(specimens))).test

@@ -63,7 +63,7 @@ def test_bf16_autocast_runs_the_matrix_products_in_bf16_close_to_fp32():
 
 
 def test_training_on_cuda_uses_the_fused_adamw():
-    from taxonclip.train import build_state
+    from taxonclip.training.loop import build_state
 
     state = build_state(create_model("tiny", "pretrained"), 8, TrainConfig(), 10, CUDA)
 
@@ -96,7 +96,7 @@ def test_nccl_gathers_objects_in_a_group_of_one():
 def test_a_cuda_train_step_is_the_cpu_step_within_bf16_tolerance():
     """The same weights, batch and seed: one step on each device gives the same loss and the same
     updated weights, to within what bf16 autocast and the fused AdamW change."""
-    from taxonclip.train import build_state, train_step
+    from taxonclip.training.loop import build_state, train_step
 
     config = TrainConfig(lr=1e-3, weight_decay=0.01, loss=LossConfig(s=16, m2=0.2, sample_rate=1.0))
     generator = torch.Generator().manual_seed(0)

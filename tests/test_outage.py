@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from taxonclip import names
 from taxonclip import train as train_module
 from taxonclip.cli import main
+from taxonclip.training import loop
 from tests.conftest import free_port, wait_for_http
 
 pytestmark = pytest.mark.integration
@@ -75,7 +76,7 @@ def _stop_after_first_checkpoint(monkeypatch, server: Server, back_after: float 
     """Stop the server right after the first checkpoint is saved; start it again `back_after`
     seconds later (never, for None). While an outage that ends lasts, every step takes a little
     time, so that the training outlasts a 30 s outage."""
-    real_save, real_step, down = train_module._save_checkpoint, train_module.train_step, []
+    real_save, real_step, down = train_module.save_checkpoint, loop.train_step, []
 
     def save_then_stop(state, ctx):
         real_save(state, ctx)
@@ -90,9 +91,9 @@ def _stop_after_first_checkpoint(monkeypatch, server: Server, back_after: float 
             time.sleep(1.0)
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
     if back_after is not None:
-        monkeypatch.setattr(train_module, "train_step", slow_while_down)
+        monkeypatch.setattr(loop, "train_step", slow_while_down)
 
 
 def _assert_whole(run_id: str, epochs: int) -> None:

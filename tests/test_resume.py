@@ -23,7 +23,7 @@ from taxonclip.data.manifest import read_manifest
 from taxonclip.data.prepare import PrepareSettings, prepare
 from taxonclip.data.splits import make_split
 from taxonclip.params import TRAIN_PARAMS, from_params
-from taxonclip.train import prepare_data
+from taxonclip.training.data import prepare_data
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +40,13 @@ def _steps_per_epoch(specimens) -> int:
 def _kill_points(steps: int) -> dict[str, tuple[str, str, int]]:
     """Where to die: (module, attribute, on which call), at least one inside each phase."""
     return {
-        "before the first checkpoint": ("taxonclip.train", "train_step", 2),
-        "mid-way through epoch 2": ("taxonclip.train", "train_step", steps + 2),
+        "before the first checkpoint": ("taxonclip.training.loop", "train_step", 2),
+        "mid-way through epoch 2": ("taxonclip.training.loop", "train_step", steps + 2),
         "during evaluation": ("taxonclip.knn", "knn_metrics", 3),
         "while logging metrics": ("taxonclip.tracking.runs", "Run.log_metric_history", 3),
-        "between eval logging and checkpoint": ("taxonclip.train", "_save_checkpoint", 2),
+        "between eval logging and checkpoint": ("taxonclip.train", "save_checkpoint", 2),
         "during the checkpoint upload": ("taxonclip.tracking.runs", "Run.log_artifact", 2),
-        "after the upload, before pruning": ("taxonclip.train", "_prune_checkpoints", 2),
+        "after the upload, before pruning": ("taxonclip.training.checkpoint", "prune_checkpoints", 2),
         "during the final table": ("taxonclip.tracking.runs", "Run.log_eval_table", 1),
         "during the model logging": ("taxonclip.tracking.runs", "Run.log_model", 1),
         "after the model, before the run ends": ("mlflow", "end_run", 1),
@@ -173,7 +173,7 @@ def test_a_corrupt_last_checkpoint_falls_back_to_the_one_before(killer, uninterr
                                                                 capsys):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "resume-corrupt")
     argv = ["train", "--data", str(specimens), *ARGS[:-1], "3"]  # keep 3 checkpoints
-    _killed_run(killer, ("taxonclip.train", "_save_checkpoint", 3), argv)
+    _killed_run(killer, ("taxonclip.train", "save_checkpoint", 3), argv)
     run_id = _the_run("resume-corrupt").info.run_id
     client = MlflowClient()
     good = Path(client.download_artifacts(run_id, f"{names.CHECKPOINT_DIR}/epoch_002.pt",
@@ -236,7 +236,7 @@ def test_a_finished_model_trains_further_from_its_weights(uninterrupted, specime
 def test_a_resume_keeps_the_runs_own_parameters(killer, specimens, tracking, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "resume-params")
     argv = ["train", "--data", str(specimens), *ARGS]
-    _killed_run(killer, ("taxonclip.train", "train_step", 2), argv)
+    _killed_run(killer, ("taxonclip.training.loop", "train_step", 2), argv)
     run_id = _the_run("resume-params").info.run_id
     _refused(capsys, ["train", "--resume", run_id, "--lr", "0.5"],
              "parameter 'lr' is 0.5, but run")
@@ -265,7 +265,7 @@ def test_sigkill_then_resume_from_shards_gives_the_uninterrupted_run(killer, spe
     epoch_steps = prepare_data(from_params(TrainConfig, given,
                                            TRAIN_PARAMS)).epoch_steps
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "shards-resumed")
-    _killed_run(killer, ("taxonclip.train", "train_step", epoch_steps[0] + 2), argv)
+    _killed_run(killer, ("taxonclip.training.loop", "train_step", epoch_steps[0] + 2), argv)
     run_id = _the_run("shards-resumed").info.run_id
     _refused(capsys, ["train", "--resume", run_id, "--workers", "1"],
              "parameter 'workers' is 1, but run")

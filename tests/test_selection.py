@@ -13,6 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import taxonclip.train as train_module
+import taxonclip.training.selection as selection_module
 from taxonclip import names
 from taxonclip.cli import main
 from taxonclip.config import DataConfig, TrainConfig
@@ -110,7 +111,8 @@ def _record_reads(monkeypatch) -> list[tuple[str, str]]:
             phase[0] = "train"
 
     monkeypatch.setattr(ImageDataset, "__getitem__", item)
-    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    for module in (train_module, selection_module):  # the final test table; each validation
+        monkeypatch.setattr(module, "evaluate", evaluate)
     return reads
 
 

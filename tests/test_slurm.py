@@ -25,7 +25,7 @@ from taxonclip.cli import main
 from taxonclip.config import TrainConfig
 from taxonclip.launch.slurm import job_states
 from taxonclip.params import TRAIN_PARAMS, from_params
-from taxonclip.train import steps_per_epoch
+from taxonclip.training.data import steps_per_epoch
 from tests.conftest import free_port
 from tests.slurm_cluster import PARTITION, slurm_cluster  # noqa: F401 (the fixture)
 from tests.test_resume import ARGS, EPOCHS, _assert_record_whole, _final_weights, _steps_per_epoch

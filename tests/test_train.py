@@ -9,7 +9,9 @@ import torch
 from taxonclip.config import LossConfig, TrainConfig
 from taxonclip.distributed import DistInfo
 from taxonclip.models import create_model
-from taxonclip.train import EpochSampler, build_state, checkpoint, restore, train_step
+from taxonclip.training.checkpoint import checkpoint, restore
+from taxonclip.training.data import EpochSampler
+from taxonclip.training.loop import build_state, train_step
 
 
 def _state(lr: float = 1e-2, classes: int = 6, sample_rate: float = 1.0):

@@ -17,14 +17,13 @@ from mlflow.tracking import MlflowClient
 
 from taxonclip import names
 from taxonclip.cli import main
-from taxonclip.config import ModelConfig, TrainConfig
-from taxonclip.config import DataConfig
+from taxonclip.config import DataConfig, ModelConfig, TrainConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.prepare import PrepareSettings, prepare
 from taxonclip.data.splits import make_split
 from taxonclip.params import TRAIN_PARAMS, from_params
 from taxonclip.tracking.models import resolve_model
-from taxonclip.train import prepare_data
+from taxonclip.training.data import prepare_data
 from tests.conftest import REPO, free_port
 
 pytestmark = pytest.mark.integration
@@ -101,14 +100,14 @@ def test_mlflow_run_train_logs_everything_and_learns(tracking, specimens, tmp_pa
 
 KILL_AT_STEP = textwrap.dedent("""
     import os, signal, sys
-    import taxonclip.train as train
-    real_step = train.train_step
+    import taxonclip.training.loop as loop
+    real_step = loop.train_step
     def step_then_die(state, *args, **kwargs):
         loss = real_step(state, *args, **kwargs)
         if state.step == int(os.environ["KILL_AT_STEP"]):
             os.kill(os.getpid(), signal.SIGKILL)
         return loss
-    train.train_step = step_then_die
+    loop.train_step = step_then_die
     from taxonclip.cli import main
     raise SystemExit(main(sys.argv[1:]))
 """)

@@ -119,7 +119,7 @@ def test_train_then_eval_from_the_fixture(tol, tmp_path, monkeypatch, capsys):
             super().__init__(*args, **kwargs)
             streams.append(self)
 
-    monkeypatch.setattr("taxonclip.train.ShardStream", Recorded)
+    monkeypatch.setattr("taxonclip.training.data.ShardStream", Recorded)
     assert main(["train", "--data", train, "--epochs", "1", "--batch_size", "8",
                  "--workers", "0"]) == 0
     assert streams and len(streams[0].rows.urls) == treeoflife.TRAIN_SHARDS

@@ -23,7 +23,7 @@ from taxonclip.errors import DataError
 from taxonclip.evaluate import (embed_images, evaluate, evaluation_table, fuse,
                                 label_revealing_captions, split_csv)  # re-exported by evaluate
 from taxonclip.models import create_model
-from taxonclip.train import prepare_data
+from taxonclip.training.data import prepare_data
 
 LEAKING_MODES = ("text", "avg", "concat")
 # With random weights the gallery-side fusion may shift scores a little either way; a leak puts

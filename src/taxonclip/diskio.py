@@ -10,6 +10,7 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,3 +133,8 @@ def tensor_bytes(value: Any) -> int:
     if isinstance(value, (list, tuple)):
         return sum(tensor_bytes(v) for v in value)
     return 0
+
+
+def scratch_folder() -> tempfile.TemporaryDirectory:
+    """A scratch folder for files on their way to or from the artifact store."""
+    return tempfile.TemporaryDirectory(prefix="taxonclip-")
