@@ -69,7 +69,7 @@ from taxonclip.tracking import sweeps as sweep_runs
 from taxonclip.tracking.runs import Run, RunKilled, tracked_run, tracking_uri
 from taxonclip.config import SWEEP_PARAMS, TRAIN_PARAMS, SweepConfig, TrainConfig, from_params, to_params
 from taxonclip.errors import ConfigError, MetricNotInTable, TaxonclipError, TrackingError
-from taxonclip.evaluate import EvalResult, table_cell
+from taxonclip.table import EvalResult, table_cell
 from taxonclip.formats import percent
 from taxonclip.train import run_training
 
@@ -809,7 +809,7 @@ def check_metric_in_data(spec: SweepSpec) -> None:
     """Refuse, before any run, a metric whose row the table of the sweep's data will not have
     (a taxa the data lacks); skipped where the data itself is searched."""
     from taxonclip.data.manifest import load_manifest
-    from taxonclip.evaluate import check_metric_cell
+    from taxonclip.table import check_metric_cell
 
     if "data" in spec.search:
         return
