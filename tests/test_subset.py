@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from taxonclip.captions.prompts import query_rows
 from taxonclip.config import DataConfig, EvalConfig, TrainConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import select_classes
@@ -16,11 +17,15 @@ from taxonclip.train import prepare_data
 def test_train_and_eval_keep_the_same_species(specimens, fraction, seed):
     data = DataConfig(data=str(specimens), class_fraction=fraction, seed=seed)
     trained = prepare_data(TrainConfig(data=data, label="species", batch_size=8))
-    manifest, _ = prepare_evaluation(EvalConfig(data=data, workers=0, device="cpu"))
+    manifest, split = prepare_evaluation(EvalConfig(data=data, workers=0, device="cpu"))
     evaluated = set(manifest.table["species"])
     assert 0 < len(evaluated) < trained.manifest.table["species"].nunique()
     assert trained.seen.classes == evaluated
     assert set(trained.manifest.table["species"].iloc[trained.rows]) == evaluated
+    # a caption prompt may name no row that is an evaluation's query
+    whole = trained.manifest.table
+    may_not_name = set(whole["image_id"].iloc[query_rows(whole, data)])
+    assert set(manifest.table["image_id"].iloc[split.test]) <= may_not_name
 
 
 def test_class_subset_marks_the_rows_of_the_selected_classes(specimens):
