@@ -275,7 +275,7 @@ def train(config: TrainConfig) -> int:
 
 def sweep(config: SweepConfig) -> int:
     """Run (or continue) an Optuna study of training runs."""
-    from taxonclip.sweep import run_sweep
+    from taxonclip.sweep.run import run_sweep
 
     run_sweep(config)
     return 0
