@@ -32,7 +32,7 @@ from taxonclip.sweep import (GRACE_BEATS, HEARTBEAT_ENV, HEARTBEAT_S, MetricNotI
                              dashboard_target, default_storage, heartbeat_timing, load_sweep,
                              make_pruner, make_sampler, metric_value, open_storage, open_study,
                              redact, run_sweep, suggest)
-from taxonclip.tracking.runs import redacted_uri
+from taxonclip.tracking.connection import redacted_uri
 from taxonclip.train import run_training
 from tests.conftest import REPO, free_port, slow_but_all_three
 

@@ -49,10 +49,10 @@ from taxonclip.config import (COMPARE_PARAMS, DATA_PARAMS, EVAL_PARAMS, TRAIN_PA
                               CompareConfig, EvalConfig, flat_fields, to_params)
 from taxonclip.errors import ConfigError, ModelError, TrackingError
 from taxonclip.formats import PERCENT_NOTE, csv_text, markdown_grid, percent
-from taxonclip.tracking import queries
+from taxonclip.tracking import models, queries
 from taxonclip.tracking.models import MODEL_URI_PREFIXES
-from taxonclip.tracking.queries import RunRecord
-from taxonclip.tracking.runs import metric_history, tracked_run
+from taxonclip.tracking.queries import RunRecord, metric_history
+from taxonclip.tracking.runs import tracked_run
 
 KIND_EVAL, KIND_TRAIN, KIND_TRIAL = "eval", "train", "sweep trial"
 LEFT_OUT_ENTRIES = ("compare", "sweep")
@@ -533,8 +533,8 @@ def promote(comparison: Comparison) -> list[Promotion]:
     promotions = []
     for alias, run_id in zip((CHAMPION, CHALLENGER), candidates):
         name = registry_name(comparison.runs[run_id])
-        name, version = queries.model_version_for_run(run_id, name)
-        queries.set_model_alias(name, alias, version)
+        name, version = models.model_version_for_run(run_id, name)
+        models.set_model_alias(name, alias, version)
         promotions.append(Promotion(alias, run_id, name, version))
     return promotions
 
