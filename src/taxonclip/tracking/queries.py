@@ -1,5 +1,6 @@
-"""What `compare` reads, and nothing it writes: experiments, runs and their tables, a run's metric
-history and the runs that logged a model. The registry writes of `promote` are `models.py`'s."""
+"""Read-only queries: what `compare` reads (experiments, runs and their tables, the runs that
+logged a model), one run by id, and a run's metric history (the curves of the report, the last
+step of a resumed run). The registry writes of `promote` are `models.py`'s."""
 
 from __future__ import annotations
 
