@@ -23,7 +23,8 @@ from taxonclip.data import integrity
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.prepare import PrepareSettings, prepare
 from taxonclip.errors import DiskError
-from taxonclip.sweep import load_sweep, open_study, suggest
+from taxonclip.sweep.run import open_study, suggest
+from taxonclip.sweep.spec import load_sweep
 from taxonclip.tracking.spool import Spool
 from tests.conftest import sqlite_tracking
 
@@ -206,7 +207,7 @@ def test_two_workers_on_one_study_draw_different_trials(storage, tmp_path):
 def _start_store(uri: str, barrier, results) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from taxonclip.errors import TaxonclipError
-    from taxonclip.tracking.runs import connect
+    from taxonclip.tracking.connection import connect
 
     barrier.wait()
     try:

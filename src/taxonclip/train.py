@@ -28,14 +28,16 @@ import torch
 from taxonclip import distributed as dist
 from taxonclip import names
 from taxonclip.config import CLUSTER_LABEL, TrainConfig
+from taxonclip.checks import gauges_captions
 from taxonclip.data.audit import report_for_run
 from taxonclip.data.splits import split_name_parts
 from taxonclip.diskio import scratch_folder
 from taxonclip.errors import DataError
-from taxonclip.evaluate import EvalResult, evaluate, gauges_captions, scored_note, split_csv
+from taxonclip.evaluation import evaluate
 from taxonclip.params import TRAIN_PARAMS, to_params
 from taxonclip.progress import say
-from taxonclip.tracking.runs import table_counts, table_metrics
+from taxonclip.table import EvalResult, scored_note, split_csv
+from taxonclip.tracking.tables import table_counts, table_metrics
 from taxonclip.training.checkpoint import checkpoint_name, prune_checkpoints, save_checkpoint
 from taxonclip.training.cluster_labels import with_cluster_labels
 from taxonclip.training.context import EpochCallback, TrainContext

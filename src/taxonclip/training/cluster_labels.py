@@ -14,8 +14,8 @@ import pandas as pd
 from taxonclip import clusters, names
 from taxonclip import distributed as dist
 from taxonclip.diskio import scratch_folder
+from taxonclip.embed import embed_visual
 from taxonclip.errors import DataError
-from taxonclip.evaluate import embed_visual
 from taxonclip.training.context import TrainContext
 from taxonclip.training.data import TrainData
 

@@ -11,8 +11,8 @@ import torch
 
 from taxonclip import distributed as dist
 from taxonclip.config import TrainConfig
-from taxonclip.evaluate import EvalResult
-from taxonclip.tracking.runs import NullRun, Run
+from taxonclip.table import EvalResult
+from taxonclip.tracking.run_logging import NullRun, Run
 from taxonclip.training.data import TrainData
 
 EpochCallback = Callable[[int, EvalResult], None]

@@ -14,15 +14,16 @@ from torch.utils.data import DataLoader, Sampler
 
 from taxonclip import distributed as dist
 from taxonclip.captions.keyed import check_caption_split
+from taxonclip.checks import check_decoder, check_has_test_images, check_no_label_in_queries
 from taxonclip.config import CLUSTER_LABEL, TrainConfig, check_label
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import Manifest, load_manifest
-from taxonclip.data.splits import Split, make_split, select_classes, validation_split
+from taxonclip.data.splits import Split, make_split, validation_split
 from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows, ShardStream,
                                     batches_per_rank, collate_encoded, epoch_shards)
+from taxonclip.data.subset import class_subset
 from taxonclip.errors import ConfigError, DataError
-from taxonclip.evaluate import (Seen, check_decoder, check_has_test_images, check_metric_cell,
-                                check_no_label_in_queries, seen_of_split)
+from taxonclip.table import Seen, check_metric_cell, seen_of_split
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,10 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     if config.label != CLUSTER_LABEL:
         rows = rows[label_of.iloc[rows].notna().to_numpy()]
     seen = seen_of_split(split)
-    if config.data.class_fraction < 1.0:
-        kept = select_classes(table, config.data.class_fraction, config.data.seed, level)
-        rows = rows[label_of.iloc[rows].isin(kept).to_numpy()]
-        seen = Seen(level, frozenset(kept))
+    subset = class_subset(table, config.data, level)
+    if subset is not None:
+        rows = rows[subset.rows[rows]]
+        seen = Seen(level, subset.classes)
     if len(rows) == 0:
         raise DataError(f"no training image has a {config.label} label in {manifest.report.source}")
     check_metric_cell(config.metric, table["taxa"].unique(), seen is not None, manifest.levels)

@@ -12,9 +12,10 @@ from taxonclip import distributed as dist
 from taxonclip import names
 from taxonclip.config import TrainConfig
 from taxonclip.errors import DataError
-from taxonclip.evaluate import EvalResult, evaluate, table_cell
+from taxonclip.evaluation import evaluate
 from taxonclip.formats import percent
-from taxonclip.tracking.runs import table_counts, table_metrics
+from taxonclip.table import EvalResult, table_cell
+from taxonclip.tracking.tables import table_counts, table_metrics
 from taxonclip.training.checkpoint import checkpoint_name, checkpoint_of
 from taxonclip.training.context import TrainContext
 from taxonclip.training.loop import TrainState
