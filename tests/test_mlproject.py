@@ -13,7 +13,7 @@ import yaml
 from taxonclip import config as cfg
 from taxonclip import names
 from taxonclip.launch.submit import ARRAY_COMMANDS, MLPROJECT_LAUNCH_PARAMS
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 ENTRY_CONFIGS = {
     "eval": (cfg.EvalConfig, cfg.EVAL_PARAMS),

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from taxonclip import names
 from taxonclip import train as train_module
 from taxonclip.cli import main
-from tests.conftest import free_port, wait_for_http
+from tests.helpers import free_port, wait_for_http
 
 pytestmark = pytest.mark.integration
 

@@ -34,7 +34,7 @@ from taxonclip.data.synthetic import default_dataset, generate
 from taxonclip.errors import DataError
 from taxonclip.evaluate import embed_manifest, evaluate
 from taxonclip.models import create_model
-from tests.conftest import sqlite_tracking
+from tests.helpers import sqlite_tracking
 
 
 def _prepared(source: Path, out: Path, **settings) -> Path:

@@ -25,7 +25,7 @@ from taxonclip.cli import main
 from taxonclip.config import TRAIN_PARAMS, TrainConfig, from_params
 from taxonclip.launch.slurm import job_states
 from taxonclip.train import steps_per_epoch
-from tests.conftest import free_port
+from tests.helpers import free_port
 from tests.slurm_cluster import PARTITION, slurm_cluster  # noqa: F401 (the fixture)
 from tests.test_resume import ARGS, EPOCHS, _assert_record_whole, _final_weights, _steps_per_epoch
 
@@ -309,7 +309,7 @@ def group_server(postgres, tmp_path_factory):
 
     import psycopg2
 
-    from tests.conftest import wait_for_http
+    from tests.helpers import wait_for_http
 
     url = urlsplit(postgres)
     connection = psycopg2.connect(host=url.hostname, port=url.port, user="taxonclip",

@@ -24,7 +24,7 @@ from taxonclip.config import DataConfig
 from taxonclip.data.splits import make_split
 from taxonclip.train import prepare_data
 from taxonclip.tracking.models import resolve_model
-from tests.conftest import REPO, free_port
+from tests.helpers import REPO, free_port
 
 pytestmark = pytest.mark.integration
 

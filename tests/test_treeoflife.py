@@ -21,7 +21,7 @@ from taxonclip.data.splits import GROUP_COLUMN, make_split
 from taxonclip.data.streams import ShardStream
 from taxonclip.errors import ConfigError, DataError
 from taxonclip.zero_shot import class_texts
-from tests.conftest import sqlite_tracking
+from tests.helpers import sqlite_tracking
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from taxonclip.errors import ConfigError
 from taxonclip.evaluate import _scope, embed_images, evaluate
 from taxonclip.models import create_model
 from taxonclip.zero_shot import class_texts, prototypes, zero_shot_hits
-from tests.conftest import sqlite_tracking
+from tests.helpers import sqlite_tracking
 
 
 def _brute_force_hits(queries, labels, class_prototypes, candidates):
