@@ -32,7 +32,8 @@ def _session(folder: Path, test: str) -> subprocess.CompletedProcess:
     """A pytest session in `folder` running the single test whose body is `test`."""
     (folder / "test_inner.py").write_text(f"from pathlib import Path\n\n\ndef test_inner():\n"
                                           f"    {test}\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "test_inner.py"], cwd=folder, env=env, capture_output=True, text=True,
                           timeout=120)

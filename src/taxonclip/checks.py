@@ -122,7 +122,7 @@ def made_by_caption_command(table: pd.DataFrame) -> bool:
     return CAPTION_PROVENANCE_COLUMN in table.columns
 
 
-def check_no_label_in_queries(manifest, embedding: str, allow_label_text: bool = False) -> None:
+def check_no_label_in_queries(manifest, embedding: str, allow_label_text: bool) -> None:
     """Refuse an embedding that would fuse a label-revealing caption into the queries (unless
     `allow_label_text`); of the captions of `taxonclip caption`, those of rows whose prompt held no
     name are checked (the others are gallery rows by design)."""

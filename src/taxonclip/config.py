@@ -123,7 +123,7 @@ class DataConfig:
               "data's shards the gallery; needs split=official (none: a seeded split by shard)")
 
     def __post_init__(self) -> None:
-        _check_choice("missing", self.missing, MISSING_POLICIES)
+        check_missing(self.missing)
         _check_choice("split", self.split, SPLITS)
         _check_choice("format", self.format, DATA_FORMATS)
         for name, value, choices in (("image_package", self.image_package, BIOSCAN_IMAGE_PACKAGES),
@@ -138,9 +138,9 @@ class DataConfig:
             raise ConfigError("parameters 'split'=official and 'class_fraction' below 1 both "
                               "choose the seen classes (the official partitions hold unseen "
                               "species already); use one of them")
-        _check_range("test_size", self.test_size, 0.0, 1.0, low_open=True, high_open=True)
-        _check_range("class_fraction", self.class_fraction, 0.0, 1.0, low_open=True)
-        _check_range("seed", self.seed, 0, MAX_SEED)
+        check_test_size(self.test_size)
+        check_class_fraction(self.class_fraction)
+        check_seed(self.seed)
         _check_range("val_size", self.val_size, 0.0, 1.0, high_open=True)
 
 
@@ -553,6 +553,26 @@ def check_margins(s: float, m1: float, m2: float, m3: float, filter: float) -> N
 def check_sample_rate(sample_rate: float) -> None:
     """PartialFC's fraction of the class centres in each step's softmax: in (0, 1]."""
     _check_range("sample_rate", sample_rate, 0.0, 1.0, low_open=True)
+
+
+def check_missing(missing: str) -> None:
+    """What a missing or unreadable image does: one of MISSING_POLICIES."""
+    _check_choice("missing", missing, MISSING_POLICIES)
+
+
+def check_test_size(test_size: float) -> None:
+    """The seeded split's share of each class's images that go to test: in (0, 1)."""
+    _check_range("test_size", test_size, 0.0, 1.0, low_open=True, high_open=True)
+
+
+def check_class_fraction(class_fraction: float) -> None:
+    """The share of the classes kept, a seeded subset: in (0, 1]."""
+    _check_range("class_fraction", class_fraction, 0.0, 1.0, low_open=True)
+
+
+def check_seed(seed: int) -> None:
+    """A seed numpy's legacy seeding takes too: 0 .. MAX_SEED."""
+    _check_range("seed", seed, 0, MAX_SEED)
 
 
 def check_label(label: str, levels: names.Levels, source: object) -> None:

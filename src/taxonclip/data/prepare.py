@@ -356,7 +356,7 @@ def _write_record(folder: Path, manifest: Manifest, plan: dict, done: list[_Shar
     _write_atomic(folder / shards.PREPARED_FILE, json.dumps(record, indent=1).encode())
 
 
-def read_prepared(folder: Path, missing: str = "error") -> Manifest:
+def read_prepared(folder: Path, missing: str) -> Manifest:
     """The manifest of a prepared folder, its images in its shards; a shard that is absent or
     whose size differs from the record is refused, naming it."""
     from taxonclip.data.integrity import verify_prepared
