@@ -41,6 +41,9 @@ DATA_FORMATS = ("auto", "prepared", "treeoflife", "bioscan5m", "vlm4bio", "manif
 BIOSCAN_IMAGE_PACKAGES = ("cropped_256", "original_256", "cropped", "original_full")
 # TreeOfLife-10M's per-sample texts (data.treeoflife.TEXT_KEYS)
 TREEOFLIFE_TEXT_KEYS = ("sci", "com", "taxon", "taxonTag", "sci_com", "taxon_com", "taxonTag_com")
+# the encodings `data prepare` writes resized images in (the keys of data.prepare.IMAGE_FORMATS,
+# which imports PIL; tests/test_config.py checks they match)
+PREPARED_IMAGE_FORMATS = ("jpeg", "webp")
 # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
 MAX_SEED = 2**32 - 1
 # The scale s of the margin loss lies in (0, 128]: UNICOM trains with 32, ArcFace with 64; a
@@ -126,10 +129,10 @@ class DataConfig:
         check_missing(self.missing)
         _check_choice("split", self.split, SPLITS)
         _check_choice("format", self.format, DATA_FORMATS)
-        for name, value, choices in (("image_package", self.image_package, BIOSCAN_IMAGE_PACKAGES),
-                                     ("text_key", self.text_key, TREEOFLIFE_TEXT_KEYS)):
+        for value, check in ((self.image_package, check_image_package),
+                             (self.text_key, check_text_key)):
             if value is not None:
-                _check_choice(name, value, choices)
+                check(value)
         if self.queries is not None and self.split != "official":
             raise ConfigError("parameter 'queries' names held-out query shards, which the "
                               "official split scores (gallery: the data's shards); set "
@@ -326,13 +329,14 @@ class PrepareConfig:
     size: int = _described(336, "short side in pixels of the written images, or model names whose "
                                 "largest input it is (ViT-B/32,ViT-L/14@336px); smaller images "
                                 "keep their bytes")
-    # the keys of data.prepare.IMAGE_FORMATS, which imports PIL (tests/test_config.py checks them)
-    image_format: str = _described("jpeg", "encoding of the resized images", ("jpeg", "webp"))
+    image_format: str = _described("jpeg", "encoding of the resized images",
+                                   PREPARED_IMAGE_FORMATS)
     quality: int = _described(95, "JPEG or WebP quality of the resized images, 1 to 100")
     shard_size: int = _described(1000, "rows per shard")
     workers: int = _described(0, "encoding processes (0: one per core)")
 
     def __post_init__(self) -> None:
+        check_prepare(self.size, self.image_format, self.quality, self.shard_size)
         _check_at_least("workers", self.workers, 0)
 
 
@@ -573,6 +577,28 @@ def check_class_fraction(class_fraction: float) -> None:
 def check_seed(seed: int) -> None:
     """A seed numpy's legacy seeding takes too: 0 .. MAX_SEED."""
     _check_range("seed", seed, 0, MAX_SEED)
+
+
+def check_image_package(image_package: str) -> None:
+    """A BIOSCAN-5M image package as its owners name them: one of BIOSCAN_IMAGE_PACKAGES."""
+    _check_choice("image_package", image_package, BIOSCAN_IMAGE_PACKAGES)
+
+
+def check_text_key(text_key: str) -> None:
+    """A TreeOfLife-10M per-sample text: one of TREEOFLIFE_TEXT_KEYS."""
+    _check_choice("text_key", text_key, TREEOFLIFE_TEXT_KEYS)
+
+
+def check_prepare(size: int, image_format: str, quality: int, shard_size: int) -> None:
+    """How `data prepare` writes images: one of PREPARED_IMAGE_FORMATS, a short side of 8 to 8192
+    pixels, a quality of 1 to 100 and 1 to 10**7 rows per shard."""
+    if image_format not in PREPARED_IMAGE_FORMATS:  # `--format` on the command line
+        raise ConfigError(f"parameter 'format' is {image_format!r}; choose one of "
+                          f"{', '.join(PREPARED_IMAGE_FORMATS)}")
+    for name, value, low, high in (("size", size, 8, 8192), ("quality", quality, 1, 100),
+                                   ("shard_size", shard_size, 1, 10**7)):
+        if not low <= value <= high:
+            raise ConfigError(f"parameter {name!r} is {value}; it lies in {low} .. {high}")
 
 
 def check_label(label: str, levels: names.Levels, source: object) -> None:

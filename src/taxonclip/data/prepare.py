@@ -33,6 +33,7 @@ import pandas as pd
 from PIL import Image
 
 from taxonclip import names
+from taxonclip.config import PrepareConfig, check_prepare
 from taxonclip.data import shards
 from taxonclip.data.integrity import file_sha256
 from taxonclip.data.validated import (COLUMNS, Manifest, ManifestReport, check_taxa_names,
@@ -55,19 +56,14 @@ class PrepareSettings:
     """How images are written: the short side in pixels (an image no larger keeps its own
     bytes), the format and quality of the resized ones, and the rows per shard."""
 
-    size: int = 336
-    image_format: str = "jpeg"
-    quality: int = 95
-    shard_size: int = 1000
+    size: int = PrepareConfig.size
+    image_format: str = PrepareConfig.image_format
+    quality: int = PrepareConfig.quality
+    shard_size: int = PrepareConfig.shard_size
 
     def __post_init__(self) -> None:
-        if self.image_format not in IMAGE_FORMATS:
-            raise ConfigError(f"parameter 'format' is {self.image_format!r}; choose one of "
-                              f"{', '.join(IMAGE_FORMATS)}")
-        for name, value, low, high in (("size", self.size, 8, 8192), ("quality", self.quality, 1, 100),
-                                       ("shard_size", self.shard_size, 1, 10**7)):
-            if not low <= value <= high:
-                raise ConfigError(f"parameter {name!r} is {value}; it lies in {low} .. {high}")
+        # tests and bench scripts build settings without a PrepareConfig
+        check_prepare(self.size, self.image_format, self.quality, self.shard_size)
 
 
 @dataclass(frozen=True)

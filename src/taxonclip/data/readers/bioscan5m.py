@@ -21,11 +21,12 @@ from pathlib import Path
 import pandas as pd
 
 from taxonclip import names
+from taxonclip.config import check_image_package
 from taxonclip.data import bioscan
 from taxonclip.data.readers.base import Reader, ReadOptions
 from taxonclip.data.validated import (COLUMNS, Manifest, check_taxa_names, clean_name,
                                       drop_unreadable, listed, read_table, report_of)
-from taxonclip.errors import ConfigError, DataError
+from taxonclip.errors import DataError
 
 NAME = "bioscan5m"
 TAXA_RANK = "order"
@@ -111,9 +112,8 @@ def dataset_root(file: Path) -> Path:
 
 def image_package(file: Path, wanted: str | None) -> Path:
     """The image package folder: `wanted`, else the first of `IMAGE_PACKAGES` present."""
-    if wanted is not None and wanted not in bioscan.IMAGE_PACKAGES:
-        raise ConfigError(f"parameter 'image_package' is {wanted!r}; BIOSCAN-5M's image packages "
-                          f"are {', '.join(bioscan.IMAGE_PACKAGES)}")
+    if wanted is not None:  # read_manifest takes it without a DataConfig
+        check_image_package(wanted)
     root = dataset_root(file)
     bases = list(dict.fromkeys((root / bioscan.IMAGE_FOLDER, root, file.parent)))
     packages = (wanted,) if wanted else bioscan.IMAGE_PACKAGES

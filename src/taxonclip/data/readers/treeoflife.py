@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from taxonclip import names
+from taxonclip.config import check_text_key
 from taxonclip.data import shards, treeoflife
 from taxonclip.data.readers.base import Reader, ReadOptions
 from taxonclip.data.splits import GROUP_COLUMN, PARTITION_COLUMN
@@ -73,11 +74,9 @@ def read(data: str, options: ReadOptions) -> Manifest:
 def _text_key(name: str | None) -> str | None:
     if name is None:
         return None
-    key = treeoflife.TEXT_KEYS.get(name.removesuffix(".txt"))
-    if key is None:
-        raise ConfigError(f"parameter 'text_key' is {name!r}; TreeOfLife-10M's texts are "
-                          f"{', '.join(treeoflife.TEXT_KEYS)}")
-    return key
+    name = name.removesuffix(".txt")
+    check_text_key(name)  # read_manifest takes it without a DataConfig
+    return treeoflife.TEXT_KEYS[name]
 
 
 def _row(sample: dict, text_key: str | None) -> dict:
