@@ -37,19 +37,19 @@ from taxonclip.captions.keyed import check_caption_split
 from taxonclip.config import DataConfig, EvalConfig, cache_dir
 from taxonclip.data.bioscan import PARTITIONS as BIOSCAN_PARTITIONS
 from taxonclip.data.images import ImageDataset, collate_skipping
-from taxonclip.data.shards import PREPARED_FILE, SOURCE_DIGEST_COLUMN, read_prepared_info
+from taxonclip.data.shards import PREPARED_FILE, read_prepared_info
 from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows, ShardStream,
                                     collate_encoded)
 from taxonclip.data.manifest import Manifest, load_manifest
-from taxonclip.data.splits import (GROUP_COLUMN, PARTITION_COLUMN, QUERY_PARTITIONS,
-                                   SEEN_PARTITIONS, Split, make_split, select_classes,
-                                   split_roles)
+from taxonclip.data.splits import (QUERY_PARTITIONS, SEEN_PARTITIONS, Split, make_split,
+                                   select_classes, split_roles)
 from taxonclip import distributed
 from taxonclip.distributed import resolve_device
 from taxonclip import names
 from taxonclip.errors import ConfigError, DataError, MetricNotInTable, ModelError
 from taxonclip.formats import PERCENT_NOTE, percent
-from taxonclip.names import ALL_TAXA, COUNT_COLUMNS, VLM4BIO_LEVELS, Levels
+from taxonclip.names import (ALL_TAXA, COUNT_COLUMNS, GROUP_COLUMN, PARTITION_COLUMN,
+                             SOURCE_DIGEST_COLUMN, VLM4BIO_LEVELS, Levels)
 from taxonclip.progress import Progress
 
 TABLE_COLUMNS = ("taxa", "level", *COUNT_COLUMNS, *knn.METRICS)

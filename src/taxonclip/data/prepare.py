@@ -330,8 +330,8 @@ def _whole_or_none(partial: Path, needed: int):
 def _write_manifest(folder: Path, table: pd.DataFrame, keys: list[str], digests: list[str],
                     shard_size: int) -> None:
     frame = table.drop(columns=["image_path"]).assign(**{
-        shards.SHARD_COLUMN: np.arange(len(table)) // shard_size,
-        shards.KEY_COLUMN: keys, shards.SOURCE_DIGEST_COLUMN: digests})
+        names.SHARD_COLUMN: np.arange(len(table)) // shard_size,
+        names.KEY_COLUMN: keys, names.SOURCE_DIGEST_COLUMN: digests})
     with atomic_path(folder / shards.MANIFEST_FILE) as partial:
         frame.to_parquet(partial, index=False)
 
@@ -381,9 +381,9 @@ def read_prepared(folder: Path, missing: str) -> Manifest:
 
 def _with_locators(table: pd.DataFrame, urls: list[str]) -> pd.DataFrame:
     """The table with `image_path` naming each row's shard and key, columns in manifest order."""
-    shard_of = table[shards.SHARD_COLUMN].astype(int)
+    shard_of = table[names.SHARD_COLUMN].astype(int)
     table = table.assign(image_path=[shards.sample_locator(urls[s], k)
-                                     for s, k in zip(shard_of, table[shards.KEY_COLUMN].astype(str))])
+                                     for s, k in zip(shard_of, table[names.KEY_COLUMN].astype(str))])
     return table[list(COLUMNS) + [c for c in table.columns if c not in COLUMNS]]
 
 
@@ -436,7 +436,7 @@ def read_shard_urls(pattern: str, taxa: str | None = None) -> Manifest:
         table["species"] = table["scientific_name"].map(species_of)
         table["genus"] = table["scientific_name"].map(genus_of)
     if "image_id" not in table.columns:
-        table["image_id"] = [f"{urls[s]}#{k}" for s, k in zip(table[shards.SHARD_COLUMN], table[shards.KEY_COLUMN])]
+        table["image_id"] = [f"{urls[s]}#{k}" for s, k in zip(table[names.SHARD_COLUMN], table[names.KEY_COLUMN])]
     check_taxa_names(table["taxa"], pattern)
     table = _with_locators(table, urls)
     report = report_of(table, pattern, dropped_blank=blank, ranked=ranked, format="prepared")

@@ -40,10 +40,8 @@ import pandas as pd
 
 from taxonclip.config import DataConfig, check_class_fraction, check_seed, check_test_size
 from taxonclip.errors import DataError
-from taxonclip.names import Levels
+from taxonclip.names import GROUP_COLUMN, PARTITION_COLUMN, Levels
 
-GROUP_COLUMN = "group"
-PARTITION_COLUMN = "split"  # a dataset's own partition of each row (BIOSCAN-5M's column)
 GALLERY_PARTITIONS = ("train", "key_unseen")
 QUERY_PARTITIONS = ("test", "test_unseen")
 VALIDATION_PARTITIONS = ("val", "val_unseen")
