@@ -9,7 +9,7 @@ centres of --species classes (float32, or float16 as a GPU embeds), written bloc
 child process into an `.npy` file. Queries and gallery items are interleaved in the store, as a
 seeded split leaves them. The species fall into --taxa taxa, and the table is scored at species
 level: one row per taxa and the `All` row, as `taxonclip eval` scores them
-(`evaluate.evaluation_table` on the memory-mapped array).
+(`table.evaluation_table` on the memory-mapped array).
 
 The scoring runs in a child process of its own, which opens the store with `np.load(mmap_mode)`;
 its peak RSS (Linux's VmHWM) counts the pages of the store it has read as well as its own
@@ -156,27 +156,28 @@ def in_memory_table(vectors, table, split, levels, args: argparse.Namespace):
     import pandas as pd
     import torch
 
-    from taxonclip import evaluate, knn
+    from taxonclip import knn
+    from taxonclip.table import TABLE_COLUMNS, _scope, table_cells
 
     vectors = vectors.float()
     is_train, is_test = np.zeros(len(table), bool), np.zeros(len(table), bool)
     is_train[split.train], is_test[split.test] = True, True
     rows = []
-    for scope, level in evaluate.table_cells(table["taxa"].unique(), False, levels):
-        in_gallery, in_queries = evaluate._scope(scope, table, None)
+    for scope, level in table_cells(table["taxa"].unique(), False, levels):
+        in_gallery, in_queries = _scope(scope, table, None)
         codes = torch.as_tensor(pd.factorize(table[level])[0], dtype=torch.long)
         gallery, queries = np.flatnonzero(in_gallery & is_train), np.flatnonzero(in_queries & is_test)
         result = knn.knn_metrics(vectors[queries], codes[queries], vectors[gallery], codes[gallery],
                                  chunk_size=args.chunk_size, device=args.device)
         rows.append({"taxa": scope, "level": level, "n_test": result.n_test,
                      "n_classes": result.n_classes, "n_lone": result.n_lone, **result.metrics})
-    return pd.DataFrame(rows, columns=list(evaluate.TABLE_COLUMNS))
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
 def score(folder: Path, args: argparse.Namespace) -> dict:
     """The table of the memory-mapped store, the seconds it took and this process's memory
     (with --check, whether the in-memory copy gives the same table)."""
-    from taxonclip.evaluate import evaluation_table
+    from taxonclip.table import evaluation_table
 
     vectors, table, split, levels = scoring_inputs(folder, args)
     before = rss_bytes("VmRSS")
@@ -215,7 +216,7 @@ def run_child(args: argparse.Namespace, mode: str, folder: Path) -> str:
 def report(args: argparse.Namespace, written: float | None, outcome: dict, store_bytes: int) -> str:
     import pandas as pd
 
-    from taxonclip.evaluate import format_table
+    from taxonclip.table import format_table
 
     peak, store = outcome["peak_rss"] / 1e9, store_bytes / 1e9
     lines = [f"machine: {machine()}; store {args.gallery + args.queries:,} x {args.dim} {args.dtype} "

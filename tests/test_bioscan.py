@@ -16,7 +16,7 @@ from taxonclip.data.bioscan import METADATA_FILES, METADATA_FOLDERS, write_fixtu
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import make_split, official_split
 from taxonclip.errors import ConfigError, DataError, MetricNotInTable
-from taxonclip.evaluate import OFFICIAL_SEEN, check_metric_cell, evaluation_table
+from taxonclip.table import OFFICIAL_SEEN, check_metric_cell, evaluation_table
 from taxonclip.train import prepare_data
 from tests.helpers import sqlite_tracking
 

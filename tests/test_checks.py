@@ -16,7 +16,7 @@ from taxonclip.cli import main
 from taxonclip.config import DataConfig, EvalConfig, ModelConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.errors import DataError
-from taxonclip.evaluate import evaluate
+from taxonclip.evaluation import evaluate
 from taxonclip.models import create_model
 
 MONARCH = {"scientific_name": "Danaus plexippus", "species": "Danaus plexippus",

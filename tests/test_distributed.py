@@ -176,10 +176,10 @@ def spread_evaluation(specimens: str) -> dict:
     """`evaluate(spread=True)` of a random tiny model in this process group: the result (None
     off rank 0), the rows this rank embedded, and how many embeddings it held once they were
     gathered (None: it holds none)."""
-    from taxonclip import evaluate as evaluation
+    from taxonclip import embed, evaluation
 
     embedded, held = [], []
-    real_dataset, real_visual = evaluation.embed_dataset, evaluation.embed_visual
+    real_dataset, real_visual = embed.embed_dataset, embed.embed_visual
 
     def recording(*args, **kwargs):
         vectors, kept = real_dataset(*args, **kwargs)
@@ -191,10 +191,10 @@ def spread_evaluation(specimens: str) -> dict:
         held.append(None if vectors is None else len(vectors))
         return vectors, kept
 
-    evaluation.embed_dataset, evaluation.embed_visual = recording, holding
+    embed.embed_dataset, embed.embed_visual = recording, holding
     result = evaluation.evaluate(spread_config(specimens), create_model("tiny", "none"),
                                  spread=True)
-    evaluation.embed_dataset, evaluation.embed_visual = real_dataset, real_visual
+    embed.embed_dataset, embed.embed_visual = real_dataset, real_visual
     return {"table": None if result is None else result.table, "embedded": embedded, "held": held}
 
 
@@ -202,7 +202,7 @@ def spread_failure(rank: int, specimens: str) -> str:
     """`evaluate(spread=True)` where rank 1 alone cannot read an image of its share: the
     message each rank ends with (a rank waiting for the other in vain would never end)."""
     from taxonclip.data import images
-    from taxonclip import evaluate as evaluation
+    from taxonclip import evaluation
 
     real = images.ImageDataset.__getitem__
 
@@ -382,7 +382,7 @@ def test_evaluation_under_torchrun_spreads_the_images_and_scores_on_rank_0(two_r
                                                                           no_torchrun):
     """Each rank embeds a disjoint share of the images, together all of them once; rank 0
     gathers them all, and its table equals the table of one process embedding everything."""
-    from taxonclip.evaluate import evaluate
+    from taxonclip.evaluation import evaluate
 
     shares = [set(result["evaluation"]["embedded"]) for result in two_ranks]
     rows = len(read_manifest(specimens).table)

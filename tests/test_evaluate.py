@@ -12,9 +12,11 @@ from taxonclip.config import DataConfig, EvalConfig, ModelConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import split_manifest
 from taxonclip.errors import DataError
-from taxonclip.evaluate import (TABLE_COLUMNS, Seen, embed_images, evaluate, evaluation_table,
-                                fuse)
-from taxonclip import evaluate as evaluate_module
+from taxonclip import embed as embed_module
+from taxonclip import table as table_module
+from taxonclip.embed import embed_images, fuse
+from taxonclip.evaluation import evaluate
+from taxonclip.table import TABLE_COLUMNS, Seen, evaluation_table
 from taxonclip import knn, names
 from taxonclip.knn import METRICS
 from taxonclip.models import create_model
@@ -219,8 +221,8 @@ def test_cached_text_embeddings_follow_the_captions(leeds, tiny, tmp_path, monke
     monkeypatch.setenv("TAXONCLIP_CACHE", str(tmp_path / "cache"))
     tiny_cached = create_model("tiny", "pretrained")
     calls = []
-    real = evaluate_module.embed_manifest
-    monkeypatch.setattr(evaluate_module, "embed_manifest", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = embed_module.embed_manifest
+    monkeypatch.setattr(embed_module, "embed_manifest", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     for captions in (leeds / "descriptions.csv", other, leeds / "descriptions.csv"):
         evaluate(_leeds_text_config(leeds, captions, cache=True), tiny_cached)
@@ -232,7 +234,7 @@ def test_second_evaluation_reuses_cached_embeddings(specimens, tiny, monkeypatch
     config = EvalConfig(data=DataConfig(data=str(specimens)), workers=0, device="cpu",
                         cache_embeddings=True)
     first = evaluate(config, tiny)
-    monkeypatch.setattr("taxonclip.evaluate.embed_manifest",
+    monkeypatch.setattr("taxonclip.embed.embed_manifest",
                         lambda *a, **k: pytest.fail("embedded again instead of reusing the cache"))
     again = evaluate(config, tiny)
     pd.testing.assert_frame_equal(first.table, again.table)
@@ -282,8 +284,8 @@ def _in_memory_table(vectors: torch.Tensor, table: pd.DataFrame, split, seen) ->
     is_train[split.train], is_test[split.test] = True, True
     is_seen = table[seen.level].isin(seen.classes).to_numpy()
     rows = []
-    for scope, level in evaluate_module.table_cells(table["taxa"].unique(), True, FEW_LEVELS):
-        in_gallery, in_queries = evaluate_module._scope(scope, table, is_seen)
+    for scope, level in table_module.table_cells(table["taxa"].unique(), True, FEW_LEVELS):
+        in_gallery, in_queries = table_module._scope(scope, table, is_seen)
         known = table[level].notna().to_numpy()
         codes = torch.as_tensor(pd.factorize(table[level])[0], dtype=torch.long)
         gallery = np.flatnonzero(in_gallery & is_train & known)
@@ -356,7 +358,7 @@ def test_skipped_images_leave_the_kept_rows_in_place_in_the_store(tmp_path):
     kept = np.array([0, 2, 3, 7, 9])
     expected = store[kept].copy()
 
-    compacted = evaluate_module._compacted(store, kept, block=2)
+    compacted = embed_module._compacted(store, kept, block=2)
 
     assert np.array_equal(compacted, expected)
     assert np.shares_memory(compacted, store)

@@ -23,7 +23,8 @@ from taxonclip.data import integrity
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.prepare import PrepareSettings, prepare
 from taxonclip.errors import DiskError
-from taxonclip.sweep import load_sweep, open_study, suggest
+from taxonclip.sweep.run import open_study, suggest
+from taxonclip.sweep.spec import load_sweep
 from taxonclip.tracking.spool import Spool
 from tests.helpers import sqlite_tracking
 

@@ -144,7 +144,7 @@ def test_the_headline_metric_is_defined_once():
     assert entries["compare"]["parameters"]["metric"]["default"] == names.HEADLINE_METRIC
     assert entries["train"]["parameters"]["metric"]["default"] == names.HEADLINE_METRIC
     assert cfg.TrainConfig().metric == cfg.CompareConfig().metric == names.HEADLINE_METRIC
-    from taxonclip.sweep import DEFAULT_METRIC
+    from taxonclip.sweep.spec import DEFAULT_METRIC
 
     assert DEFAULT_METRIC == f"val/{names.HEADLINE_METRIC}"  # a sweep optimises validation
 

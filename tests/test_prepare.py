@@ -32,7 +32,8 @@ from taxonclip.data.streams import (Decoded, ShardedRows, ShardStream, batches_p
                                     epoch_shards, jpeg_decoder)
 from taxonclip.data.synthetic import default_dataset, generate
 from taxonclip.errors import DataError
-from taxonclip.evaluate import embed_manifest, evaluate
+from taxonclip.embed import embed_manifest
+from taxonclip.evaluation import evaluate
 from taxonclip.models import create_model
 from tests.helpers import sqlite_tracking
 

@@ -22,7 +22,7 @@ from taxonclip.data.readers.base import ReadOptions
 from taxonclip.data.shards import PREPARED_FILE
 from taxonclip.data.splits import official_split
 from taxonclip.errors import ConfigError, DataError
-from taxonclip.evaluate import OFFICIAL_SEEN, evaluation_table, scored_note
+from taxonclip.table import OFFICIAL_SEEN, evaluation_table, scored_note
 
 # a value for each reading parameter, to hand a reader that may not take it
 GIVEN = {"image_column": "file", "name_column": "name", "taxa": "Fish", "caption_column": "text",

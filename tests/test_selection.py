@@ -21,7 +21,7 @@ from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import make_split, split_fingerprint, split_roles, validation_split
 from taxonclip.errors import ConfigError
-from taxonclip.evaluate import evaluation_table
+from taxonclip.table import evaluation_table
 
 FAST = ["--model", "tiny", "--batch_size", "16", "--workers", "0", "--lr", "3e-3",
         "--margin_s", "16", "--margin_m2", "0.2"]

@@ -168,7 +168,7 @@ def test_a_two_task_sweep_array_completes_its_trials(at_cluster, postgres, speci
     output = capsys.readouterr()
     assert status == 0, output.out + output.err
     job_id, _ = _submitted(output.out)
-    from taxonclip.sweep import open_storage
+    from taxonclip.sweep.storage import open_storage
 
     study = optuna.load_study(study_name="array", storage=open_storage(postgres))
     assert sorted(t.number for t in study.trials) == [0, 1]
@@ -184,7 +184,7 @@ def test_a_two_task_sweep_array_completes_its_trials(at_cluster, postgres, speci
 
 def test_a_dead_array_task_has_its_trial_failed_by_the_others(at_cluster, postgres, specimens,
                                                               monkeypatch, capsys):
-    from taxonclip.sweep import HEARTBEAT_ENV, open_storage
+    from taxonclip.sweep.storage import HEARTBEAT_ENV, open_storage
 
     monkeypatch.setenv(HEARTBEAT_ENV, "1")  # a trial silent for 5 s has lost its process
     sweep = at_cluster / "dead.yaml"

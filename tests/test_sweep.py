@@ -25,13 +25,12 @@ from optuna.trial import TrialState
 from taxonclip import names
 from taxonclip.cli import main
 from taxonclip.config import SweepConfig, TrainConfig
-from taxonclip.errors import ConfigError, TaxonclipError
+from taxonclip.errors import ConfigError, MetricNotInTable, TaxonclipError
 from taxonclip.jobs import where_to_look
-from taxonclip.sweep import (GRACE_BEATS, HEARTBEAT_ENV, HEARTBEAT_S, MetricNotInTable,
-                             objective_value,
-                             dashboard_target, default_storage, heartbeat_timing, load_sweep,
-                             make_pruner, make_sampler, metric_value, open_storage, open_study,
-                             redact, run_sweep, suggest)
+from taxonclip.sweep.run import metric_value, objective_value, open_study, run_sweep, suggest
+from taxonclip.sweep.spec import load_sweep, make_pruner, make_sampler
+from taxonclip.sweep.storage import (GRACE_BEATS, HEARTBEAT_ENV, HEARTBEAT_S, dashboard_target,
+                                     default_storage, heartbeat_timing, open_storage, redact)
 from taxonclip.tracking.runs import redacted_uri
 from taxonclip.train import run_training
 from tests.helpers import REPO, free_port, slow_but_all_three

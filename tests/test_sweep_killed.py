@@ -20,8 +20,9 @@ from optuna.trial import TrialState
 
 from taxonclip import names
 from taxonclip.config import SweepConfig
-from taxonclip.sweep import (GRACE_BEATS, HEARTBEAT_ENV, PARENT_RUN_ATTR, load_sweep,
-                             open_storage, open_study, run_sweep, trial_tags)
+from taxonclip.sweep.run import open_study, run_sweep, trial_tags
+from taxonclip.sweep.spec import load_sweep
+from taxonclip.sweep.storage import GRACE_BEATS, HEARTBEAT_ENV, PARENT_RUN_ATTR, open_storage
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from taxonclip import names
-from taxonclip.sweep import open_storage
+from taxonclip.sweep.storage import open_storage
 from tests.helpers import slow_but_all_three
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,10 @@ from taxonclip.cli import main
 from taxonclip.config import DataConfig, EvalConfig, ModelConfig, TrainConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.errors import DataError
-from taxonclip.evaluate import (embed_images, evaluate, evaluation_table, fuse,
-                                label_revealing_captions, split_csv)  # re-exported by evaluate
+from taxonclip.checks import label_revealing_captions
+from taxonclip.embed import embed_images, fuse
+from taxonclip.evaluation import evaluate
+from taxonclip.table import evaluation_table, split_csv
 from taxonclip.models import create_model
 from taxonclip.train import prepare_data
 

@@ -15,7 +15,9 @@ from taxonclip.cli import main
 from taxonclip.config import DataConfig, EvalConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.errors import ConfigError
-from taxonclip.evaluate import _scope, embed_images, evaluate
+from taxonclip.embed import embed_images
+from taxonclip.evaluation import evaluate
+from taxonclip.table import _scope
 from taxonclip.models import create_model
 from taxonclip.zero_shot import class_texts, prototypes, zero_shot_hits
 from tests.helpers import sqlite_tracking

@@ -1,4 +1,6 @@
-"""Checks that text does not carry the label into a query, and the caption-only gauge.
+"""Input checks that refuse, before anything is embedded, a request that cannot give a sound
+table: a decoder that cannot read the images, a split with no test image, and text that would
+carry the label into a query (with the caption-only gauge that measures what the text knows).
 
 A caption fused into a query (`embedding=text`, `avg`, `concat`) must describe the image, not
 name its answer. Two checks stand between a caption and a query:
@@ -33,7 +35,11 @@ import numpy as np
 import pandas as pd
 
 from taxonclip import names
-from taxonclip.errors import DataError
+from taxonclip.config import EvalConfig
+from taxonclip.data.manifest import Manifest
+from taxonclip.data.splits import QUERY_PARTITIONS, Split
+from taxonclip.errors import ConfigError, DataError
+from taxonclip.names import GROUP_COLUMN, PARTITION_COLUMN
 
 QUERY_TEXT_EMBEDDINGS = ("text", "avg", "concat")  # the modes that put a caption into a query
 GALLERY_TEXT_EMBEDDINGS = ("gallery_avg",)  # captions on the gallery side only
@@ -201,3 +207,43 @@ def caption_gauge_refusal(table: pd.DataFrame, visual: pd.DataFrame, embedding: 
 def _all_cell(table: pd.DataFrame, level: str, column: str) -> float:
     cell = table[(table["taxa"] == names.ALL_TAXA) & (table["level"] == level)]
     return float(cell[column].iloc[0]) if len(cell) and column in cell else float("nan")
+
+
+def caption_note(manifest: Manifest) -> str:
+    """A line on the captions for `data check`: which embeddings they serve."""
+    if "caption" not in manifest.table.columns:
+        return "captions: none (embedding=visual only)"
+    reason = label_revealing_captions(manifest.table)
+    if reason is None:
+        return "captions: written per image (every embedding may use them)"
+    return (f"captions: reveal the label (the caption {reason}): embedding=gallery_avg only; "
+            f"text, avg and concat are refused")
+
+
+def check_decoder(manifest: Manifest, decode: str) -> None:
+    """Refuse decode=device for images that are files: it reads prepared shards."""
+    if decode == "device" and not manifest.shards:
+        raise ConfigError(f"decode=device decodes the JPEGs of prepared shards on the model's "
+                          f"device; {manifest.report.source} is image files: prepare it first "
+                          f"(taxonclip data prepare ... --out DIR, then data=DIR), or use "
+                          f"decode=workers")
+
+
+def check_has_test_images(manifest: Manifest, split: Split) -> None:
+    """Refuse a split that gives the table no test image to score."""
+    if len(split.test) == 0 and split.protocol == "official":
+        raise DataError(f"{manifest.report.source}: no row of the query partitions "
+                        f"({', '.join(QUERY_PARTITIONS)}) in column {PARTITION_COLUMN!r}")
+    if len(split.test) == 0:
+        grouped = " or one group" if GROUP_COLUMN in manifest.table.columns else ""
+        raise DataError(f"{manifest.report.source}: the split has no test image to score: every "
+                        f"class of its {len(manifest.table)} rows has a single image{grouped}, "
+                        f"and a class needs one image in train and one in test")
+
+
+def gauges_captions(manifest: Manifest, config: EvalConfig) -> bool:
+    """Whether the caption gauge may refuse this evaluation's captions: query-side text, not
+    from `taxonclip caption`, and not allowed by `allow_label_text`."""
+    return (config.embedding in QUERY_TEXT_EMBEDDINGS and not config.allow_label_text
+            and "caption" in manifest.table.columns
+            and not made_by_caption_command(manifest.table))

@@ -52,7 +52,8 @@ def check(data: DataConfig, workers: int) -> int:
     from taxonclip.data.audit import data_report
     from taxonclip.data.manifest import load_manifest
     from taxonclip.data.splits import make_split
-    from taxonclip.evaluate import caption_note, check_has_test_images, with_class_fraction
+    from taxonclip.checks import caption_note, check_has_test_images
+    from taxonclip.evaluation import with_class_fraction
 
     whole = load_manifest(data)
     manifest = with_class_fraction(whole, data)
@@ -165,10 +166,12 @@ def evaluate(config: EvalConfig) -> int:
     """Evaluate one model on one dataset and log everything to MLflow."""
     from taxonclip.data.audit import report_for_run
     from taxonclip.distributed import resolve_device
-    from taxonclip.evaluate import evaluate as run_evaluation
-    from taxonclip.evaluate import check_zero_shot, format_table, prepare_evaluation, scored_note
+    from taxonclip.evaluation import evaluate as run_evaluation
+    from taxonclip.evaluation import prepare_evaluation
+    from taxonclip.table import format_table, scored_note
     from taxonclip.tracking.models import resolve_model
     from taxonclip.tracking.runs import tracked_run
+    from taxonclip.zero_shot import check_zero_shot
 
     manifest, split = prepare_evaluation(config)
     report = report_for_run(manifest, split)
@@ -208,7 +211,7 @@ def eval_run_name(config: EvalConfig) -> str:
 def log_evaluation(run, result) -> None:
     """Log a final evaluation: the table and its metrics, the split, the embedding speed."""
     from taxonclip.data.splits import split_fingerprint
-    from taxonclip.evaluate import scored_note, split_csv
+    from taxonclip.table import scored_note, split_csv
 
     run.log_eval_metrics(result.table)
     computed = math.isfinite(result.img_per_s)
@@ -248,7 +251,7 @@ LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` and `make server` serve 
 
 def train(config: TrainConfig) -> int:
     """Fine-tune, evaluate and log one model (`torchrun` starts one process per GPU)."""
-    from taxonclip.evaluate import format_table, scored_note, table_cell
+    from taxonclip.table import format_table, scored_note, table_cell
     from taxonclip.formats import percent
     from taxonclip.train import run_training
 
@@ -272,7 +275,7 @@ def train(config: TrainConfig) -> int:
 
 def sweep(config: SweepConfig) -> int:
     """Run (or continue) an Optuna study of training runs."""
-    from taxonclip.sweep import run_sweep
+    from taxonclip.sweep.run import run_sweep
 
     run_sweep(config)
     return 0

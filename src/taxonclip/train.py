@@ -47,16 +47,18 @@ from taxonclip.data.images import ImageDataset
 from taxonclip.captions.keyed import check_caption_split
 from taxonclip.data.manifest import Manifest, load_manifest
 from taxonclip.data.shards import is_sharded
-from taxonclip.data.splits import (Split, make_split, select_classes, split_name_parts,
-                                   validation_split)
+from taxonclip.data.splits import Split, make_split, split_name_parts, validation_split
+from taxonclip.data.subset import class_subset
 from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows, ShardStream,
                                     batches_per_rank, collate_encoded, epoch_shards)
 from taxonclip.errors import ConfigError, DataError, TrainingDiverged
 from taxonclip.formats import percent
-from taxonclip.evaluate import (EvalResult, Seen, check_decoder, check_has_test_images,
-                                check_metric_cell, check_no_label_in_queries, embed_visual,
-                                evaluate, gauges_captions, scored_note, seen_of_split, split_csv,
-                                table_cell)
+from taxonclip.checks import (check_decoder, check_has_test_images, check_no_label_in_queries,
+                              gauges_captions)
+from taxonclip.embed import embed_visual
+from taxonclip.evaluation import evaluate
+from taxonclip.table import (EvalResult, Seen, check_metric_cell, scored_note, seen_of_split,
+                             split_csv, table_cell)
 from taxonclip.losses import CombinedMarginLoss, PartialFC
 from taxonclip.progress import Progress, say
 from taxonclip.tracking.runs import NullRun, Run, table_counts, table_metrics
@@ -142,10 +144,10 @@ def prepare_data(config: TrainConfig, world_size: int = 1) -> TrainData:
     if config.label != CLUSTER_LABEL:
         rows = rows[label_of.iloc[rows].notna().to_numpy()]
     seen = seen_of_split(split)
-    if config.data.class_fraction < 1.0:
-        kept = select_classes(table, config.data.class_fraction, config.data.seed, level)
-        rows = rows[label_of.iloc[rows].isin(kept).to_numpy()]
-        seen = Seen(level, frozenset(kept))
+    subset = class_subset(table, config.data, level)
+    if subset is not None:
+        rows = rows[subset.rows[rows]]
+        seen = Seen(level, subset.classes)
     if len(rows) == 0:
         raise DataError(f"no training image has a {config.label} label in {manifest.report.source}")
     check_metric_cell(config.metric, table["taxa"].unique(), seen is not None, manifest.levels)

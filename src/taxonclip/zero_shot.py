@@ -17,6 +17,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from taxonclip import names
+from taxonclip.config import EvalConfig
+from taxonclip.data.splits import Split
+from taxonclip.embed import embed_texts
+from taxonclip.errors import ModelError
+from taxonclip.names import Levels
+from taxonclip.table import Seen, _scope
+
 NAME_TEMPLATE = "a photo of {name}."
 TAXA_TEMPLATE = "a photo of {taxa} {name}."
 COMMON_NAME_COLUMNS = ("commonName", "common_name", "vernacularName", "vernacular_name")
@@ -73,3 +81,56 @@ def zero_shot_hits(queries: torch.Tensor, labels: torch.Tensor, class_prototypes
     ranked = candidates[order]
     hits = ranked == labels[:, None]
     return hits[:, 0], hits.any(dim=1)
+
+
+def check_zero_shot(encoder: torch.nn.Module, config: EvalConfig) -> None:
+    """Refuse zero-shot scoring with a model that has no text tower."""
+    if config.zero_shot and not encoder.has_text:
+        raise ModelError(f"zero_shot=true needs class texts embedded by a text tower, and model "
+                         f"{encoder.spec.name} has none (UNICOM models are image encoders only); "
+                         f"use a CLIP model or leave zero_shot out")
+
+
+def zero_shot_texts(table: pd.DataFrame, levels: Levels) -> pd.DataFrame:
+    """Every class of every scored level and its texts: columns level, class, text."""
+    rows = [(level, name, text) for level in levels.scored
+            for name, texts in class_texts(table, level).items() for text in texts]
+    return pd.DataFrame(rows, columns=["level", "class", "text"])
+
+
+def level_prototypes(encoder, texts: pd.DataFrame, batch_size: int,
+                     device: torch.device) -> dict[str, tuple[torch.Tensor, dict[str, int]]]:
+    """Per level: the prototype of each class (rows in class order) and each class's row."""
+    embedded = embed_texts(encoder, texts["text"].tolist(), batch_size=batch_size, device=device)
+    by_level = {}
+    for level, group in texts.groupby("level", sort=False):
+        index = {name: i for i, name in enumerate(dict.fromkeys(group["class"]))}
+        owners = group["class"].map(index).to_numpy()
+        # copied: pandas hands out read-only arrays, which torch warns about when it wraps them
+        rows = torch.tensor(group.index.to_numpy())
+        by_level[level] = (prototypes(embedded[rows], owners, len(index)), index)
+    return by_level
+
+
+def zero_shot_table(table: pd.DataFrame, queries: torch.Tensor, rows: pd.DataFrame, split: Split,
+                    prototypes: dict, seen: Seen | None) -> pd.DataFrame:
+    """The per-taxa `table` with `zs_top1` and `zs_top5`: the test images of each row's scope
+    labelled by the nearest class text among the classes of that scope."""
+    is_test = np.zeros(len(rows), bool)
+    is_test[split.test] = True
+    is_seen = None if seen is None else rows[seen.level].isin(seen.classes).to_numpy()
+    scores = []
+    for scope, level in zip(table["taxa"], table["level"]):
+        class_prototypes, index = prototypes[level]
+        in_scope, query_scope = _scope(scope, rows, is_seen)
+        labelled = rows[level].notna().to_numpy()
+        picked = np.flatnonzero(query_scope & is_test & labelled)
+        candidates = torch.tensor(sorted(index[name] for name in rows[level][in_scope & labelled].unique()))
+        labels = torch.tensor([index[name] for name in rows[level].iloc[picked]], dtype=torch.long)
+        top1, top5 = zero_shot_hits(queries[picked], labels, class_prototypes, candidates)
+        scores.append((_mean_hit(top1), _mean_hit(top5)))
+    return table.assign(**dict(zip(names.ZERO_SHOT_SCORES, map(list, zip(*scores)))))
+
+
+def _mean_hit(hits: torch.Tensor) -> float:
+    return float(hits.double().mean()) if len(hits) else float("nan")

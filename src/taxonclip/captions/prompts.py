@@ -16,7 +16,8 @@ import pandas as pd
 
 from taxonclip.captions.templates import Template
 from taxonclip.config import DataConfig
-from taxonclip.data.splits import make_split, select_classes
+from taxonclip.data.splits import make_split
+from taxonclip.data.subset import class_subset
 from taxonclip.errors import ConfigError, TaxonclipError
 
 # the data parameters that decide the split
@@ -42,9 +43,9 @@ def query_rows(table: pd.DataFrame, data: DataConfig) -> np.ndarray:
     """Positions of the rows that are queries (test or validation) under the split of eval or
     of train made from `data`."""
     queries = _queries(table, data)
-    if data.class_fraction < 1.0:  # eval splits the kept species' rows alone
-        kept = np.flatnonzero(table["species"].isin(
-            select_classes(table, data.class_fraction, data.seed)).to_numpy())
+    subset = class_subset(table, data, "species")
+    if subset is not None:  # eval splits the kept species' rows alone
+        kept = np.flatnonzero(subset.rows)
         subset = table.iloc[kept].reset_index(drop=True)
         queries = np.union1d(queries, kept[_queries(subset, data)])
     return queries

@@ -1,5 +1,6 @@
 """Data: manifests of every format (`manifest`, read by the `readers` registry into the table of
-`validated`), the seeded split and class choice (`splits`), image decoding for models (`images`),
+`validated`), the seeded split and class choice (`splits`; `subset`, the classes a
+`class_fraction` keeps for train and eval), image decoding for models (`images`),
 shards (`shards`, `streams`, `prepare`) and generated fixtures (`synthetic`, `bioscan`,
 `treeoflife`)."""
 

@@ -137,7 +137,7 @@ def check_sweep_storage(config: cfg.SweepConfig, launch: cfg.LaunchConfig) -> No
     """Array workers share one study: SQLite cannot serve several nodes at once."""
     if launch.workers <= 1:
         return
-    from taxonclip.sweep import default_storage, is_shared, redact
+    from taxonclip.sweep.storage import default_storage, is_shared, redact
     from taxonclip.tracking.runs import tracking_uri
 
     storage = config.storage or default_storage(tracking_uri())
