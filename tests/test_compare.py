@@ -14,8 +14,10 @@ from mlflow.tracking import MlflowClient
 
 from taxonclip import names
 from taxonclip.cli import main
-from taxonclip.compare import (add_gains, architecture, baseline_key, compare_runs,
-                               is_pretrained_baseline, normalised, registry_name)
+from taxonclip.compare.baseline import (add_gains, architecture, baseline_key,
+                                        is_pretrained_baseline, normalised)
+from taxonclip.compare.promote import registry_name
+from taxonclip.compare.run import compare_runs
 from taxonclip.config import CompareConfig, DataConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import make_split, split_fingerprint, split_roles

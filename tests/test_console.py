@@ -16,7 +16,8 @@ import torch
 from taxonclip import formats, names
 from taxonclip.progress import Progress
 from taxonclip.tracking import experiments
-from taxonclip.tracking.runs import command_line, markdown_table
+from taxonclip.tracking.runs import command_line
+from taxonclip.tracking.tables import markdown_table
 
 def test_percent_and_rounding_are_one_way():
     assert formats.percent(0.341666666) == "34.17"

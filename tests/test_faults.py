@@ -207,7 +207,7 @@ def test_two_workers_on_one_study_draw_different_trials(storage, tmp_path):
 def _start_store(uri: str, barrier, results) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     from taxonclip.errors import TaxonclipError
-    from taxonclip.tracking.runs import connect
+    from taxonclip.tracking.connection import connect
 
     barrier.wait()
     try:

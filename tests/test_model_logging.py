@@ -20,7 +20,7 @@ from taxonclip.config import ModelConfig
 from taxonclip.errors import ModelError
 from taxonclip.models import Encoder, create_model
 from taxonclip.tracking import queries
-from taxonclip.tracking.models import resolve_model
+from taxonclip.tracking.models import model_version_for_run, resolve_model, set_model_alias
 from taxonclip.tracking.runs import tracked_run
 
 pytestmark = pytest.mark.integration
@@ -143,8 +143,8 @@ def test_promote_registers_and_aliases_a_logged_model_that_loads(tracking):
     run_id = uri.split("/")[1]
     experiment_id = MlflowClient().get_run(run_id).info.experiment_id
     assert run_id in queries.runs_with_logged_model([experiment_id])
-    registered, version = queries.model_version_for_run(run_id, name)
-    queries.set_model_alias(registered, "challenger", version)
+    registered, version = model_version_for_run(run_id, name)
+    set_model_alias(registered, "challenger", version)
     assert_same_encoder(resolve_model(ModelConfig(f"models:/{name}@challenger")), encoder)
 
 

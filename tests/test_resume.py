@@ -42,12 +42,12 @@ def _kill_points(steps: int) -> dict[str, tuple[str, str, int]]:
         "before the first checkpoint": ("taxonclip.train", "train_step", 2),
         "mid-way through epoch 2": ("taxonclip.train", "train_step", steps + 2),
         "during evaluation": ("taxonclip.knn", "knn_metrics", 3),
-        "while logging metrics": ("taxonclip.tracking.runs", "Run.log_metric_history", 3),
+        "while logging metrics": ("taxonclip.tracking.run_logging", "Run.log_metric_history", 3),
         "between eval logging and checkpoint": ("taxonclip.train", "_save_checkpoint", 2),
-        "during the checkpoint upload": ("taxonclip.tracking.runs", "Run.log_artifact", 2),
+        "during the checkpoint upload": ("taxonclip.tracking.run_logging", "Run.log_artifact", 2),
         "after the upload, before pruning": ("taxonclip.train", "_prune_checkpoints", 2),
-        "during the final table": ("taxonclip.tracking.runs", "Run.log_eval_table", 1),
-        "during the model logging": ("taxonclip.tracking.runs", "Run.log_model", 1),
+        "during the final table": ("taxonclip.tracking.run_logging", "Run.log_eval_table", 1),
+        "during the model logging": ("taxonclip.tracking.run_logging", "Run.log_model", 1),
         "after the model, before the run ends": ("mlflow", "end_run", 1),
     }
 
@@ -279,7 +279,7 @@ def test_a_run_killed_before_its_parameters_is_refused_and_ended(killer, specime
     original arguments, and ends it KILLED saying why."""
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "resume-no-params")
     argv = ["train", "--data", str(specimens), *ARGS]
-    _killed_run(killer, ("taxonclip.tracking.runs", "Run.log_params", 1), argv)
+    _killed_run(killer, ("taxonclip.tracking.run_logging", "Run.log_params", 1), argv)
     killed = _the_run("resume-no-params")
     assert killed.info.status == "RUNNING" and not killed.data.params
     _refused(capsys, ["train", "--resume", killed.info.run_id, "--workers", "0"],
@@ -296,6 +296,6 @@ def test_the_parameters_are_the_first_thing_a_run_holds(killer, specimens, track
     """Killed at its first logged artifact (the data summary), a run holds every parameter."""
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "resume-params-first")
     argv = ["train", "--data", str(specimens), *ARGS]
-    _killed_run(killer, ("taxonclip.tracking.runs", "Run.log_text", 1), argv)
+    _killed_run(killer, ("taxonclip.tracking.run_logging", "Run.log_text", 1), argv)
     params = _the_run("resume-params-first").data.params
     assert set(TRAIN_PARAMS) <= set(params) and params["epochs"] == str(EPOCHS)

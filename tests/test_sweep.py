@@ -31,7 +31,7 @@ from taxonclip.sweep.run import metric_value, objective_value, open_study, run_s
 from taxonclip.sweep.spec import load_sweep, make_pruner, make_sampler
 from taxonclip.sweep.storage import (GRACE_BEATS, HEARTBEAT_ENV, HEARTBEAT_S, dashboard_target,
                                      default_storage, heartbeat_timing, open_storage, redact)
-from taxonclip.tracking.runs import redacted_uri
+from taxonclip.tracking.connection import redacted_uri
 from taxonclip.train import run_training
 from tests.helpers import REPO, free_port, slow_but_all_three
 

@@ -230,7 +230,7 @@ def log_evaluation(run, result) -> None:
 def where_to_look(run_id: str | None, experiment_id: str | None = None) -> str:
     """Where to see a run in the MLflow UI, and the saved view of its experiment's runs."""
     from taxonclip.tracking.experiments import view_link
-    from taxonclip.tracking.runs import redacted_uri, tracking_uri
+    from taxonclip.tracking.connection import redacted_uri, tracking_uri
 
     uri = redacted_uri(tracking_uri())
     remote = uri.startswith("http")
@@ -283,7 +283,7 @@ def sweep(config: SweepConfig) -> int:
 
 def compare(config: CompareConfig) -> int:
     """Rank the runs that carry a per-taxa table and write the report."""
-    from taxonclip.compare import run_compare
+    from taxonclip.compare.run import run_compare
 
     report = run_compare(config)
     print(f"report: {Path(report).resolve()}")

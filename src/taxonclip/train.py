@@ -61,7 +61,8 @@ from taxonclip.table import (EvalResult, Seen, check_metric_cell, scored_note, s
                              split_csv, table_cell)
 from taxonclip.losses import CombinedMarginLoss, PartialFC
 from taxonclip.progress import Progress, say
-from taxonclip.tracking.runs import NullRun, Run, table_counts, table_metrics
+from taxonclip.tracking.run_logging import NullRun, Run
+from taxonclip.tracking.tables import table_counts, table_metrics
 
 LOG_EVERY_STEPS = 50
 EpochCallback = Callable[[int, EvalResult], None]

@@ -138,7 +138,7 @@ def check_sweep_storage(config: cfg.SweepConfig, launch: cfg.LaunchConfig) -> No
     if launch.workers <= 1:
         return
     from taxonclip.sweep.storage import default_storage, is_shared, redact
-    from taxonclip.tracking.runs import tracking_uri
+    from taxonclip.tracking.connection import tracking_uri
 
     storage = config.storage or default_storage(tracking_uri())
     if not is_shared(storage):
@@ -154,7 +154,7 @@ def tracking_env() -> dict[str, str]:
     start in another folder); a URI the user set travels in the exported environment."""
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return {}
-    from taxonclip.tracking.runs import DEFAULT_TRACKING_URI
+    from taxonclip.tracking.connection import DEFAULT_TRACKING_URI
 
     path = Path(DEFAULT_TRACKING_URI.removeprefix("sqlite:///")).absolute()
     return {"MLFLOW_TRACKING_URI": f"sqlite:///{path}"}
@@ -163,7 +163,7 @@ def tracking_env() -> dict[str, str]:
 def tracking_warning(uri: str | None = None) -> str | None:
     """Why compute nodes may not reach the tracking store `uri`: a file or SQLite store is a
     path that other machines see only on a shared filesystem (never in /tmp)."""
-    from taxonclip.tracking.runs import redacted_uri, tracking_uri
+    from taxonclip.tracking.connection import redacted_uri, tracking_uri
 
     uri = uri or tracking_uri()
     if "://" in uri and not uri.startswith(("file:", "sqlite:")):

@@ -13,7 +13,7 @@ from taxonclip import names
 from taxonclip.formats import percent
 from taxonclip.sweep.spec import SweepSpec
 from taxonclip.sweep.storage import RUN_ID_ATTR, TEST_ATTR, dashboard_target
-from taxonclip.tracking.runs import Run
+from taxonclip.tracking.run_logging import Run
 
 
 def numbered_trials(study: optuna.Study, numbers: list[int]) -> list[optuna.trial.FrozenTrial]:

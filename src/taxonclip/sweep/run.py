@@ -43,7 +43,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from taxonclip import names
 from taxonclip.tracking import sweeps as sweep_runs
-from taxonclip.tracking.runs import Run, RunKilled, tracked_run, tracking_uri
+from taxonclip.tracking.connection import tracking_uri
+from taxonclip.tracking.run_logging import Run
+from taxonclip.tracking.runs import RunKilled, tracked_run
 from taxonclip.config import SWEEP_PARAMS, TRAIN_PARAMS, SweepConfig, to_params
 from taxonclip.errors import ConfigError, MetricNotInTable, TaxonclipError, TrackingError
 from taxonclip.table import EvalResult, table_cell

@@ -1,4 +1,5 @@
-"""Every MLflow call of the project, by concern: `runs` (start or continue a run; parameters,
-metrics, tables, artifacts), `models` (log a trained encoder, resolve a model reference),
-`queries` (what `compare` reads) and `sweeps` (a sweep's parent and child runs). Importing the
-package imports none of them, nor MLflow."""
+"""Every MLflow call of the project, by concern: `runs` (start, continue and end a run),
+`run_logging` (its parameters, metrics, tables and artifacts), `tables` (the per-taxa table as
+metrics), `models` (resolve a model reference; the registry's writes), `queries` (what `compare`
+reads) and `sweeps` (a sweep's parent and child runs). Importing the package imports none of
+them, nor MLflow."""

@@ -1,6 +1,6 @@
 """Connecting to the MLflow tracking store: the URI in force, a fast check that a server
-answers, credentials kept out of messages, and making a run the active one. `runs` (the runs)
-and `models` (the logged models) both build on it.
+answers, credentials kept out of messages, and making a run the active one. `runs` and
+`run_logging` (the runs), `queries` and `models` (the logged models) build on it.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from taxonclip import names
-from taxonclip.tracking.runs import connect
+from taxonclip.tracking.connection import connect
 
 UNFINISHED = "RUNNING"
 

@@ -1,5 +1,6 @@
 """Models in MLflow: resolving a model reference (a registry name or a logged model's URI) to an
-encoder. A logged model's files, and logging one, are `logged_model.py`'s.
+encoder, and the model registry's writes (registering a run's model, moving an alias) that
+`compare --promote` makes. A logged model's files, and logging one, are `logged_model.py`'s.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from taxonclip import names
 from taxonclip.config import DataConfig, ModelConfig
 from taxonclip.errors import ModelError
 from taxonclip.models.registry import Encoder, create_model
@@ -53,3 +55,24 @@ def load_logged_model(uri: str) -> Encoder:
             return read_logged_encoder(*files)
         except ModelError as error:
             raise ModelError(f"cannot load {where}: {error}") from None
+
+
+def model_version_for_run(run_id: str, name: str) -> tuple[str, str]:
+    """The registered model version of a run's `model` as (name, version): an existing one
+    (preferring registered model `name`), else a new version registered under `name`."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    versions = list(MlflowClient().search_model_versions(f"run_id = '{run_id}'"))
+    if versions:
+        chosen = max(versions, key=lambda v: (v.name == name, int(v.version)))
+        return chosen.name, str(chosen.version)
+    created = mlflow.register_model(f"runs:/{run_id}/{names.MODEL_ARTIFACT}", name)
+    return created.name, str(created.version)
+
+
+def set_model_alias(name: str, alias: str, version: str) -> None:
+    """Point registry alias `alias` of model `name` at `version` (its other aliases stay)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient().set_registered_model_alias(name, alias, version)

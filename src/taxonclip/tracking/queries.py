@@ -1,5 +1,6 @@
-"""What `compare` reads: experiments, runs and their tables, the runs that logged a model, and
-the registry versions and aliases that `promote` moves."""
+"""Read-only queries: what `compare` reads (experiments, runs and their tables, the runs that
+logged a model), one run by id, and a run's metric history (the curves of the report, the last
+step of a resumed run). The registry writes of `promote` are `models.py`'s."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pandas as pd
 
 from taxonclip import names
 from taxonclip.errors import TrackingError
-from taxonclip.tracking.runs import connect, redacted_uri, tracking_uri
+from taxonclip.tracking.connection import connect, redacted_uri, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -161,22 +162,9 @@ def runs_with_logged_model(experiment_ids: list[str]) -> set[str]:
             if m.source_run_id and m.status == LoggedModelStatus.READY}
 
 
-def model_version_for_run(run_id: str, name: str) -> tuple[str, str]:
-    """The registered model version of a run's `model` as (name, version): an existing one
-    (preferring registered model `name`), else a new version registered under `name`."""
-    import mlflow
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """Every (step, value) logged for one metric of a run, by step."""
     from mlflow.tracking import MlflowClient
 
-    versions = list(MlflowClient().search_model_versions(f"run_id = '{run_id}'"))
-    if versions:
-        chosen = max(versions, key=lambda v: (v.name == name, int(v.version)))
-        return chosen.name, str(chosen.version)
-    created = mlflow.register_model(f"runs:/{run_id}/{names.MODEL_ARTIFACT}", name)
-    return created.name, str(created.version)
-
-
-def set_model_alias(name: str, alias: str, version: str) -> None:
-    """Point registry alias `alias` of model `name` at `version` (its other aliases stay)."""
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient().set_registered_model_alias(name, alias, version)
+    history = MlflowClient().get_metric_history(run_id, key)
+    return [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from taxonclip import names
-from taxonclip.tracking.runs import Run
+from taxonclip.tracking.run_logging import Run
 
 
 def child_run_id(parent_run_id: str, tags: Mapping[str, str]) -> str | None:
