@@ -19,7 +19,7 @@ from taxonclip.config import TrainConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.models import create_model, get_spec
 from taxonclip.training.loop import build_state
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 NO_SUCH_RUN = "0123456789abcdef0123456789abcdef"
 
@@ -304,7 +304,7 @@ def test_genus_only_names_train_at_genus(bad, tmp_path, monkeypatch, capsys):
     rows of the table are empty, not an "empty gallery" refusal)."""
     import pandas as pd
 
-    from tests.conftest import sqlite_tracking
+    from tests.helpers import sqlite_tracking
 
     sqlite_tracking(monkeypatch, tmp_path, "genus-only")
     monkeypatch.chdir(tmp_path)  # the sqlite store's artifacts land in ./mlruns

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.helpers import REPO, free_port
 
 BENCH = REPO / "bench" / "train_throughput.py"
 BATCH = 8

@@ -19,7 +19,7 @@ from taxonclip.data.splits import make_split, official_split
 from taxonclip.errors import ConfigError, DataError, MetricNotInTable
 from taxonclip.table import OFFICIAL_SEEN, check_metric_cell, evaluation_table
 from taxonclip.training.data import prepare_data
-from tests.conftest import sqlite_tracking
+from tests.helpers import sqlite_tracking
 
 
 @pytest.fixture(scope="module")

@@ -139,7 +139,7 @@ def test_train_reads_captions_keyed_by_image_and_checks_them(specimens, tmp_path
 def test_the_caption_benchmark_prints_its_table(capsys):
     import importlib.util
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     spec = importlib.util.spec_from_file_location("caption_throughput",
                                                   REPO / "bench" / "caption_throughput.py")

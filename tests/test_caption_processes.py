@@ -73,7 +73,7 @@ def test_two_torchrun_processes_caption_as_one(specimens, tmp_path, tracking):
 
 
 def _port() -> int:
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     return free_port()
 

@@ -20,7 +20,7 @@ from taxonclip.config import DataConfig, TrainConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import make_split, split_manifest
 from taxonclip.errors import ConfigError
-from tests.conftest import sqlite_tracking
+from tests.helpers import sqlite_tracking
 
 
 def _reference_nmi(a: list, b: list) -> float:

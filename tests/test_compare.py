@@ -23,7 +23,7 @@ from taxonclip.data.manifest import read_manifest
 from taxonclip.data.splits import make_split, split_fingerprint, split_roles
 from taxonclip.tracking.queries import RunRecord
 from taxonclip.tracking.runs import tracked_run
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.integration
 

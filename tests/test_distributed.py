@@ -21,7 +21,7 @@ from taxonclip.config import DataConfig, EvalConfig, LossConfig
 from taxonclip.data.manifest import read_manifest
 from taxonclip.models import create_model
 from taxonclip.training.loop import TrainState, train_step
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 S, M2 = 16.0, 0.3

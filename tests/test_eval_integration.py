@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from taxonclip import names
 from taxonclip.cli import main
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +69,7 @@ def test_taxonclip_eval_on_real_butterflies(tracking, leeds, monkeypatch, capsys
 
 
 def test_unreachable_server_is_one_clear_message(specimens, monkeypatch, capsys):
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     assert main(["eval", "--data", str(specimens), "--workers", "0"]) == 1

@@ -26,7 +26,7 @@ from taxonclip.errors import DiskError
 from taxonclip.sweep.run import open_study, suggest
 from taxonclip.sweep.spec import load_sweep
 from taxonclip.tracking.spool import Spool
-from tests.conftest import sqlite_tracking
+from tests.helpers import sqlite_tracking
 
 TRAIN = ["train", "--model", "tiny", "--batch_size", "16", "--lr", "3e-3", "--margin_s", "16",
          "--margin_m2", "0.2", "--workers", "0", "--epochs", "1"]

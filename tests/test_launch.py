@@ -20,7 +20,7 @@ from taxonclip.launch import LAUNCHERS, get_launcher
 from taxonclip.launch.base import Job
 from taxonclip.launch.submit import tracking_warning
 from taxonclip.launch.task import TaskRunner
-from tests.conftest import sqlite_tracking
+from tests.helpers import sqlite_tracking
 
 JOB_ID = "4242"
 

@@ -16,7 +16,7 @@ from taxonclip.launch.options import LaunchConfig
 from taxonclip.launch.submit import ARRAY_COMMANDS, MLPROJECT_LAUNCH_PARAMS
 from taxonclip.params import (CAPTION_PARAMS, COMPARE_PARAMS, EVAL_PARAMS, SWEEP_PARAMS,
                               TRAIN_PARAMS, flat_fields, from_params)
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 ENTRY_CONFIGS = {
     "eval": (cfg.EvalConfig, EVAL_PARAMS),

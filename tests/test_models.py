@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import UNICOM_REFERENCE
+from tests.helpers import UNICOM_REFERENCE
 from taxonclip.errors import ModelError
 from taxonclip.models import (Encoder, ModelSpec, create_model, encoder_from_config, get_spec,
                               list_models, load_encoder)

@@ -13,7 +13,7 @@ from taxonclip.cli import main  # noqa: E402
 from taxonclip.errors import ModelError  # noqa: E402
 from taxonclip.models import create_model, get_spec  # noqa: E402
 from taxonclip.models.clip_models import tokenize  # noqa: E402
-from tests.conftest import sqlite_tracking  # noqa: E402
+from tests.helpers import sqlite_tracking  # noqa: E402
 
 ARCH = "ViT-B-32"
 

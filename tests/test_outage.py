@@ -19,7 +19,7 @@ from taxonclip import names
 from taxonclip import train as train_module
 from taxonclip.cli import main
 from taxonclip.training import loop
-from tests.conftest import free_port, wait_for_http
+from tests.helpers import free_port, wait_for_http
 
 pytestmark = pytest.mark.integration
 

@@ -35,7 +35,7 @@ from taxonclip.errors import DataError
 from taxonclip.embed import embed_manifest
 from taxonclip.evaluation import evaluate
 from taxonclip.models import create_model
-from tests.conftest import sqlite_tracking
+from tests.helpers import sqlite_tracking
 
 
 def _prepared(source: Path, out: Path, **settings) -> Path:

@@ -26,7 +26,7 @@ from taxonclip.config import TrainConfig
 from taxonclip.launch.slurm import job_states
 from taxonclip.params import TRAIN_PARAMS, from_params
 from taxonclip.training.data import steps_per_epoch
-from tests.conftest import free_port
+from tests.helpers import free_port
 from tests.slurm_cluster import PARTITION, slurm_cluster  # noqa: F401 (the fixture)
 from tests.test_resume import ARGS, EPOCHS, _assert_record_whole, _final_weights, _steps_per_epoch
 
@@ -310,7 +310,7 @@ def group_server(postgres, tmp_path_factory):
 
     import psycopg2
 
-    from tests.conftest import wait_for_http
+    from tests.helpers import wait_for_http
 
     url = urlsplit(postgres)
     connection = psycopg2.connect(host=url.hostname, port=url.port, user="taxonclip",

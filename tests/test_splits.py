@@ -84,6 +84,8 @@ def test_bad_split_parameters():
         split_manifest(_table(), 1.0, seed=0)
     with pytest.raises(ConfigError, match="seed"):
         split_manifest(_table(), 0.2, seed=-1)
+    with pytest.raises(ConfigError, match="seed"):  # config's bound, which numpy's seeding takes
+        split_manifest(_table(), 0.2, seed=2**32)
     with pytest.raises(DataError, match="empty"):
         split_manifest(_table().iloc[:0], 0.2, seed=0)
 
@@ -111,6 +113,8 @@ def test_class_fraction_is_seeded_and_nested():
 def test_class_fraction_errors():
     with pytest.raises(ConfigError, match="class_fraction"):
         select_classes(_many_species(4), 0.0, seed=0)
+    with pytest.raises(ConfigError, match="seed"):
+        select_classes(_many_species(4), 0.5, seed=-1)
     with pytest.raises(DataError, match="no row names a species"):
         select_classes(_table({}, genus_only=3), 0.5, seed=0)
 

@@ -33,7 +33,7 @@ from taxonclip.sweep.storage import (GRACE_BEATS, HEARTBEAT_ENV, HEARTBEAT_S, da
                                      default_storage, heartbeat_timing, open_storage, redact)
 from taxonclip.tracking.connection import redacted_uri
 from taxonclip.train import run_training
-from tests.conftest import REPO, free_port, slow_but_all_three
+from tests.helpers import REPO, free_port, slow_but_all_three
 
 SHIPPED = sorted((REPO / "sweeps").glob("*.yaml"))
 METRIC = names.val_metric(names.ALL_TAXA, "species", "top1_cos")

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from taxonclip import names
 from taxonclip.sweep.storage import open_storage
-from tests.conftest import slow_but_all_three
+from tests.helpers import slow_but_all_three
 
 pytestmark = pytest.mark.integration
 

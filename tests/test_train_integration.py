@@ -24,7 +24,7 @@ from taxonclip.data.splits import make_split
 from taxonclip.params import TRAIN_PARAMS, from_params
 from taxonclip.tracking.models import resolve_model
 from taxonclip.training.data import prepare_data
-from tests.conftest import REPO, free_port
+from tests.helpers import REPO, free_port
 
 pytestmark = pytest.mark.integration
 

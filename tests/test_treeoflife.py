@@ -17,11 +17,11 @@ from taxonclip.cli import main
 from taxonclip.config import DataConfig
 from taxonclip.data import treeoflife
 from taxonclip.data.manifest import load_manifest, read_manifest
-from taxonclip.data.splits import GROUP_COLUMN, make_split
+from taxonclip.data.splits import make_split
 from taxonclip.data.streams import ShardStream
 from taxonclip.errors import ConfigError, DataError
 from taxonclip.zero_shot import class_texts
-from tests.conftest import sqlite_tracking
+from tests.helpers import sqlite_tracking
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +75,15 @@ def test_the_shards_read_as_kingdom_to_species_with_missing_ranks_left_out(tol):
     assert len(no_family) and no_family["genus"].notna().all()  # the ranks below stay in place
     no_species = table[table["species"].isna()]
     assert len(no_species) and no_species["genus"].notna().all()
-    assert table[GROUP_COLUMN].nunique() == treeoflife.TRAIN_SHARDS
+    assert table[names.GROUP_COLUMN].nunique() == treeoflife.TRAIN_SHARDS
     assert table["image_path"].str.contains("#").all()
 
 
 def test_a_seeded_split_keeps_each_shard_on_one_side(tol):
     table = read_manifest(_patterns(tol)[0]).table
     split = make_split(table, DataConfig(seed=3))
-    train, test = set(table[GROUP_COLUMN].iloc[split.train]), set(table[GROUP_COLUMN].iloc[split.test])
+    groups = table[names.GROUP_COLUMN]
+    train, test = set(groups.iloc[split.train]), set(groups.iloc[split.test])
     assert train and test and not train & test
 
 
@@ -205,7 +206,7 @@ def test_missing_keys_and_empty_shard_lists_are_one_message(tmp_path, capsys):
 
 def test_identical_images_in_two_shards_are_found_by_the_audit(tmp_path):
     from taxonclip.data.audit import audit_split
-    from taxonclip.data.shards import SOURCE_DIGEST_COLUMN
+    from taxonclip.names import SOURCE_DIGEST_COLUMN
 
     same = _sample("k1", "Animalia Chordata Aves Passeriformes Corvidae Corvus corax")
     other = dict(same, __key__="k2")

@@ -20,7 +20,7 @@ from taxonclip.evaluation import evaluate
 from taxonclip.table import _scope
 from taxonclip.models import create_model
 from taxonclip.zero_shot import class_texts, prototypes, zero_shot_hits
-from tests.conftest import sqlite_tracking
+from tests.helpers import sqlite_tracking
 
 
 def _brute_force_hits(queries, labels, class_prototypes, candidates):

@@ -37,8 +37,9 @@ import pandas as pd
 from taxonclip import names
 from taxonclip.config import EvalConfig
 from taxonclip.data.manifest import Manifest
-from taxonclip.data.splits import GROUP_COLUMN, PARTITION_COLUMN, QUERY_PARTITIONS, Split
+from taxonclip.data.splits import QUERY_PARTITIONS, Split
 from taxonclip.errors import ConfigError, DataError
+from taxonclip.names import GROUP_COLUMN, PARTITION_COLUMN
 
 QUERY_TEXT_EMBEDDINGS = ("text", "avg", "concat")  # the modes that put a caption into a query
 GALLERY_TEXT_EMBEDDINGS = ("gallery_avg",)  # captions on the gallery side only
@@ -127,7 +128,7 @@ def made_by_caption_command(table: pd.DataFrame) -> bool:
     return CAPTION_PROVENANCE_COLUMN in table.columns
 
 
-def check_no_label_in_queries(manifest, embedding: str, allow_label_text: bool = False) -> None:
+def check_no_label_in_queries(manifest, embedding: str, allow_label_text: bool) -> None:
     """Refuse an embedding that would fuse a label-revealing caption into the queries (unless
     `allow_label_text`); of the captions of `taxonclip caption`, those of rows whose prompt held no
     name are checked (the others are gallery rows by design)."""

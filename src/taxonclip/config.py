@@ -42,6 +42,9 @@ DATA_FORMATS = ("auto", "prepared", "treeoflife", "bioscan5m", "vlm4bio", "manif
 BIOSCAN_IMAGE_PACKAGES = ("cropped_256", "original_256", "cropped", "original_full")
 # TreeOfLife-10M's per-sample texts (data.treeoflife.TEXT_KEYS)
 TREEOFLIFE_TEXT_KEYS = ("sci", "com", "taxon", "taxonTag", "sci_com", "taxon_com", "taxonTag_com")
+# the encodings `data prepare` writes resized images in (the keys of data.prepare.IMAGE_FORMATS,
+# which imports PIL; tests/test_config.py checks they match)
+PREPARED_IMAGE_FORMATS = ("jpeg", "webp")
 # numpy's legacy seeding (np.random.seed) takes 0 .. 2**32 - 1
 MAX_SEED = 2**32 - 1
 
@@ -111,13 +114,13 @@ class DataConfig:
               "data's shards the gallery; needs split=official (none: a seeded split by shard)")
 
     def __post_init__(self) -> None:
-        check_choice("missing", self.missing, MISSING_POLICIES)
+        check_missing(self.missing)
         check_choice("split", self.split, SPLITS)
         check_choice("format", self.format, DATA_FORMATS)
-        for name, value, choices in (("image_package", self.image_package, BIOSCAN_IMAGE_PACKAGES),
-                                     ("text_key", self.text_key, TREEOFLIFE_TEXT_KEYS)):
+        for value, check in ((self.image_package, check_image_package),
+                             (self.text_key, check_text_key)):
             if value is not None:
-                check_choice(name, value, choices)
+                check(value)
         if self.queries is not None and self.split != "official":
             raise ConfigError("parameter 'queries' names held-out query shards, which the "
                               "official split scores (gallery: the data's shards); set "
@@ -126,9 +129,9 @@ class DataConfig:
             raise ConfigError("parameters 'split'=official and 'class_fraction' below 1 both "
                               "choose the seen classes (the official partitions hold unseen "
                               "species already); use one of them")
-        check_range("test_size", self.test_size, 0.0, 1.0, low_open=True, high_open=True)
-        check_range("class_fraction", self.class_fraction, 0.0, 1.0, low_open=True)
-        check_range("seed", self.seed, 0, MAX_SEED)
+        check_test_size(self.test_size)
+        check_class_fraction(self.class_fraction)
+        check_seed(self.seed)
         check_range("val_size", self.val_size, 0.0, 1.0, high_open=True)
 
 
@@ -314,13 +317,14 @@ class PrepareConfig:
     size: int = described(336, "short side in pixels of the written images, or model names whose "
                                "largest input it is (ViT-B/32,ViT-L/14@336px); smaller images "
                                "keep their bytes")
-    # the keys of data.prepare.IMAGE_FORMATS, which imports PIL (tests/test_config.py checks them)
-    image_format: str = described("jpeg", "encoding of the resized images", ("jpeg", "webp"))
+    image_format: str = described("jpeg", "encoding of the resized images",
+                                  PREPARED_IMAGE_FORMATS)
     quality: int = described(95, "JPEG or WebP quality of the resized images, 1 to 100")
     shard_size: int = described(1000, "rows per shard")
     workers: int = described(0, "encoding processes (0: one per core)")
 
     def __post_init__(self) -> None:
+        check_prepare(self.size, self.image_format, self.quality, self.shard_size)
         check_at_least("workers", self.workers, 0)
 
 
@@ -433,6 +437,51 @@ class CaptionConfig:
             raise ConfigError("parameter 'out' is required: the folder that will hold "
                               "captions.parquet and its parts/")
         return Path(self.out).expanduser().resolve()
+
+
+# The checks that take their value sets from the constants above (config_checks, which the
+# dataclasses here import, cannot import them); the entry points that take a value without a
+# config call them too.
+def check_missing(missing: str) -> None:
+    """What a missing or unreadable image does: one of MISSING_POLICIES."""
+    check_choice("missing", missing, MISSING_POLICIES)
+
+
+def check_test_size(test_size: float) -> None:
+    """The seeded split's share of each class's images that go to test: in (0, 1)."""
+    check_range("test_size", test_size, 0.0, 1.0, low_open=True, high_open=True)
+
+
+def check_class_fraction(class_fraction: float) -> None:
+    """The share of the classes kept, a seeded subset: in (0, 1]."""
+    check_range("class_fraction", class_fraction, 0.0, 1.0, low_open=True)
+
+
+def check_seed(seed: int) -> None:
+    """A seed numpy's legacy seeding takes too: 0 .. MAX_SEED."""
+    check_range("seed", seed, 0, MAX_SEED)
+
+
+def check_image_package(image_package: str) -> None:
+    """A BIOSCAN-5M image package as its owners name them: one of BIOSCAN_IMAGE_PACKAGES."""
+    check_choice("image_package", image_package, BIOSCAN_IMAGE_PACKAGES)
+
+
+def check_text_key(text_key: str) -> None:
+    """A TreeOfLife-10M per-sample text: one of TREEOFLIFE_TEXT_KEYS."""
+    check_choice("text_key", text_key, TREEOFLIFE_TEXT_KEYS)
+
+
+def check_prepare(size: int, image_format: str, quality: int, shard_size: int) -> None:
+    """How `data prepare` writes images: one of PREPARED_IMAGE_FORMATS, a short side of 8 to 8192
+    pixels, a quality of 1 to 100 and 1 to 10**7 rows per shard."""
+    if image_format not in PREPARED_IMAGE_FORMATS:  # `--format` on the command line
+        raise ConfigError(f"parameter 'format' is {image_format!r}; choose one of "
+                          f"{', '.join(PREPARED_IMAGE_FORMATS)}")
+    for name, value, low, high in (("size", size, 8, 8192), ("quality", quality, 1, 100),
+                                   ("shard_size", shard_size, 1, 10**7)):
+        if not low <= value <= high:
+            raise ConfigError(f"parameter {name!r} is {value}; it lies in {low} .. {high}")
 
 
 def check_label(label: str, levels: names.Levels, source: object) -> None:

@@ -23,13 +23,14 @@ from torch.utils.data import DataLoader, Subset
 
 from taxonclip import distributed
 from taxonclip.checks import GALLERY_TEXT_EMBEDDINGS
-from taxonclip.config import EvalConfig, cache_dir
+from taxonclip.config import DataConfig, EvalConfig, cache_dir
 from taxonclip.data.images import ImageDataset, collate_skipping
 from taxonclip.data.manifest import Manifest
-from taxonclip.data.shards import PREPARED_FILE, SOURCE_DIGEST_COLUMN, read_prepared_info
+from taxonclip.data.shards import PREPARED_FILE, read_prepared_info
 from taxonclip.data.streams import (Decoded, DeviceDecoder, Encoded, ShardedRows, ShardStream,
                                     collate_encoded)
 from taxonclip.errors import DataError, ModelError
+from taxonclip.names import SOURCE_DIGEST_COLUMN
 from taxonclip.progress import Progress
 
 
@@ -47,7 +48,7 @@ class Embeddings:
 
 @torch.no_grad()
 def embed_images(encoder: torch.nn.Module, paths: list[str], *, batch_size: int, workers: int,
-                 device: torch.device, missing: str = "error",
+                 device: torch.device, missing: str = DataConfig.missing,
                  progress: bool = True) -> tuple[torch.Tensor, np.ndarray]:
     """Embed the image files at `paths` in batches (bf16 autocast on CUDA, fp32 on CPU).
 

@@ -55,6 +55,15 @@ SHORT_FINGERPRINT = 8  # hex digits of a split fingerprint that tables show
 TAG_NOTE = "mlflow.note.content"  # the run's description in the MLflow UI
 ERROR_ARTIFACT = "error.txt"
 
+# Columns of the manifest table that one module writes and others read
+GROUP_COLUMN = "group"  # a specimen, clip or observation per row: a split keeps each on one side
+# a dataset's own partition of each row: BIOSCAN-5M's metadata column, which its reader keeps as
+# it is, and TreeOfLife-10M's data and query shards
+PARTITION_COLUMN = "split"
+SHARD_COLUMN = "shard"  # a sharded table's index into the manifest's shard URLs
+KEY_COLUMN = "key"  # a sample's key inside its shard
+SOURCE_DIGEST_COLUMN = "source_sha256"  # sha256 of a sharded sample's image bytes
+
 ALL_TAXA = "All"
 LEVELS = ("species", "genus", "taxa")  # the levels of a VLM4Bio table (and of any generic manifest)
 # BIOSCAN-5M's rank columns, high to low as its metadata orders them

@@ -19,11 +19,11 @@ import torch
 from taxonclip import knn, names
 from taxonclip.data.bioscan import PARTITIONS as BIOSCAN_PARTITIONS
 from taxonclip.data.manifest import Manifest
-from taxonclip.data.splits import (GROUP_COLUMN, PARTITION_COLUMN, SEEN_PARTITIONS, Split,
-                                   split_roles)
+from taxonclip.data.splits import SEEN_PARTITIONS, Split, split_roles
 from taxonclip.errors import MetricNotInTable
 from taxonclip.formats import PERCENT_NOTE, percent
-from taxonclip.names import ALL_TAXA, COUNT_COLUMNS, VLM4BIO_LEVELS, Levels
+from taxonclip.names import (ALL_TAXA, COUNT_COLUMNS, GROUP_COLUMN, PARTITION_COLUMN,
+                             VLM4BIO_LEVELS, Levels)
 
 TABLE_COLUMNS = ("taxa", "level", *COUNT_COLUMNS, *knn.METRICS)
 

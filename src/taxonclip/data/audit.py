@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from taxonclip.data.validated import CHECK_THREADS, SHOWN, Manifest
-from taxonclip.data.shards import SOURCE_DIGEST_COLUMN
-from taxonclip.data.splits import GROUP_COLUMN, Split, level_summary
+from taxonclip.data.splits import Split, level_summary
+from taxonclip.names import GROUP_COLUMN, SOURCE_DIGEST_COLUMN
 
 _CHUNK = 1 << 20  # bytes read at a time, so a large image is never held whole for its hash
 

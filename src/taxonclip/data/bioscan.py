@@ -43,7 +43,6 @@ COLUMN_DTYPES = {
 RANKS = names.BIOSCAN_RANKS
 BIN_COLUMN = "dna_bin"  # the BIN: the species proxy of specimens without a species name
 ID_COLUMN = "processid"
-PARTITION_COLUMN = "split"
 CHUNK_COLUMN = "chunk"
 NOT_CLASSIFIED = "not_classified"  # the owners' word for a blank label
 PARTITIONS = ("pretrain", "train", "val", "test", "key_unseen", "val_unseen", "test_unseen",
@@ -60,7 +59,7 @@ def check_partitions(values, source: object) -> None:
     unknown = named.notna() & ~named.isin(PARTITIONS)
     if unknown.any():
         found = sorted(named[unknown].unique())
-        raise DataError(f"{source}: column {PARTITION_COLUMN!r} holds the unknown partition(s) "
+        raise DataError(f"{source}: column {names.PARTITION_COLUMN!r} holds the unknown partition(s) "
                         f"{', '.join(map(repr, found))} ({int(unknown.sum())} rows, the first row "
                         f"{int(np.flatnonzero(unknown.to_numpy())[0]) + 1}); the partitions are "
                         f"{', '.join(PARTITIONS)}")
@@ -175,6 +174,6 @@ def _write_specimen(dataset: Path, number: int, sp, ranks: dict[str, str], parti
         "coord-lon": "" if number % 5 == 0 else f"{-80 - rng.random():.3f}",
         "image_measurement_value": f"{1000 + number}", "area_fraction": f"{rng.random():.4f}",
         "scale_factor": f"{1 + rng.random():.4f}", "inferred_ranks": "0",
-        PARTITION_COLUMN: partition, "index_bioscan_1M_insect": "" if number % 3 else str(number),
+        names.PARTITION_COLUMN: partition, "index_bioscan_1M_insect": "" if number % 3 else str(number),
         CHUNK_COLUMN: chunk}
     return [values[column] for column in COLUMNS]

@@ -14,8 +14,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from taxonclip.config import MISSING_POLICIES
-from taxonclip.errors import ConfigError, DataError
+from taxonclip.config import DataConfig, check_missing
+from taxonclip.errors import DataError
 
 NO_LABEL = -1
 
@@ -36,10 +36,8 @@ class ImageDataset(Dataset):
     labels. With `missing="skip"` an image that fails to decode gives None instead of an error."""
 
     def __init__(self, paths: Sequence[str], transform: Callable[[Image.Image], Tensor],
-                 labels: Sequence[int] | None = None, missing: str = "error") -> None:
-        if missing not in MISSING_POLICIES:
-            raise ConfigError(f"parameter 'missing' is {missing!r}; "
-                              f"choose one of {', '.join(MISSING_POLICIES)}")
+                 labels: Sequence[int] | None = None, missing: str = DataConfig.missing) -> None:
+        check_missing(missing)  # bench scripts build one without a config
         if labels is not None and len(labels) != len(paths):
             raise DataError(f"{len(labels)} labels for {len(paths)} images")
         self.paths = list(paths)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from taxonclip.config import MISSING_POLICIES, SYNTHETIC, DataConfig
+from taxonclip.config import SYNTHETIC, DataConfig, check_missing
 from taxonclip.data.readers import registry
 from taxonclip.data.readers.base import ReadOptions
 from taxonclip.data.readers.tabular import CAPTION_COLUMNS, NAME_COLUMNS, pick_column
@@ -22,7 +22,7 @@ from taxonclip.data.synthetic import default_dataset
 from taxonclip.data.validated import (CHECK_THREADS, COLUMNS, SHOWN, Manifest, ManifestReport,
                                       check_taxa_names, clean_name, drop_unreadable, genus_of,
                                       listed, read_table, species_of)
-from taxonclip.errors import ConfigError, DataError
+from taxonclip.errors import DataError
 
 __all__ = ["CHECK_THREADS", "COLUMNS", "SHOWN", "Manifest", "ManifestReport", "check_taxa_names",
            "clean_name", "drop_unreadable", "genus_of", "load_manifest", "read_manifest",
@@ -45,7 +45,7 @@ def load_manifest(config: DataConfig) -> Manifest:
 
 
 def read_manifest(path: str | Path, image_column: str | None = None, name_column: str | None = None,
-                  taxa: str | None = None, missing: str = "error",
+                  taxa: str | None = None, missing: str = DataConfig.missing,
                   caption_column: str | None = None, group_column: str | None = None,
                   image_package: str | None = None, text_key: str | None = None,
                   queries: str | None = None, format: str = registry.AUTO) -> Manifest:
@@ -62,9 +62,7 @@ def read_manifest(path: str | Path, image_column: str | None = None, name_column
     `text_key` and `queries` are TreeOfLife-10M's (see their readers). A parameter that the
     format does not honour is refused by name.
     """
-    if missing not in MISSING_POLICIES:
-        raise ConfigError(f"parameter 'missing' is {missing!r}; "
-                          f"choose one of {', '.join(MISSING_POLICIES)}")
+    check_missing(missing)  # tests and bench scripts read without a config
     options = ReadOptions(image_column=image_column, name_column=name_column, taxa=taxa,
                           caption_column=caption_column, group_column=group_column,
                           missing=missing, image_package=image_package, text_key=text_key,

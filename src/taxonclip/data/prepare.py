@@ -33,6 +33,7 @@ import pandas as pd
 from PIL import Image
 
 from taxonclip import names
+from taxonclip.config import PrepareConfig, check_prepare
 from taxonclip.data import shards
 from taxonclip.data.integrity import file_sha256
 from taxonclip.data.validated import (COLUMNS, Manifest, ManifestReport, check_taxa_names,
@@ -55,19 +56,14 @@ class PrepareSettings:
     """How images are written: the short side in pixels (an image no larger keeps its own
     bytes), the format and quality of the resized ones, and the rows per shard."""
 
-    size: int = 336
-    image_format: str = "jpeg"
-    quality: int = 95
-    shard_size: int = 1000
+    size: int = PrepareConfig.size
+    image_format: str = PrepareConfig.image_format
+    quality: int = PrepareConfig.quality
+    shard_size: int = PrepareConfig.shard_size
 
     def __post_init__(self) -> None:
-        if self.image_format not in IMAGE_FORMATS:
-            raise ConfigError(f"parameter 'format' is {self.image_format!r}; choose one of "
-                              f"{', '.join(IMAGE_FORMATS)}")
-        for name, value, low, high in (("size", self.size, 8, 8192), ("quality", self.quality, 1, 100),
-                                       ("shard_size", self.shard_size, 1, 10**7)):
-            if not low <= value <= high:
-                raise ConfigError(f"parameter {name!r} is {value}; it lies in {low} .. {high}")
+        # tests and bench scripts build settings without a PrepareConfig
+        check_prepare(self.size, self.image_format, self.quality, self.shard_size)
 
 
 @dataclass(frozen=True)
@@ -334,8 +330,8 @@ def _whole_or_none(partial: Path, needed: int):
 def _write_manifest(folder: Path, table: pd.DataFrame, keys: list[str], digests: list[str],
                     shard_size: int) -> None:
     frame = table.drop(columns=["image_path"]).assign(**{
-        shards.SHARD_COLUMN: np.arange(len(table)) // shard_size,
-        shards.KEY_COLUMN: keys, shards.SOURCE_DIGEST_COLUMN: digests})
+        names.SHARD_COLUMN: np.arange(len(table)) // shard_size,
+        names.KEY_COLUMN: keys, names.SOURCE_DIGEST_COLUMN: digests})
     with atomic_path(folder / shards.MANIFEST_FILE) as partial:
         frame.to_parquet(partial, index=False)
 
@@ -356,7 +352,7 @@ def _write_record(folder: Path, manifest: Manifest, plan: dict, done: list[_Shar
     _write_atomic(folder / shards.PREPARED_FILE, json.dumps(record, indent=1).encode())
 
 
-def read_prepared(folder: Path, missing: str = "error") -> Manifest:
+def read_prepared(folder: Path, missing: str) -> Manifest:
     """The manifest of a prepared folder, its images in its shards; a shard that is absent or
     whose size differs from the record is refused, naming it."""
     from taxonclip.data.integrity import verify_prepared
@@ -385,9 +381,9 @@ def read_prepared(folder: Path, missing: str = "error") -> Manifest:
 
 def _with_locators(table: pd.DataFrame, urls: list[str]) -> pd.DataFrame:
     """The table with `image_path` naming each row's shard and key, columns in manifest order."""
-    shard_of = table[shards.SHARD_COLUMN].astype(int)
+    shard_of = table[names.SHARD_COLUMN].astype(int)
     table = table.assign(image_path=[shards.sample_locator(urls[s], k)
-                                     for s, k in zip(shard_of, table[shards.KEY_COLUMN].astype(str))])
+                                     for s, k in zip(shard_of, table[names.KEY_COLUMN].astype(str))])
     return table[list(COLUMNS) + [c for c in table.columns if c not in COLUMNS]]
 
 
@@ -440,7 +436,7 @@ def read_shard_urls(pattern: str, taxa: str | None = None) -> Manifest:
         table["species"] = table["scientific_name"].map(species_of)
         table["genus"] = table["scientific_name"].map(genus_of)
     if "image_id" not in table.columns:
-        table["image_id"] = [f"{urls[s]}#{k}" for s, k in zip(table[shards.SHARD_COLUMN], table[shards.KEY_COLUMN])]
+        table["image_id"] = [f"{urls[s]}#{k}" for s, k in zip(table[names.SHARD_COLUMN], table[names.KEY_COLUMN])]
     check_taxa_names(table["taxa"], pattern)
     table = _with_locators(table, urls)
     report = report_of(table, pattern, dropped_blank=blank, ranked=ranked, format="prepared")

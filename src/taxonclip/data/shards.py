@@ -39,9 +39,6 @@ MANIFEST_FILE = "manifest.parquet"
 SHARD_FOLDER = "shards"
 FORMAT = "taxonclip-prepared"
 FORMAT_VERSION = 1
-SHARD_COLUMN = "shard"  # index into the manifest's shard URLs
-KEY_COLUMN = "key"
-SOURCE_DIGEST_COLUMN = "source_sha256"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # shard URLs webdataset opens itself; a plain path or brace pattern ending in .tar is one too
 _URL_SCHEMES = ("file:", "pipe:", "http://", "https://", "s3://", "gs://", "ais://")
@@ -147,8 +144,8 @@ def scan_shards(urls: Sequence[str]) -> pd.DataFrame:
     index = {url: i for i, url in enumerate(urls)}
     rows = []
     for sample in iter_samples(urls):
-        rows.append({**sample_row(sample), SHARD_COLUMN: index[sample["__url__"]],
-                     KEY_COLUMN: sample["__key__"]})
+        rows.append({**sample_row(sample), names.SHARD_COLUMN: index[sample["__url__"]],
+                     names.KEY_COLUMN: sample["__key__"]})
     if not rows:
         raise DataError(f"the shards {urls[0]} ... hold no sample")
     return pd.DataFrame(rows)

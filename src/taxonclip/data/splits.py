@@ -38,12 +38,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
-from taxonclip.config import DataConfig
-from taxonclip.errors import ConfigError, DataError
-from taxonclip.names import Levels
+from taxonclip.config import DataConfig, check_class_fraction, check_seed, check_test_size
+from taxonclip.errors import DataError
+from taxonclip.names import GROUP_COLUMN, PARTITION_COLUMN, Levels
 
-GROUP_COLUMN = "group"
-PARTITION_COLUMN = "split"  # a dataset's own partition of each row (BIOSCAN-5M's column)
 GALLERY_PARTITIONS = ("train", "key_unseen")
 QUERY_PARTITIONS = ("test", "test_unseen")
 VALIDATION_PARTITIONS = ("val", "val_unseen")
@@ -103,10 +101,8 @@ def make_split(table: pd.DataFrame, data: DataConfig) -> Split:
 def with_validation(table: pd.DataFrame, split: Split, val_size: float) -> Split:
     """`split` with `val_size` of its train rows, per class (or by whole groups), drawn as the
     test rows were but on a stream of their own, as validation rows (none at 0)."""
-    if val_size == 0 or len(split.train) == 0:
+    if val_size == 0 or len(split.train) == 0:  # DataConfig checked val_size
         return split
-    if not 0.0 < val_size < 1.0:
-        raise ConfigError(f"parameter 'val_size' must be in [0, 1), got {val_size}")
     side = table.iloc[split.train].reset_index(drop=True)
     if split.grouped:
         rows, _ = _grouped_test_rows(side, val_size, split.seed, _VAL_GROUP_STREAM)
@@ -195,9 +191,8 @@ def split_manifest(table: pd.DataFrame, test_size: float, seed: int) -> Split:
     per-class counts are then targets met as closely as the group sizes allow, a class whose
     images all sit in one group cannot be split and stays in train, and `train_only` counts
     every class left without a test image."""
-    if not 0.0 < test_size < 1.0:
-        raise ConfigError(f"parameter 'test_size' must be in (0, 1), got {test_size}")
-    _check_seed(seed)
+    check_test_size(test_size)  # a public entry point, which bench scripts call without a config
+    check_seed(seed)
     if table.empty:
         raise DataError("cannot split an empty manifest")
     grouped = GROUP_COLUMN in table.columns
@@ -365,9 +360,8 @@ def select_classes(table: pd.DataFrame, fraction: float, seed: int,
 
     Each class gets a seeded random key and the smallest keys are kept, so for one seed a
     smaller fraction keeps a subset of what a larger one keeps."""
-    if not 0.0 < fraction <= 1.0:
-        raise ConfigError(f"parameter 'class_fraction' must be in (0, 1], got {fraction}")
-    _check_seed(seed)
+    check_class_fraction(fraction)  # a public entry point, which tests call without a config
+    check_seed(seed)
     classes = sorted(table[level].dropna().unique())
     if not classes:
         raise DataError(f"no row names a {level}, so there are no classes to select from")
@@ -379,11 +373,6 @@ def select_classes(table: pd.DataFrame, fraction: float, seed: int,
 
 def _class_rng(seed: int, stream: int, label: str) -> np.random.Generator:
     return np.random.default_rng([seed, stream, zlib.crc32(label.encode("utf-8"))])
-
-
-def _check_seed(seed: int) -> None:
-    if seed < 0:
-        raise ConfigError(f"parameter 'seed' must be at least 0, got {seed}")
 
 
 def level_summary(table: pd.DataFrame, split: Split, levels: Levels) -> str:

@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from taxonclip.data.shards import KEY_COLUMN, SHARD_COLUMN, decode_sample, iter_samples
+from taxonclip.data.shards import decode_sample, iter_samples
 from taxonclip.errors import DataError
+from taxonclip.names import KEY_COLUMN, SHARD_COLUMN
 
 SHUFFLE_BUFFER = 1000  # samples a worker shuffles among
 Sample = tuple[torch.Tensor, int, int]

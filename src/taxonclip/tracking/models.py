@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from taxonclip import names
-from taxonclip.config import ModelConfig
+from taxonclip.config import DataConfig, ModelConfig
 from taxonclip.errors import ModelError
 from taxonclip.models.registry import Encoder, create_model
 # CONFIG_ARTIFACT and WEIGHTS_ARTIFACT stay importable here: the pyfunc code that models logged
@@ -22,7 +22,8 @@ from taxonclip.tracking.connection import connect, redacted_uri, tracking_uri
 MODEL_URI_PREFIXES = ("runs:/", "models:/")
 
 
-def resolve_model(model: ModelConfig, device: str = "cpu", seed: int = 0) -> Encoder:
+def resolve_model(model: ModelConfig, device: str = "cpu",
+                  seed: int = DataConfig.seed) -> Encoder:
     """Build the encoder a `ModelConfig` names: a registry name (`weights=none` drawn from
     `seed`, or `weights=` a logged model of that architecture, to train a finished model
     further), or a logged model URI (`runs:/<run_id>/model`, `models:/<name>/<version or @alias>`)."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from taxonclip.config import DataConfig
 from taxonclip.data.validated import Manifest
 from taxonclip.errors import ConfigError
 
@@ -28,7 +29,7 @@ class ReadOptions:
     taxa: str | None = None
     caption_column: str | None = None
     group_column: str | None = None
-    missing: str = "error"
+    missing: str = DataConfig.missing
     image_package: str | None = None
     text_key: str | None = None
     queries: str | None = None

@@ -21,16 +21,17 @@ from pathlib import Path
 import pandas as pd
 
 from taxonclip import names
+from taxonclip.config import check_image_package
 from taxonclip.data import bioscan
 from taxonclip.data.readers.base import Reader, ReadOptions
 from taxonclip.data.validated import (COLUMNS, Manifest, check_taxa_names, clean_name,
                                       drop_unreadable, listed, read_table, report_of)
-from taxonclip.errors import ConfigError, DataError
+from taxonclip.errors import DataError
 
 NAME = "bioscan5m"
 TAXA_RANK = "order"
 LEVEL_COLUMNS = (*bioscan.RANKS, bioscan.BIN_COLUMN)
-REQUIRED_COLUMNS = (bioscan.ID_COLUMN, *LEVEL_COLUMNS, bioscan.PARTITION_COLUMN,
+REQUIRED_COLUMNS = (bioscan.ID_COLUMN, *LEVEL_COLUMNS, names.PARTITION_COLUMN,
                     bioscan.CHUNK_COLUMN)
 NAME_COLUMN = "taxon"  # the lowest known rank's name: the table derives it as scientific_name
 HONOURED = frozenset({"missing", "image_package"})
@@ -111,9 +112,8 @@ def dataset_root(file: Path) -> Path:
 
 def image_package(file: Path, wanted: str | None) -> Path:
     """The image package folder: `wanted`, else the first of `IMAGE_PACKAGES` present."""
-    if wanted is not None and wanted not in bioscan.IMAGE_PACKAGES:
-        raise ConfigError(f"parameter 'image_package' is {wanted!r}; BIOSCAN-5M's image packages "
-                          f"are {', '.join(bioscan.IMAGE_PACKAGES)}")
+    if wanted is not None:  # read_manifest takes it without a DataConfig
+        check_image_package(wanted)
     root = dataset_root(file)
     bases = list(dict.fromkeys((root / bioscan.IMAGE_FOLDER, root, file.parent)))
     packages = (wanted,) if wanted else bioscan.IMAGE_PACKAGES
@@ -139,7 +139,7 @@ def _table(raw: pd.DataFrame, ranks: pd.DataFrame, package: Path, root: Path,
                         f"{listed(repeated)}")
     paths = [os.path.abspath(package / _relpath(file, row, partition, chunk, pid))
              for row, (partition, chunk, pid) in enumerate(zip(
-                 raw[bioscan.PARTITION_COLUMN], raw[bioscan.CHUNK_COLUMN], ids))]
+                 raw[names.PARTITION_COLUMN], raw[bioscan.CHUNK_COLUMN], ids))]
     lowest_first = ranks[list(reversed(bioscan.RANKS))]
     fixed = pd.DataFrame({
         "image_id": [Path(p).relative_to(root).as_posix() for p in paths], "image_path": paths,
@@ -156,7 +156,7 @@ def _relpath(file: Path, row: int, partition: object, chunk: object, processid: 
     not a plain file name (`..`, a separator), is refused naming the row."""
     partition_name, chunk_name = clean_name(partition), clean_name(chunk)
     if partition_name not in bioscan.PARTITIONS:
-        raise DataError(f"{file}, row {row + 1}: column {bioscan.PARTITION_COLUMN!r} is "
+        raise DataError(f"{file}, row {row + 1}: column {names.PARTITION_COLUMN!r} is "
                         f"{partition_name!r}; BIOSCAN-5M's partitions are "
                         f"{', '.join(bioscan.PARTITIONS)}")
     for column, part in ((bioscan.CHUNK_COLUMN, chunk_name), (bioscan.ID_COLUMN, processid)):

@@ -20,11 +20,11 @@ from pathlib import Path
 import pandas as pd
 
 from taxonclip.data.readers.base import ReadOptions
-from taxonclip.data.splits import GROUP_COLUMN
 from taxonclip.data.validated import (COLUMNS, Manifest, clean_name, check_taxa_names,
                                       drop_unreadable, genus_of, listed, read_table, report_of,
                                       species_of)
 from taxonclip.errors import DataError
+from taxonclip.names import GROUP_COLUMN
 
 IMAGE_COLUMNS = ("fileNameAsDelivered", "image_path", "file_name", "file_path", "image", "path")
 NAME_COLUMNS = ("scientificName", "scientific_name")

@@ -24,9 +24,9 @@ from pathlib import Path
 import pandas as pd
 
 from taxonclip import names
+from taxonclip.config import check_text_key
 from taxonclip.data import shards, treeoflife
 from taxonclip.data.readers.base import Reader, ReadOptions
-from taxonclip.data.splits import GROUP_COLUMN, PARTITION_COLUMN
 from taxonclip.data.validated import COLUMNS, Manifest, check_taxa_names, clean_name, report_of
 from taxonclip.errors import ConfigError, DataError
 
@@ -66,18 +66,16 @@ def read(data: str, options: ReadOptions) -> Manifest:
         raise DataError(f"the shards {every[0]} ... hold no sample with an image")
     table = pd.DataFrame(rows)
     index = {url: i for i, url in enumerate(every)}
-    table[shards.SHARD_COLUMN] = table.pop("url").map(index)
+    table[names.SHARD_COLUMN] = table.pop("url").map(index)
     return _manifest(table, data, every, len(urls), options, problems)
 
 
 def _text_key(name: str | None) -> str | None:
     if name is None:
         return None
-    key = treeoflife.TEXT_KEYS.get(name.removesuffix(".txt"))
-    if key is None:
-        raise ConfigError(f"parameter 'text_key' is {name!r}; TreeOfLife-10M's texts are "
-                          f"{', '.join(treeoflife.TEXT_KEYS)}")
-    return key
+    name = name.removesuffix(".txt")
+    check_text_key(name)  # read_manifest takes it without a DataConfig
+    return treeoflife.TEXT_KEYS[name]
 
 
 def _row(sample: dict, text_key: str | None) -> dict:
@@ -95,12 +93,12 @@ def _row(sample: dict, text_key: str | None) -> dict:
             texts[name] = clean_name(sample[name.lower()].decode("utf-8", errors="replace"))
     ranks = parse_ranks(texts.get(treeoflife.TAXONOMIC_KEY), texts.get(treeoflife.TAGGED_KEY),
                         where)
-    row = {**ranks, "url": url, shards.KEY_COLUMN: key,
+    row = {**ranks, "url": url, names.KEY_COLUMN: key,
            "image_path": shards.sample_locator(url, key),
            "scientific_name": texts.get(treeoflife.SCIENTIFIC_KEY),
            "common_name": texts.get(treeoflife.COMMON_KEY)}
     if treeoflife.IMAGE_KEY in sample:  # the duplicate audit and the embedding cache compare them
-        row[shards.SOURCE_DIGEST_COLUMN] = hashlib.sha256(sample[treeoflife.IMAGE_KEY]).hexdigest()
+        row[names.SOURCE_DIGEST_COLUMN] = hashlib.sha256(sample[treeoflife.IMAGE_KEY]).hexdigest()
     if text_key:
         row["caption"] = texts.get(text_key)
     return row
@@ -143,10 +141,10 @@ def _tagged_ranks(tagged: str, where: str) -> dict[str, str]:
 def _manifest(table: pd.DataFrame, data: str, urls: list[str], n_gallery: int,
               options: ReadOptions, problems: dict[str, str]) -> Manifest:
     """The validated table of the rows read, with their partition or shard group."""
-    repeated = table[shards.KEY_COLUMN][table[shards.KEY_COLUMN].duplicated()]
+    repeated = table[names.KEY_COLUMN][table[names.KEY_COLUMN].duplicated()]
     if not repeated.empty:
         key = repeated.iloc[0]
-        where = table.loc[table[shards.KEY_COLUMN] == key, shards.SHARD_COLUMN].map(urls.__getitem__)
+        where = table.loc[table[names.KEY_COLUMN] == key, names.SHARD_COLUMN].map(urls.__getitem__)
         raise DataError(f"sample key {key!r} is in more than one shard ({', '.join(where)}): "
                         f"a key names one image")
     blank = table[TAXA_RANK].isna()
@@ -155,13 +153,13 @@ def _manifest(table: pd.DataFrame, data: str, urls: list[str], n_gallery: int,
         raise DataError(f"no sample of {data} names a kingdom in {treeoflife.TAXONOMIC_KEY!r}")
     table["scientific_name"] = table["scientific_name"].fillna(
         table[list(reversed(treeoflife.RANKS))].bfill(axis=1).iloc[:, 0])
-    table["image_id"] = table[shards.KEY_COLUMN]
+    table["image_id"] = table[names.KEY_COLUMN]
     table["taxa"] = table[TAXA_RANK]
     if options.queries:
-        table[PARTITION_COLUMN] = [GALLERY_PARTITION if s < n_gallery else QUERY_PARTITION
-                                   for s in table[shards.SHARD_COLUMN]]
+        table[names.PARTITION_COLUMN] = [GALLERY_PARTITION if s < n_gallery else QUERY_PARTITION
+                                   for s in table[names.SHARD_COLUMN]]
     else:
-        table[GROUP_COLUMN] = table[shards.SHARD_COLUMN].map(lambda s: urls[s])
+        table[names.GROUP_COLUMN] = table[names.SHARD_COLUMN].map(lambda s: urls[s])
     check_taxa_names(table["taxa"], data)
     table = table[list(COLUMNS) + [c for c in table.columns if c not in COLUMNS]]
     report = report_of(table, data, policy=options.missing, dropped_blank=int(blank.sum()),
