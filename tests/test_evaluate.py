@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -259,8 +261,10 @@ def test_seen_and_unseen_rows_after_training_on_a_fraction(specimens, tiny):
     assert rows[("All:seen", "species")] == 4 * 2
 
 
-def test_eval_config_compares_chunks_of_the_size_knn_is_tuned_for():
-    assert EvalConfig().chunk_size == knn.DEFAULT_CHUNK_SIZE
+def test_chunk_size_has_its_one_default_in_eval_config():
+    """knn takes the chunk size as a required argument; evaluation_table's default is config's."""
+    assert inspect.signature(knn.knn_metrics).parameters["chunk_size"].default is inspect.Parameter.empty
+    assert inspect.signature(evaluation_table).parameters["chunk_size"].default == EvalConfig().chunk_size
 
 
 def _scale_table(rows: int, seed: int) -> pd.DataFrame:
@@ -288,7 +292,8 @@ def _in_memory_table(vectors: torch.Tensor, table: pd.DataFrame, split, seen) ->
         codes = torch.as_tensor(pd.factorize(table[level])[0], dtype=torch.long)
         gallery = np.flatnonzero(in_gallery & is_train & known)
         queries = np.flatnonzero(in_queries & is_test & known)
-        result = knn.knn_metrics(vectors[queries], codes[queries], vectors[gallery], codes[gallery])
+        result = knn.knn_metrics(vectors[queries], codes[queries], vectors[gallery], codes[gallery],
+                                 chunk_size=EvalConfig().chunk_size)
         rows.append({"taxa": scope, "level": level, "n_test": result.n_test,
                      "n_classes": result.n_classes, "n_lone": result.n_lone, **result.metrics})
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))

@@ -30,10 +30,6 @@ from taxonclip.errors import ConfigError, DataError
 
 METRICS = names.SCORES
 TOP_K = 5
-# queries compared with the gallery at a time: on CPUs, blocks of 512 x some thousand gallery
-# items stay in the processor's cache between the passes over them, and measured faster than
-# larger chunks; on GPUs the time per chunk is small either way
-DEFAULT_CHUNK_SIZE = 512
 # similarities of one chunk of queries with one block of gallery items (two blocks of this many
 # float32 values, 16 MB each, and the block of gallery items are alive at once; larger blocks
 # measured no faster): a gallery within one block (8,192 items for chunks of 512) is read once
@@ -167,7 +163,7 @@ class _Workspace:
 
 @torch.no_grad()
 def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_labels: Tensor,
-                chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device | None = None, *,
+                chunk_size: int, device: str | torch.device | None = None, *,
                 query_rows: Tensor | None = None, gallery_rows: Tensor | None = None) -> KnnResult:
     """Label each query (test embedding) by its nearest gallery (train) embeddings and score it.
 
@@ -175,8 +171,8 @@ def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_la
     `query_rows` of `query` (default: all), the gallery items the rows `gallery_rows` of
     `gallery`: either may be a memory-mapped store, of which only the chunk or block at hand is
     read. Embeddings are compared in float32 (float16 ones too), or in float64 when `query` is
-    float64. `chunk_size` queries are compared with a block of the gallery at a time, on `device`
-    (default: the device of `query`); neither sizes changes the results.
+    float64. `chunk_size` queries (EvalConfig.chunk_size) are compared with a block of the gallery
+    at a time, on `device` (default: the device of `query`); neither size changes the results.
     """
     device = torch.device(device) if device is not None else query.device
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
