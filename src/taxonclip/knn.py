@@ -6,8 +6,7 @@ computed with matrix products of chunks of queries with blocks of gallery items,
 with `chunk x block`, never with `test x train` nor with the size of the embedding store.
 
 Queries and gallery items may be rows of a larger (memory-mapped) store, picked by index: each
-chunk and each block is read from it when it is needed, converted to the compute type there
-(a float16 store is compared in float32), and nothing else of the store is copied.
+chunk and block is read when needed, as float32 (a float16 store too); nothing else is copied.
 
 Conventions:
 - Cosine metrics compare L2-normalised embeddings; Euclidean metrics compare the embeddings as
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from taxonclip import names
+from taxonclip import knn_scan, names
 from taxonclip.errors import ConfigError, DataError
 
 METRICS = names.SCORES
@@ -39,10 +38,8 @@ BLOCK_ELEMENTS = 1 << 22
 RANK_ELEMENTS = 1 << 23
 _PER_QUERY = ("top1_cos", "top3_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "map_at_r")
 _NORM_EPS = 1e-12
-# values per block when a row's nearest item is found block by block (`_first_smallest`)
-_BLOCK_WIDTH = 64
-# items per group whose maximum screens a row before ranking (`_ranked`)
-_GROUP_WIDTH = 16
+_BLOCK_WIDTH = 64  # values per block when a row's nearest item is found (`_first_smallest`)
+_GROUP_WIDTH = 16  # items per group whose maximum screens a row before ranking (`_ranked`)
 
 
 def working_linear(op) -> object | None:
@@ -290,6 +287,26 @@ def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
     query_squared_norms = _squared_norms(query, "query")
     relevant = gallery.counts[query_classes]
     depth = _depth(relevant.max(), len(gallery.classes))
+    if knn_scan.supports(query):
+        ranked, nearest_l2, distance_sums = _scanned(query, query_squared_norms, gallery, depth)
+    else:
+        ranked, nearest_l2, distance_sums = _passes(query, query_squared_norms, gallery, depth, workspace)
+    nearest = gallery.classes[ranked[1]]
+    hits = nearest == query_classes[:, None]
+    # the query's own norm scales every class alike: it cannot change which class is best
+    mean_cos = _best_class(_dot_products(query, gallery.unit_means), gallery.counts, largest=True)
+    mean_l2 = _best_class(distance_sums.div_(gallery.counts), gallery.counts, largest=False)
+    return {"top1_cos": hits[:, 0], "top3_cos": hits[:, :3].any(dim=1),
+            "top5_cos": hits[:, :TOP_K].any(dim=1), "mean_cos": mean_cos == query_classes,
+            "top1_l2": gallery.classes[nearest_l2[1]] == query_classes,
+            "mean_l2": mean_l2 == query_classes,
+            "map_at_r": _average_precision(hits, relevant), "prediction": nearest[:, 0]}
+
+
+def _passes(query: Tensor, query_squared_norms: Tensor, gallery: _Gallery, depth: int,
+            workspace: _Workspace) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
+    """Each query's `depth` most similar items, nearest item and distance sums per class, in
+    torch operations block by block (on GPUs, or where `knn_scan` has no kernel)."""
     ranked = nearest_l2 = None
     distance_sums = workspace.take("distance_sums", len(query), len(gallery.counts)).zero_()
     for start, items in gallery.blocks():
@@ -305,16 +322,19 @@ def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
         nearest_l2 = _nearer(nearest_l2, distances, start)
         _add_per_class(distance_sums, distances, gallery.classes[start:stop])
         del dots, distances  # freed before the next block's products are allocated
-    nearest = gallery.classes[ranked[1]]
-    hits = nearest == query_classes[:, None]
-    # the query's own norm scales every class alike: it cannot change which class is best
-    mean_cos = _best_class(_dot_products(query, gallery.unit_means), gallery.counts, largest=True)
-    mean_l2 = _best_class(distance_sums.div_(gallery.counts), gallery.counts, largest=False)
-    return {"top1_cos": hits[:, 0], "top3_cos": hits[:, :3].any(dim=1),
-            "top5_cos": hits[:, :TOP_K].any(dim=1), "mean_cos": mean_cos == query_classes,
-            "top1_l2": gallery.classes[nearest_l2[1]] == query_classes,
-            "mean_l2": mean_l2 == query_classes,
-            "map_at_r": _average_precision(hits, relevant), "prediction": nearest[:, 0]}
+    return ranked, nearest_l2, distance_sums
+
+
+def _scanned(query: Tensor, query_squared_norms: Tensor, gallery: _Gallery,
+             depth: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
+    """What `_passes` gives, from one pass of `knn_scan`'s kernel over each block's products."""
+    state = knn_scan.start(len(query), depth, len(gallery.counts), query.dtype)
+    for start, items in gallery.blocks():
+        stop = start + len(items)
+        knn_scan.scan(state, _dot_products(query, items), start, query_squared_norms,
+                      gallery.squared_norms[start:stop], gallery.inverse_norms[start:stop],
+                      gallery.classes[start:stop])
+    return (state.values, state.items), (state.nearest_values, state.nearest_items), state.sums
 
 
 def _dot_products(query: Tensor, gallery: Tensor) -> Tensor:
@@ -404,12 +424,9 @@ def _nearer(nearest: tuple[Tensor, Tensor] | None, distances: Tensor,
 
 def _first_smallest(values: Tensor, width: int = _BLOCK_WIDTH) -> Tensor:
     """Per row, the index of the smallest value, the lowest index among equal ones: what
-    `argmin(dim=1)` gives, in a fraction of its time on CPUs, where it does not vectorise.
-
-    Of G = items // width groups, group g holds the items g, g + G, g + 2G, ...: their minima
-    are taken over contiguous rows of G values, which vectorises. Where one group holds the
-    smallest value, `argmin` then runs on its `width` items; the last items % width items
-    come after all of them. Rows where several groups hold it are searched whole."""
+    `argmin(dim=1)` gives, faster on CPUs. Of strided groups as in `_ranked` (their minima),
+    where one group holds the smallest value, `argmin` runs on its `width` items, then on the
+    last items % width items; rows where several groups hold it are searched whole."""
     rows, items = values.shape
     groups = items // width
     if groups < 2:
