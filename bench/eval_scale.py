@@ -12,8 +12,8 @@ level: one row per taxa and the `All` row, as `taxonclip eval` scores them
 (`evaluate.evaluation_table` on the memory-mapped array).
 
 The scoring runs in a child process of its own, which opens the store with `np.load(mmap_mode)`;
-its peak RSS (Linux's VmHWM) counts the pages of the store it has read as well as its own
-memory, so the goal is peak RSS <= the store's size + 1 GB. With --check (small sizes only) the
+its peak RSS (Linux's VmHWM) counts the pages of the store it has read and not yet released as
+well as its own memory, so the goal is peak RSS <= the store's size + 1 GB. With --check (small sizes only) the
 child also computes the table from an in-memory copy of the store, each row's queries and gallery
 copied out, and says whether the two tables are identical.
 
@@ -128,8 +128,12 @@ def ensure_store(folder: Path, args: argparse.Namespace) -> float | None:
 
 # --- scoring (in a child process) --------------------------------------------------------------
 
-def scoring_inputs(folder: Path, args: argparse.Namespace, mmap_mode: str | None = "c"):
-    """The store (memory-mapped, or read into memory), its table and split, and the levels."""
+def scoring_inputs(folder: Path, args: argparse.Namespace, mmap_mode: str | None = "r+"):
+    """The store (memory-mapped, or read into memory), its table and split, and the levels.
+
+    Mapped shared ("r+", and only read), as `taxonclip eval` maps its store (a np.memmap): knn
+    then releases the pages it has read (taxonclip.mapped), which in a private (copy-on-write)
+    mapping it cannot tell from changed ones."""
     import pandas as pd
     import torch
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from taxonclip import knn_scan, names
 from taxonclip.errors import ConfigError, DataError
+from taxonclip.mapped import Source, blocks, pages_of
 
 METRICS = names.SCORES
 TOP_K = 5
@@ -84,32 +85,12 @@ class KnnResult:
 
 
 @dataclass(frozen=True)
-class _Source:
-    """Rows of an embedding store: all of `vectors`, or those at `rows` (int64, CPU), read on
-    `device` as `dtype` a few at a time."""
-
-    vectors: Tensor
-    rows: Tensor | None
-    device: torch.device
-    dtype: torch.dtype
-
-    def __len__(self) -> int:
-        return len(self.vectors) if self.rows is None else len(self.rows)
-
-    def read(self, positions: slice | Tensor) -> Tensor:
-        """The rows at these positions of the selection (a slice stays a view of the store)."""
-        if self.rows is not None:
-            positions = self.rows[positions]
-        return self.vectors[positions].to(self.device, self.dtype)
-
-
-@dataclass(frozen=True)
 class _Gallery:
     """What every chunk of queries needs of the gallery: per item its class, squared norm and
     inverse norm; per class its count and the mean of its L2-normalised items; and the items
     themselves, kept on the device when they fit in one block, else read block by block."""
 
-    source: _Source
+    source: Source
     block: int
     classes: Tensor
     squared_norms: Tensor
@@ -122,28 +103,7 @@ class _Gallery:
         """(start, items) of each block of the gallery, in the order of the gallery."""
         if self.resident is not None:
             return iter([(0, self.resident)])
-        return _blocks(self.source, self.block)
-
-
-def _blocks(source: _Source, block: int):
-    """(start, items) of each block of `block` rows of `source`, read into the same buffers each
-    time (the store's type, then the compute type and device where they differ), or views of a
-    store that needs neither a gather nor a conversion. Fresh blocks would fragment the C
-    library's heap: a small tensor kept from one block lands in the hole the block left."""
-    raw = converted = None
-    for start in range(0, len(source), block):
-        stop = min(start + block, len(source))
-        if source.rows is None:
-            items = source.vectors[start:stop]
-        else:
-            if raw is None:
-                raw = source.vectors.new_empty(block, source.vectors.shape[1])
-            items = torch.index_select(source.vectors, 0, source.rows[start:stop], out=raw[:stop - start])
-        if items.dtype != source.dtype or items.device != source.device:
-            if converted is None:
-                converted = torch.empty(block, items.shape[1], device=source.device, dtype=source.dtype)
-            items = converted[:stop - start].copy_(items)
-        yield start, items
+        return blocks(self.source, self.block)
 
 
 @dataclass(frozen=True)
@@ -173,8 +133,8 @@ def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_la
     """
     device = torch.device(device) if device is not None else query.device
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    queries = _Source(query, _rows(query_rows), device, dtype)
-    items = _Source(gallery, _rows(gallery_rows), device, dtype)
+    queries = Source(query, _rows(query_rows), device, dtype, pages_of(query))
+    items = Source(gallery, _rows(gallery_rows), device, dtype, pages_of(gallery))
     _check_inputs(query, queries, query_labels, gallery, items, gallery_labels, chunk_size)
     label_ids, dense = torch.unique(torch.cat([gallery_labels.cpu(), query_labels.cpu()]),
                                     return_inverse=True)
@@ -227,8 +187,8 @@ def _unsorted(parts: list[Tensor], order: Tensor) -> Tensor:
     return torch.empty_like(values).index_copy_(0, order, values)
 
 
-def _check_inputs(query: Tensor, queries: _Source, query_labels: Tensor, gallery: Tensor,
-                  items: _Source, gallery_labels: Tensor, chunk_size: int) -> None:
+def _check_inputs(query: Tensor, queries: Source, query_labels: Tensor, gallery: Tensor,
+                  items: Source, gallery_labels: Tensor, chunk_size: int) -> None:
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be at least 1, got {chunk_size}")
     for name, vectors, source, labels in (("query", query, queries, query_labels),
@@ -259,13 +219,13 @@ def _squared_norms(vectors: Tensor, name: str) -> Tensor:
     return squared_norms
 
 
-def _gallery(source: _Source, classes: Tensor, n_classes: int, block: int) -> _Gallery:
+def _gallery(source: Source, classes: Tensor, n_classes: int, block: int) -> _Gallery:
     """The gallery's statistics, from one pass over its blocks."""
     squared_norms = torch.empty(len(source), device=source.device, dtype=source.dtype)
     unit_sums = torch.zeros(n_classes, source.vectors.shape[1], device=source.device, dtype=source.dtype)
     resident = source.read(slice(0, len(source))) if len(source) <= block else None
     unit = None
-    for start, vectors in ([(0, resident)] if resident is not None else _blocks(source, block)):
+    for start, vectors in ([(0, resident)] if resident is not None else blocks(source, block)):
         stop = start + len(vectors)
         norms = torch.linalg.vecdot(vectors, vectors, out=squared_norms[start:stop])
         if not torch.isfinite(norms).all():
