@@ -41,22 +41,26 @@ SOURCE = r"""
    the items of each class, each carried over from the blocks before. */
 #include <stdint.h>
 #include <math.h>
+#include <string.h>
 #define GROUP 16
 
-#define KERNEL(NAME, T, SQRT)                                                                    \
-static T NAME##_kth_largest(T* values, int64_t n, int64_t k) {                                  \
-  int64_t lo = 0, hi = n - 1;                                                                    \
-  while (lo < hi) {                                                                              \
-    T pivot = values[lo + (hi - lo) / 2];                                                        \
-    int64_t i = lo, j = hi;                                                                      \
-    while (i <= j) {                                                                             \
-      while (values[i] > pivot) ++i;                                                             \
-      while (values[j] < pivot) --j;                                                             \
-      if (i <= j) { T swap = values[i]; values[i] = values[j]; values[j] = swap; ++i; --j; }     \
-    }                                                                                            \
-    if (k <= j) hi = j; else if (k >= i) lo = i; else break;                                     \
+#define KERNEL(NAME, T, BITS, SQRT)                                                                    \
+static T NAME##_bound(const T* maxima, int64_t n, int64_t depth) {                            \
+  /* a value that `depth` of the maxima reach, by bisection: as at least `depth` items reach    \
+     it, every item below it is outside the `depth` most similar */                             \
+  T low = maxima[0], high = maxima[0];                                                           \
+  for (int64_t g = 1; g < n; ++g) {                                                              \
+    low = maxima[g] < low ? maxima[g] : low;                                                     \
+    high = maxima[g] > high ? maxima[g] : high;                                                  \
   }                                                                                              \
-  return values[k];                                                                              \
+  for (int step = 0; step < 20; ++step) {                                                        \
+    T middle = low + (high - low) / 2;                                                           \
+    if (!(middle > low)) break;                                                                  \
+    int64_t count = 0;                                                                           \
+    for (int64_t g = 0; g < n; ++g) count += maxima[g] >= middle;                                \
+    if (count >= depth) low = middle; else high = middle;                                        \
+  }                                                                                              \
+  return low;                                                                                    \
 }                                                                                                \
                                                                                                  \
 static void NAME##_keep(T* values, int64_t* kept, int64_t* n, int64_t depth, T value, int64_t item) { \
@@ -80,7 +84,7 @@ void NAME(const T* products, int64_t row_start, int64_t row_stop, int64_t items,
           T* sums, T* scratch) {                                                                 \
   const int64_t groups = items / GROUP, whole = groups * GROUP;                                  \
   T* cosines = scratch; T* distances = scratch + items;                                          \
-  T* maxima = scratch + 2 * items; T* order = maxima + groups;                                   \
+  T* maxima = scratch + 2 * items;                                   \
   for (int64_t r = row_start; r < row_stop; ++r) {                                               \
     const T* p = products + r * items;                                                           \
     const T sq = query_sq[r];                                                                    \
@@ -91,22 +95,24 @@ void NAME(const T* products, int64_t row_start, int64_t row_stop, int64_t items,
     }                                                                                            \
     T* row_sums = sums + r * n_classes;                                                          \
     for (int64_t j = 0; j < items; ++j) row_sums[classes[j]] += distances[j];                    \
-    /* nearest: the smallest distance (lane by lane, then across lanes), then its first item */ \
-    T lanes[GROUP];                                                                              \
-    for (int l = 0; l < GROUP; ++l) lanes[l] = INFINITY;                                         \
-    for (int64_t j = 0; j < whole; j += GROUP)                                                   \
-      for (int l = 0; l < GROUP; ++l) lanes[l] = distances[j + l] < lanes[l] ? distances[j + l] : lanes[l]; \
-    T smallest = INFINITY;                                                                       \
-    for (int l = 0; l < GROUP; ++l) smallest = lanes[l] < smallest ? lanes[l] : smallest;        \
-    for (int64_t j = whole; j < items; ++j) smallest = distances[j] < smallest ? distances[j] : smallest; \
+    /* nearest: distances are >= 0, ordered as their bits are as unsigned integers, whose       \
+       minimum vectorises; then the first item at that distance */                              \
+    BITS fewest = ~(BITS)0;                                                                      \
+    for (int64_t j = 0; j < items; ++j) {                                                        \
+      BITS bits;                                                                                 \
+      memcpy(&bits, distances + j, sizeof bits);                                                 \
+      fewest = bits < fewest ? bits : fewest;                                                    \
+    }                                                                                            \
+    T smallest;                                                                                  \
+    memcpy(&smallest, &fewest, sizeof smallest);                                                 \
     if (smallest < nearest_values[r]) {                                                          \
       int64_t j = 0;                                                                             \
       while (distances[j] != smallest) ++j;                                                      \
       nearest_values[r] = smallest; nearest_items[r] = offset + j;                               \
     }                                                                                            \
-    /* most similar: group g holds the items g, g + groups, ...; the depth-th largest group     \
-       maximum bounds the depth-th largest cosine from below, so only groups reaching it hold   \
-       candidates */                                                                             \
+    /* most similar: group g holds the items g, g + groups, ...; a value that `depth` group     \
+       maxima reach bounds the depth-th largest cosine from below, so only groups reaching it   \
+       hold candidates */                                                                        \
     T* values = top_values + r * depth; int64_t* kept = top_items + r * depth;                   \
     int64_t n = filled[r];                                                                       \
     T bound = -INFINITY;                                                                         \
@@ -115,8 +121,8 @@ void NAME(const T* products, int64_t row_start, int64_t row_stop, int64_t items,
       for (int l = 1; l < GROUP; ++l)                                                            \
         for (int64_t g = 0; g < groups; ++g)                                                     \
           maxima[g] = cosines[l * groups + g] > maxima[g] ? cosines[l * groups + g] : maxima[g]; \
-      for (int64_t g = 0; g < groups; ++g) order[g] = maxima[g];                                 \
-      bound = NAME##_kth_largest(order, groups, depth - 1);                                      \
+      bound = NAME##_bound(maxima, groups, depth);                                               \
+      if (n == depth && values[depth - 1] > bound) bound = values[depth - 1];                    \
       for (int64_t g = 0; g < groups; ++g) {                                                     \
         if (maxima[g] < bound) continue;                                                         \
         for (int l = 0; l < GROUP; ++l) {                                                        \
@@ -133,8 +139,8 @@ void NAME(const T* products, int64_t row_start, int64_t row_stop, int64_t items,
   }                                                                                              \
 }
 
-KERNEL(knn_block_f32, float, sqrtf)
-KERNEL(knn_block_f64, double, sqrt)
+KERNEL(knn_block_f32, float, uint32_t, sqrtf)
+KERNEL(knn_block_f64, double, uint64_t, sqrt)
 """
 
 
@@ -213,7 +219,7 @@ def scan(state: Ranking, products: Tensor, offset: int, query_squared_norms: Ten
     parts = max(1, min(torch.get_num_threads(), rows // 16))
     bounds = [rows * part // parts for part in range(parts + 1)]
     groups = items // 16
-    scratch = torch.empty(parts, 2 * items + 2 * groups + 1, dtype=products.dtype)
+    scratch = torch.empty(parts, 2 * items + groups + 1, dtype=products.dtype)
 
     def run(part: int) -> None:
         kernel(products.data_ptr(), bounds[part], bounds[part + 1], items, offset,
