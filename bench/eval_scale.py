@@ -186,7 +186,6 @@ def score(folder: Path, args: argparse.Namespace) -> dict:
     from taxonclip.evaluate import evaluation_table
 
     vectors, table, split, levels = scoring_inputs(folder, args)
-    report_progress(PROGRESS_SECONDS)
     before = rss_bytes("VmRSS")
     start = time.perf_counter()
     result = evaluation_table(vectors, table, split, chunk_size=args.chunk_size, device=args.device,
@@ -284,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write is not None:
         write_store(args.write, args)
     elif args.score is not None:
+        report_progress(PROGRESS_SECONDS)  # in the scoring child only: it wraps a knn function
         print(json.dumps(score(args.score, args)))
     elif args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from torch import Tensor
 # so that no compiler fuses a multiply and an add into one rounding the torch path does not do
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared")
 ENABLE_VARIABLE = "TAXONCLIP_KNN_NATIVE"  # "0": always knn's torch operations
+PARTS_PER_THREAD = 4
 
 SOURCE = r"""
 /* One block of gallery items against rows of queries, in one pass over their products: per row,
@@ -216,7 +217,9 @@ def scan(state: Ranking, products: Tensor, offset: int, query_squared_norms: Ten
     vectors = [query_squared_norms.contiguous(), squared_norms.contiguous(),
                inverse_norms.contiguous(), classes.contiguous()]
     kernel = native().knn_block_f32 if products.dtype == torch.float32 else native().knn_block_f64
-    parts = max(1, min(torch.get_num_threads(), rows // 16))
+    threads = torch.get_num_threads()
+    # more parts than threads: where other work deschedules a thread, the others take its parts
+    parts = max(1, min(threads * PARTS_PER_THREAD if threads > 1 else 1, rows // 16))
     bounds = [rows * part // parts for part in range(parts + 1)]
     groups = items // 16
     scratch = torch.empty(parts, 2 * items + groups + 1, dtype=products.dtype)
@@ -231,7 +234,7 @@ def scan(state: Ranking, products: Tensor, offset: int, query_squared_norms: Ten
     if parts == 1:
         run(0)
     else:
-        list(_pool(parts).map(run, range(parts)))
+        list(_pool(threads).map(run, range(parts)))
 
 
 @functools.cache
