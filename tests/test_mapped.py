@@ -59,7 +59,7 @@ def test_memory_of_the_process_and_private_mappings_are_never_released(tmp_path)
 
     assert mapped.pages_of(torch.randn(64, 256)) is None
     assert mapped.pages_of(torch.from_numpy(np.load(path, mmap_mode="c"))) is None  # copy-on-write
-    assert mapped.pages_of(torch.from_numpy(np.load(path, mmap_mode="r"))[:, :8]) is None  # not contiguous
+    assert mapped.pages_of(torch.from_numpy(np.load(path, mmap_mode="r+"))[:, :8]) is None  # not contiguous
 
 
 def test_runs_cover_every_row_and_join_rows_a_page_apart():
