@@ -12,8 +12,8 @@ level: one row per taxa and the `All` row, as `taxonclip eval` scores them
 (`table.evaluation_table` on the memory-mapped array).
 
 The scoring runs in a child process of its own, which opens the store with `np.load(mmap_mode)`;
-its peak RSS (Linux's VmHWM) counts the pages of the store it has read as well as its own
-memory, so the goal is peak RSS <= the store's size + 1 GB. With --check (small sizes only) the
+its peak RSS (Linux's VmHWM) counts the pages of the store it has read and not yet released as
+well as its own memory, so the goal is peak RSS <= the store's size + 1 GB. With --check (small sizes only) the
 child also computes the table from an in-memory copy of the store, each row's queries and gallery
 copied out, and says whether the two tables are identical.
 
@@ -34,10 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
+from taxonclip.config import EvalConfig
+
 WRITE_BLOCK = 1 << 16  # rows generated and written at a time
 SPREAD = 2.0  # noise around each class centre, against centres of unit variance per dimension
 CHECK_LIMIT = 200_000  # rows up to which --check may copy the store into memory
 GOAL_SLACK_GB = 1.0
+PROGRESS_SECONDS = 60.0  # between the scoring child's progress lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--taxa", type=int, default=4)
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                         help="of the store: float32 as the CPU embeds, float16 as a GPU does")
-    parser.add_argument("--chunk-size", type=int, default=512, help="queries per chunk")
+    parser.add_argument("--chunk-size", type=int, default=EvalConfig().chunk_size, help="queries per chunk")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None,
@@ -125,8 +128,12 @@ def ensure_store(folder: Path, args: argparse.Namespace) -> float | None:
 
 # --- scoring (in a child process) --------------------------------------------------------------
 
-def scoring_inputs(folder: Path, args: argparse.Namespace, mmap_mode: str | None = "c"):
-    """The store (memory-mapped, or read into memory), its table and split, and the levels."""
+def scoring_inputs(folder: Path, args: argparse.Namespace, mmap_mode: str | None = "r+"):
+    """The store (memory-mapped, or read into memory), its table and split, and the levels.
+
+    Mapped shared ("r+", and only read), as `taxonclip eval` maps its store (a np.memmap): knn
+    then releases the pages it has read (taxonclip.mapped), which in a private (copy-on-write)
+    mapping it cannot tell from changed ones."""
     import pandas as pd
     import torch
 
@@ -194,6 +201,34 @@ def score(folder: Path, args: argparse.Namespace) -> dict:
     return outcome
 
 
+def report_progress(every: float) -> None:
+    """Every `every` seconds, a line on stderr: the seconds so far, the queries scored (over
+    every row of the table) and the RSS now and at its peak, so that a long run shows how far
+    it got."""
+    import threading
+
+    from taxonclip import knn
+
+    scored, start = [0], time.perf_counter()
+    outcomes = knn._chunk_outcomes
+
+    def counted(query, *rest):
+        result = outcomes(query, *rest)
+        scored[0] += len(query)
+        return result
+
+    knn._chunk_outcomes = counted  # the count only: a bench-local wrapper of the same function
+
+    def loop() -> None:
+        while True:
+            time.sleep(every)
+            print(f"progress: {time.perf_counter() - start:.0f} s, {scored[0]:,} queries scored, "
+                  f"rss_gb={rss_bytes('VmRSS') / 1e9:.2f} peak_rss_gb={rss_bytes('VmHWM') / 1e9:.2f}",
+                  file=sys.stderr, flush=True)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def rss_bytes(field: str) -> int:
     """This process's VmRSS (now) or VmHWM (peak) from /proc/self/status, in bytes."""
     with open("/proc/self/status") as status:
@@ -205,9 +240,10 @@ def run_child(args: argparse.Namespace, mode: str, folder: Path) -> str:
                "--queries", str(args.queries), "--dim", str(args.dim), "--species", str(args.species),
                "--taxa", str(args.taxa), "--dtype", args.dtype, "--chunk-size", str(args.chunk_size),
                "--device", args.device, "--seed", str(args.seed)] + (["--check"] if args.check else [])
-    finished = subprocess.run(command, capture_output=True, text=True, check=False)
+    # the child's progress lines and errors go to this process's stderr as they come
+    finished = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     if finished.returncode != 0:
-        sys.exit(f"{mode[2:]} failed:\n{finished.stderr[-4000:]}")
+        sys.exit(f"{mode[2:]} failed (its error is above)")
     return finished.stdout
 
 
@@ -248,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write is not None:
         write_store(args.write, args)
     elif args.score is not None:
+        report_progress(PROGRESS_SECONDS)  # in the scoring child only: it wraps a knn function
         print(json.dumps(score(args.score, args)))
     elif args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)

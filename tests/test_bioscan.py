@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from taxonclip import names
 from taxonclip.cli import main
-from taxonclip.config import DataConfig, TrainConfig
+from taxonclip.config import DataConfig, EvalConfig, TrainConfig
 from taxonclip.config_checks import check_table_key
 from taxonclip.data.bioscan import METADATA_FILES, METADATA_FOLDERS, write_fixture
 from taxonclip.data.manifest import read_manifest
@@ -95,7 +95,7 @@ def test_official_table_equals_a_brute_force_nearest_neighbour(bioscan):
     table = read_manifest(bioscan).table
     split = official_split(table)
     vectors = torch.randn(len(table), 8, generator=torch.Generator().manual_seed(0))
-    result = evaluation_table(vectors, table, split, seen=OFFICIAL_SEEN,
+    result = evaluation_table(vectors, table, split, seen=OFFICIAL_SEEN, chunk_size=EvalConfig().chunk_size,
                               levels=names.BIOSCAN_LEVELS)
     seen = table["split"].isin(["train", "val", "test"]).to_numpy()
     for scope, query_side in (("All", np.ones(len(table), bool)), ("All:unseen", ~seen)):
@@ -122,7 +122,7 @@ def _brute_force_top1(vectors, labels: pd.Series, split, query_side: np.ndarray)
 def test_a_row_missing_a_rank_is_left_out_of_that_rank_only(bioscan):
     table = read_manifest(bioscan).table
     split = official_split(table)
-    result = evaluation_table(torch.randn(len(table), 4), table, split,
+    result = evaluation_table(torch.randn(len(table), 4), table, split, chunk_size=EvalConfig().chunk_size,
                               levels=names.BIOSCAN_LEVELS)
     queries = table.iloc[split.test]
     for rank in names.BIOSCAN_RANKS:

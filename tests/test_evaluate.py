@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -124,7 +126,7 @@ def test_lone_queries_are_counted_per_row():
     vectors[3] = vectors[2]
     split = split_manifest(table, 0.5, 0)
     split = type(split)(np.array([0, 2, 5]), np.array([1, 3, 4]), 0, 0, 0.5)
-    result = evaluation_table(vectors, table, split)
+    result = evaluation_table(vectors, table, split, chunk_size=EvalConfig().chunk_size)
     row = result[(result["taxa"] == "All") & (result["level"] == "species")].iloc[0]
     assert row["n_lone"] == 1 and row["n_test"] == 3
     assert row["top1_cos"] == 1.0
@@ -206,7 +208,8 @@ def test_gallery_fusion_keeps_queries_visual_and_fuses_the_gallery(specimens, ti
                              device=torch.device("cpu"))
     captions = manifest.table["caption"].tolist()
     text = tiny.encode_text(captions).float()
-    expected = evaluation_table(visual, manifest.table, result.split, gallery_vectors=fuse(visual, text, "avg"))
+    expected = evaluation_table(visual, manifest.table, result.split, chunk_size=EvalConfig().chunk_size,
+                                gallery_vectors=fuse(visual, text, "avg"))
     # beside the table, the captions scored alone (taxonclip.checks): one text per species here
     assert (result.table.pop(names.CAPTION_ONLY_TOP1) == 1.0).all()
     pd.testing.assert_frame_equal(result.table, expected, check_exact=False, atol=1e-6)
@@ -261,8 +264,11 @@ def test_seen_and_unseen_rows_after_training_on_a_fraction(specimens, tiny):
     assert rows[("All:seen", "species")] == 4 * 2
 
 
-def test_eval_config_compares_chunks_of_the_size_knn_is_tuned_for():
-    assert EvalConfig().chunk_size == knn.DEFAULT_CHUNK_SIZE
+def test_chunk_size_has_its_one_default_in_eval_config():
+    """knn and evaluation_table take the chunk size as a required argument: its one default is
+    EvalConfig's."""
+    assert inspect.signature(knn.knn_metrics).parameters["chunk_size"].default is inspect.Parameter.empty
+    assert inspect.signature(evaluation_table).parameters["chunk_size"].default is inspect.Parameter.empty
 
 
 def _scale_table(rows: int, seed: int) -> pd.DataFrame:
@@ -290,7 +296,8 @@ def _in_memory_table(vectors: torch.Tensor, table: pd.DataFrame, split, seen) ->
         codes = torch.as_tensor(pd.factorize(table[level])[0], dtype=torch.long)
         gallery = np.flatnonzero(in_gallery & is_train & known)
         queries = np.flatnonzero(in_queries & is_test & known)
-        result = knn.knn_metrics(vectors[queries], codes[queries], vectors[gallery], codes[gallery])
+        result = knn.knn_metrics(vectors[queries], codes[queries], vectors[gallery], codes[gallery],
+                                 chunk_size=EvalConfig().chunk_size)
         rows.append({"taxa": scope, "level": level, "n_test": result.n_test,
                      "n_classes": result.n_classes, "n_lone": result.n_lone, **result.metrics})
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))

@@ -9,8 +9,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from taxonclip import knn
+from taxonclip.config import EvalConfig
 from taxonclip.errors import ConfigError, DataError
 from taxonclip.knn import METRICS, KnnResult, knn_metrics
+
+CHUNK = EvalConfig().chunk_size
 
 
 def reference_metrics(query, query_labels, gallery, gallery_labels) -> dict:
@@ -239,7 +242,7 @@ def test_nearest_item_ties_go_to_lowest_gallery_index_and_class_ties_to_lowest_l
     same = [[1.0, 2.0]]
     gallery, gallery_labels = torch.tensor(same * 2), torch.tensor([5, 3])
 
-    result = knn_metrics(torch.tensor(same), torch.tensor([3]), gallery, gallery_labels)
+    result = knn_metrics(torch.tensor(same), torch.tensor([3]), gallery, gallery_labels, chunk_size=CHUNK)
 
     assert result.predictions.tolist() == [5]
     assert result.metrics["top1_cos"] == result.metrics["top1_l2"] == 0.0
@@ -252,7 +255,7 @@ def test_top5_among_equal_items_keeps_the_lowest_indices(position, expected):
     gallery_labels = torch.zeros(8, dtype=torch.int64)
     gallery_labels[position] = 1
 
-    result = knn_metrics(torch.ones(1, 3), torch.tensor([1]), gallery, gallery_labels)
+    result = knn_metrics(torch.ones(1, 3), torch.tensor([1]), gallery, gallery_labels, chunk_size=CHUNK)
 
     assert result.metrics["top5_cos"] == expected
 
@@ -262,7 +265,7 @@ def test_map_at_r_of_a_known_ranking():
     gallery = torch.stack([angles.cos(), angles.sin()], dim=1).double()
     gallery_labels = torch.tensor([7, 8, 7, 7, 8])
 
-    result = knn_metrics(torch.tensor([[1.0, 0.0]]).double(), torch.tensor([7]), gallery, gallery_labels)
+    result = knn_metrics(torch.tensor([[1.0, 0.0]]).double(), torch.tensor([7]), gallery, gallery_labels, chunk_size=CHUNK)
 
     # the 3 nearest are 7, 8, 7: precision 1/1 at position 1 and 2/3 at position 3, over R = 3
     assert result.metrics["map_at_r"] == pytest.approx((1 + 2 / 3) / 3)
@@ -271,7 +274,7 @@ def test_map_at_r_of_a_known_ranking():
 def test_fault_1_top1_l2_uses_euclidean_distance_not_the_cosine_argmax():
     gallery = torch.tensor([[10.0, 5.0], [0.5, 0.4]])
 
-    result = knn_metrics(torch.tensor([[1.0, 0.0]]), torch.tensor([1]), gallery, torch.tensor([0, 1]))
+    result = knn_metrics(torch.tensor([[1.0, 0.0]]), torch.tensor([1]), gallery, torch.tensor([0, 1]), chunk_size=CHUNK)
 
     assert result.metrics["top1_cos"] == 0.0
     assert result.metrics["top1_l2"] == 1.0
@@ -282,8 +285,8 @@ def test_fault_3_lone_queries_are_counted_and_excluded_from_every_metric():
     known = torch.isin(query_labels, gallery_labels)
     assert 0 < int((~known).sum()) < len(known)
 
-    with_lone = knn_metrics(query, query_labels, gallery, gallery_labels)
-    without = knn_metrics(query[known], query_labels[known], gallery, gallery_labels)
+    with_lone = knn_metrics(query, query_labels, gallery, gallery_labels, chunk_size=CHUNK)
+    without = knn_metrics(query[known], query_labels[known], gallery, gallery_labels, chunk_size=CHUNK)
 
     assert with_lone.n_lone == int((~known).sum()) and without.n_lone == 0
     assert with_lone.n_test == len(query)
@@ -294,7 +297,7 @@ def test_fault_3_lone_queries_are_counted_and_excluded_from_every_metric():
 def test_labels_only_in_the_gallery_compete_as_predictions():
     gallery = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
 
-    result = knn_metrics(torch.tensor([[0.9, 0.1]]), torch.tensor([2]), gallery, torch.tensor([1, 2]))
+    result = knn_metrics(torch.tensor([[0.9, 0.1]]), torch.tensor([2]), gallery, torch.tensor([1, 2]), chunk_size=CHUNK)
 
     assert result.predictions.tolist() == [1]
     assert result.metrics["top1_cos"] == 0.0 and result.n_classes == 1
@@ -331,7 +334,7 @@ def test_fault_4_memory_is_bounded_by_the_chunk_not_by_test_x_train(n_classes):
 
 
 def test_fault_6_metrics_are_floats_in_the_unit_interval():
-    result = knn_metrics(*integer_embeddings_with_ties(seed=9))
+    result = knn_metrics(*integer_embeddings_with_ties(seed=9), chunk_size=CHUNK)
 
     assert list(result.metrics) == list(METRICS)
     for name, value in result.metrics.items():
@@ -341,8 +344,8 @@ def test_fault_6_metrics_are_floats_in_the_unit_interval():
 
 def test_no_valid_query_gives_nan_metrics():
     gallery, gallery_labels = torch.eye(3), torch.tensor([0, 1, 2])
-    lone = knn_metrics(torch.eye(3)[:2], torch.tensor([9, 9]), gallery, gallery_labels)
-    empty = knn_metrics(torch.empty(0, 3), torch.empty(0, dtype=torch.int64), gallery, gallery_labels)
+    lone = knn_metrics(torch.eye(3)[:2], torch.tensor([9, 9]), gallery, gallery_labels, chunk_size=CHUNK)
+    empty = knn_metrics(torch.empty(0, 3), torch.empty(0, dtype=torch.int64), gallery, gallery_labels, chunk_size=CHUNK)
 
     assert (lone.n_lone, lone.n_test, lone.n_classes) == (2, 2, 0)
     assert (empty.n_lone, empty.n_test, empty.n_classes) == (0, 0, 0)
@@ -360,7 +363,8 @@ def test_no_valid_query_gives_nan_metrics():
 ])
 def test_bad_input_gets_one_clear_error(change, error, message):
     arguments = {"query": torch.ones(2, 3), "query_labels": torch.tensor([0, 1]),
-                 "gallery": torch.ones(2, 3), "gallery_labels": torch.tensor([0, 1]), **change}
+                 "gallery": torch.ones(2, 3), "gallery_labels": torch.tensor([0, 1]),
+                 "chunk_size": CHUNK, **change}
 
     with pytest.raises(error, match=message):
         knn_metrics(**arguments)
@@ -376,14 +380,14 @@ def test_top3_and_macro_top5_of_a_known_ranking():
                       ([1, 7, 2, 3, 4, 5], [1, 2, 3, 7, 4, 5], [1, 2, 3, 4, 5, 6], [8, 1, 2, 3, 4, 5])]
     hits = []
     for labels, query_label in zip(gallery_labels, (7, 7, 6, 8)):
-        hits.append(knn_metrics(query[:1], torch.tensor([query_label]), gallery, labels).metrics)
+        hits.append(knn_metrics(query[:1], torch.tensor([query_label]), gallery, labels, chunk_size=CHUNK).metrics)
 
     assert [h["top3_cos"] for h in hits] == [1.0, 0.0, 0.0, 1.0]
     assert [h["top5_cos"] for h in hits] == [1.0, 1.0, 0.0, 1.0]
     # macro: each class's accuracy weighs the same, whatever its number of queries; class 9 is
     # the 6th nearest item of its query
     labels = torch.tensor([7, 1, 2, 3, 4, 9])
-    result = knn_metrics(query, torch.tensor([7, 7, 7, 9]), gallery, labels)
+    result = knn_metrics(query, torch.tensor([7, 7, 7, 9]), gallery, labels, chunk_size=CHUNK)
     assert result.metrics["top5_cos"] == result.metrics["top1_cos"] == 3 / 4
     assert result.metrics["macro_top5_cos"] == result.metrics["macro_top1_cos"] == (1 + 0) / 2
     assert result.metrics["top3_cos"] == 3 / 4
@@ -456,8 +460,8 @@ def test_float16_store_is_compared_in_float32():
     rows = torch.arange(300, 900)
 
     stored = knn_metrics(half, labels[:300], half, labels[rows], gallery_rows=rows,
-                         query_rows=torch.arange(300))
-    widened = knn_metrics(half[:300].float(), labels[:300], half[rows].float(), labels[rows])
+                         query_rows=torch.arange(300), chunk_size=CHUNK)
+    widened = knn_metrics(half[:300].float(), labels[:300], half[rows].float(), labels[rows], chunk_size=CHUNK)
 
     assert stored.metrics == widened.metrics
 
@@ -465,4 +469,4 @@ def test_float16_store_is_compared_in_float32():
 def test_rows_outside_the_store_are_refused():
     with pytest.raises(DataError, match="gallery rows must lie in 0..2"):
         knn_metrics(torch.ones(2, 3), torch.tensor([0, 1]), torch.ones(3, 3), torch.tensor([0]),
-                    gallery_rows=torch.tensor([3]))
+                    gallery_rows=torch.tensor([3]), chunk_size=CHUNK)

@@ -139,7 +139,8 @@ def test_not_classified_rows_leave_that_rank_only(bioscan_root):
     table = read_manifest(bioscan_root).table
     split = official_split(table)
     result = evaluation_table(torch.randn(len(table), 4, generator=torch.Generator().manual_seed(0)),
-                              table, split, seen=OFFICIAL_SEEN, levels=names.BIOSCAN_LEVELS)
+                              table, split, seen=OFFICIAL_SEEN, levels=names.BIOSCAN_LEVELS,
+                              chunk_size=cfg.EvalConfig().chunk_size)
     queries = table.iloc[split.test]
     for level in names.BIOSCAN_LEVELS.scored:
         row = result[(result["taxa"] == "All") & (result["level"] == level)].iloc[0]

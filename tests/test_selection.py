@@ -16,7 +16,7 @@ import taxonclip.train as train_module
 import taxonclip.training.selection as selection_module
 from taxonclip import names
 from taxonclip.cli import main
-from taxonclip.config import DataConfig, TrainConfig
+from taxonclip.config import DataConfig, EvalConfig, TrainConfig
 from taxonclip.data.bioscan import write_fixture
 from taxonclip.data.images import ImageDataset
 from taxonclip.data.manifest import read_manifest
@@ -66,7 +66,8 @@ def test_validation_scores_val_queries_against_the_rest_and_eval_ignores_val_siz
     assert set(rows[val_split.train]) == set(split.training_rows)
     # eval keeps the val rows in its gallery: its table does not depend on val_size
     vectors = torch.randn(len(table), 8)
-    tables = [evaluation_table(vectors, table, make_split(table, DataConfig(val_size=size)))
+    tables = [evaluation_table(vectors, table, make_split(table, DataConfig(val_size=size)),
+                                   chunk_size=EvalConfig().chunk_size)
               for size in (0.0, 0.1, 0.3)]
     for other in tables[1:]:
         pd.testing.assert_frame_equal(other, tables[0])

@@ -193,7 +193,9 @@ class EvalConfig:
     batch_size: int = described(256, "images (or captions) embedded per forward pass")
     workers: int = described(2, "DataLoader worker processes that decode the images (0: the "
                                 "main process)")
-    # knn.DEFAULT_CHUNK_SIZE, written out to keep this module free of torch
+    # the one default of knn.knn_metrics's chunk_size: on CPUs, blocks of 512 x some thousand
+    # gallery items stay in the processor's cache between the passes over them, and measured
+    # faster than larger chunks; on GPUs the time per chunk is small either way
     chunk_size: int = described(512, "test queries scored against the whole gallery at once "
                                      "(memory and speed, not the metrics)")
     cache_embeddings: bool = described(

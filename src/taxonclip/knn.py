@@ -6,8 +6,7 @@ computed with matrix products of chunks of queries with blocks of gallery items,
 with `chunk x block`, never with `test x train` nor with the size of the embedding store.
 
 Queries and gallery items may be rows of a larger (memory-mapped) store, picked by index: each
-chunk and each block is read from it when it is needed, converted to the compute type there
-(a float16 store is compared in float32), and nothing else of the store is copied.
+chunk and block is read when needed, as float32 (a float16 store too); nothing else is copied.
 
 Conventions:
 - Cosine metrics compare L2-normalised embeddings; Euclidean metrics compare the embeddings as
@@ -25,15 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from taxonclip import names
+from taxonclip import knn_scan, names
 from taxonclip.errors import ConfigError, DataError
+from taxonclip.mapped import Source, blocks, pages_of
 
 METRICS = names.SCORES
 TOP_K = 5
-# queries compared with the gallery at a time: on CPUs, blocks of 512 x some thousand gallery
-# items stay in the processor's cache between the passes over them, and measured faster than
-# larger chunks; on GPUs the time per chunk is small either way
-DEFAULT_CHUNK_SIZE = 512
 # similarities of one chunk of queries with one block of gallery items (two blocks of this many
 # float32 values, 16 MB each, and the block of gallery items are alive at once; larger blocks
 # measured no faster): a gallery within one block (8,192 items for chunks of 512) is read once
@@ -43,10 +39,8 @@ BLOCK_ELEMENTS = 1 << 22
 RANK_ELEMENTS = 1 << 23
 _PER_QUERY = ("top1_cos", "top3_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "map_at_r")
 _NORM_EPS = 1e-12
-# values per block when a row's nearest item is found block by block (`_first_smallest`)
-_BLOCK_WIDTH = 64
-# items per group whose maximum screens a row before ranking (`_ranked`)
-_GROUP_WIDTH = 16
+_BLOCK_WIDTH = 64  # values per block when a row's nearest item is found (`_first_smallest`)
+_GROUP_WIDTH = 16  # items per group whose maximum screens a row before ranking (`_ranked`)
 
 
 def working_linear(op) -> object | None:
@@ -91,32 +85,12 @@ class KnnResult:
 
 
 @dataclass(frozen=True)
-class _Source:
-    """Rows of an embedding store: all of `vectors`, or those at `rows` (int64, CPU), read on
-    `device` as `dtype` a few at a time."""
-
-    vectors: Tensor
-    rows: Tensor | None
-    device: torch.device
-    dtype: torch.dtype
-
-    def __len__(self) -> int:
-        return len(self.vectors) if self.rows is None else len(self.rows)
-
-    def read(self, positions: slice | Tensor) -> Tensor:
-        """The rows at these positions of the selection (a slice stays a view of the store)."""
-        if self.rows is not None:
-            positions = self.rows[positions]
-        return self.vectors[positions].to(self.device, self.dtype)
-
-
-@dataclass(frozen=True)
 class _Gallery:
     """What every chunk of queries needs of the gallery: per item its class, squared norm and
     inverse norm; per class its count and the mean of its L2-normalised items; and the items
     themselves, kept on the device when they fit in one block, else read block by block."""
 
-    source: _Source
+    source: Source
     block: int
     classes: Tensor
     squared_norms: Tensor
@@ -129,28 +103,7 @@ class _Gallery:
         """(start, items) of each block of the gallery, in the order of the gallery."""
         if self.resident is not None:
             return iter([(0, self.resident)])
-        return _blocks(self.source, self.block)
-
-
-def _blocks(source: _Source, block: int):
-    """(start, items) of each block of `block` rows of `source`, read into the same buffers each
-    time (the store's type, then the compute type and device where they differ), or views of a
-    store that needs neither a gather nor a conversion. Fresh blocks would fragment the C
-    library's heap: a small tensor kept from one block lands in the hole the block left."""
-    raw = converted = None
-    for start in range(0, len(source), block):
-        stop = min(start + block, len(source))
-        if source.rows is None:
-            items = source.vectors[start:stop]
-        else:
-            if raw is None:
-                raw = source.vectors.new_empty(block, source.vectors.shape[1])
-            items = torch.index_select(source.vectors, 0, source.rows[start:stop], out=raw[:stop - start])
-        if items.dtype != source.dtype or items.device != source.device:
-            if converted is None:
-                converted = torch.empty(block, items.shape[1], device=source.device, dtype=source.dtype)
-            items = converted[:stop - start].copy_(items)
-        yield start, items
+        return blocks(self.source, self.block)
 
 
 @dataclass(frozen=True)
@@ -167,7 +120,7 @@ class _Workspace:
 
 @torch.no_grad()
 def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_labels: Tensor,
-                chunk_size: int = DEFAULT_CHUNK_SIZE, device: str | torch.device | None = None, *,
+                chunk_size: int, device: str | torch.device | None = None, *,
                 query_rows: Tensor | None = None, gallery_rows: Tensor | None = None) -> KnnResult:
     """Label each query (test embedding) by its nearest gallery (train) embeddings and score it.
 
@@ -175,13 +128,13 @@ def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_la
     `query_rows` of `query` (default: all), the gallery items the rows `gallery_rows` of
     `gallery`: either may be a memory-mapped store, of which only the chunk or block at hand is
     read. Embeddings are compared in float32 (float16 ones too), or in float64 when `query` is
-    float64. `chunk_size` queries are compared with a block of the gallery at a time, on `device`
-    (default: the device of `query`); neither sizes changes the results.
+    float64. `chunk_size` queries (EvalConfig.chunk_size) are compared with a block of the gallery
+    at a time, on `device` (default: the device of `query`); neither size changes the results.
     """
     device = torch.device(device) if device is not None else query.device
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    queries = _Source(query, _rows(query_rows), device, dtype)
-    items = _Source(gallery, _rows(gallery_rows), device, dtype)
+    queries = Source(query, _rows(query_rows), device, dtype, pages_of(query))
+    items = Source(gallery, _rows(gallery_rows), device, dtype, pages_of(gallery))
     _check_inputs(query, queries, query_labels, gallery, items, gallery_labels, chunk_size)
     label_ids, dense = torch.unique(torch.cat([gallery_labels.cpu(), query_labels.cpu()]),
                                     return_inverse=True)
@@ -234,8 +187,8 @@ def _unsorted(parts: list[Tensor], order: Tensor) -> Tensor:
     return torch.empty_like(values).index_copy_(0, order, values)
 
 
-def _check_inputs(query: Tensor, queries: _Source, query_labels: Tensor, gallery: Tensor,
-                  items: _Source, gallery_labels: Tensor, chunk_size: int) -> None:
+def _check_inputs(query: Tensor, queries: Source, query_labels: Tensor, gallery: Tensor,
+                  items: Source, gallery_labels: Tensor, chunk_size: int) -> None:
     if chunk_size < 1:
         raise ConfigError(f"chunk_size must be at least 1, got {chunk_size}")
     for name, vectors, source, labels in (("query", query, queries, query_labels),
@@ -266,13 +219,13 @@ def _squared_norms(vectors: Tensor, name: str) -> Tensor:
     return squared_norms
 
 
-def _gallery(source: _Source, classes: Tensor, n_classes: int, block: int) -> _Gallery:
+def _gallery(source: Source, classes: Tensor, n_classes: int, block: int) -> _Gallery:
     """The gallery's statistics, from one pass over its blocks."""
     squared_norms = torch.empty(len(source), device=source.device, dtype=source.dtype)
     unit_sums = torch.zeros(n_classes, source.vectors.shape[1], device=source.device, dtype=source.dtype)
     resident = source.read(slice(0, len(source))) if len(source) <= block else None
     unit = None
-    for start, vectors in ([(0, resident)] if resident is not None else _blocks(source, block)):
+    for start, vectors in ([(0, resident)] if resident is not None else blocks(source, block)):
         stop = start + len(vectors)
         norms = torch.linalg.vecdot(vectors, vectors, out=squared_norms[start:stop])
         if not torch.isfinite(norms).all():
@@ -294,6 +247,26 @@ def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
     query_squared_norms = _squared_norms(query, "query")
     relevant = gallery.counts[query_classes]
     depth = _depth(relevant.max(), len(gallery.classes))
+    if knn_scan.supports(query):
+        ranked, nearest_l2, distance_sums = _scanned(query, query_squared_norms, gallery, depth)
+    else:
+        ranked, nearest_l2, distance_sums = _passes(query, query_squared_norms, gallery, depth, workspace)
+    nearest = gallery.classes[ranked[1]]
+    hits = nearest == query_classes[:, None]
+    # the query's own norm scales every class alike: it cannot change which class is best
+    mean_cos = _best_class(_dot_products(query, gallery.unit_means), gallery.counts, largest=True)
+    mean_l2 = _best_class(distance_sums.div_(gallery.counts), gallery.counts, largest=False)
+    return {"top1_cos": hits[:, 0], "top3_cos": hits[:, :3].any(dim=1),
+            "top5_cos": hits[:, :TOP_K].any(dim=1), "mean_cos": mean_cos == query_classes,
+            "top1_l2": gallery.classes[nearest_l2[1]] == query_classes,
+            "mean_l2": mean_l2 == query_classes,
+            "map_at_r": _average_precision(hits, relevant), "prediction": nearest[:, 0]}
+
+
+def _passes(query: Tensor, query_squared_norms: Tensor, gallery: _Gallery, depth: int,
+            workspace: _Workspace) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
+    """Each query's `depth` most similar items, nearest item and distance sums per class, in
+    torch operations block by block (on GPUs, or where `knn_scan` has no kernel)."""
     ranked = nearest_l2 = None
     distance_sums = workspace.take("distance_sums", len(query), len(gallery.counts)).zero_()
     for start, items in gallery.blocks():
@@ -309,16 +282,19 @@ def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
         nearest_l2 = _nearer(nearest_l2, distances, start)
         _add_per_class(distance_sums, distances, gallery.classes[start:stop])
         del dots, distances  # freed before the next block's products are allocated
-    nearest = gallery.classes[ranked[1]]
-    hits = nearest == query_classes[:, None]
-    # the query's own norm scales every class alike: it cannot change which class is best
-    mean_cos = _best_class(_dot_products(query, gallery.unit_means), gallery.counts, largest=True)
-    mean_l2 = _best_class(distance_sums.div_(gallery.counts), gallery.counts, largest=False)
-    return {"top1_cos": hits[:, 0], "top3_cos": hits[:, :3].any(dim=1),
-            "top5_cos": hits[:, :TOP_K].any(dim=1), "mean_cos": mean_cos == query_classes,
-            "top1_l2": gallery.classes[nearest_l2[1]] == query_classes,
-            "mean_l2": mean_l2 == query_classes,
-            "map_at_r": _average_precision(hits, relevant), "prediction": nearest[:, 0]}
+    return ranked, nearest_l2, distance_sums
+
+
+def _scanned(query: Tensor, query_squared_norms: Tensor, gallery: _Gallery,
+             depth: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
+    """What `_passes` gives, from one pass of `knn_scan`'s kernel over each block's products."""
+    state = knn_scan.start(len(query), depth, len(gallery.counts), query.dtype)
+    for start, items in gallery.blocks():
+        stop = start + len(items)
+        knn_scan.scan(state, _dot_products(query, items), start, query_squared_norms,
+                      gallery.squared_norms[start:stop], gallery.inverse_norms[start:stop],
+                      gallery.classes[start:stop])
+    return (state.values, state.items), (state.nearest_values, state.nearest_items), state.sums
 
 
 def _dot_products(query: Tensor, gallery: Tensor) -> Tensor:
@@ -408,12 +384,9 @@ def _nearer(nearest: tuple[Tensor, Tensor] | None, distances: Tensor,
 
 def _first_smallest(values: Tensor, width: int = _BLOCK_WIDTH) -> Tensor:
     """Per row, the index of the smallest value, the lowest index among equal ones: what
-    `argmin(dim=1)` gives, in a fraction of its time on CPUs, where it does not vectorise.
-
-    Of G = items // width groups, group g holds the items g, g + G, g + 2G, ...: their minima
-    are taken over contiguous rows of G values, which vectorises. Where one group holds the
-    smallest value, `argmin` then runs on its `width` items; the last items % width items
-    come after all of them. Rows where several groups hold it are searched whole."""
+    `argmin(dim=1)` gives, faster on CPUs. Of strided groups as in `_ranked` (their minima),
+    where one group holds the smallest value, `argmin` runs on its `width` items, then on the
+    last items % width items; rows where several groups hold it are searched whole."""
     rows, items = values.shape
     groups = items // width
     if groups < 2:

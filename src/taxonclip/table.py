@@ -60,7 +60,7 @@ class EvalResult:
 
 
 def evaluation_table(vectors: torch.Tensor, table: pd.DataFrame, split: Split, *,
-                     chunk_size: int = knn.DEFAULT_CHUNK_SIZE, device: torch.device | str = "cpu",
+                     chunk_size: int, device: torch.device | str = "cpu",
                      seen: Seen | None = None, gallery_vectors: torch.Tensor | None = None,
                      levels: Levels = VLM4BIO_LEVELS) -> pd.DataFrame:
     """The per-taxa table for embeddings whose rows follow `table`: `vectors` as queries and

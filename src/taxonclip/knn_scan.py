@@ -1,0 +1,243 @@
+"""One pass of C over a block of query x gallery products, in place of knn's passes of torch.
+
+For each query it keeps, across the blocks of the gallery: the `depth` most similar items by
+cosine (most similar first, ties to the lower index), the nearest item by Euclidean distance
+(ties to the lower index) and the sum of its distances to the items of each class, from the
+same products, read once while they are in the processor's cache. knn's torch operations read
+and write every product four to eight times, which took about as long as the products
+themselves on 2-core CPUs.
+
+The C source below is compiled at the first use in a process, with the system's C compiler,
+into a temporary folder (removed at once; the loaded library stays mapped). Where no compiler
+works, `native()` is None and knn keeps its torch operations, which give the same rankings and
+nearest items; distances may differ in the last bit, as torch's vectorised square root is not
+always correctly rounded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+# -O3 vectorises the passes; no -ffast-math: IEEE results, in the order written; contraction off
+# so that no compiler fuses a multiply and an add into one rounding the torch path does not do
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared")
+ENABLE_VARIABLE = "TAXONCLIP_KNN_NATIVE"  # "0": always knn's torch operations
+PARTS_PER_THREAD = 4
+
+SOURCE = r"""
+/* One block of gallery items against rows of queries, in one pass over their products: per row,
+   the `depth` most similar items by cosine (most similar first, ties to the lower index), the
+   nearest item by Euclidean distance (ties to the lower index) and the sum of the distances to
+   the items of each class, each carried over from the blocks before. */
+#include <stdint.h>
+#include <math.h>
+#include <string.h>
+#define GROUP 16
+
+#define KERNEL(NAME, T, BITS, SQRT)                                                                    \
+static T NAME##_bound(const T* maxima, int64_t n, int64_t depth) {                            \
+  /* a value that `depth` of the maxima reach, by bisection: as at least `depth` items reach    \
+     it, every item below it is outside the `depth` most similar */                             \
+  T low = maxima[0], high = maxima[0];                                                           \
+  for (int64_t g = 1; g < n; ++g) {                                                              \
+    low = maxima[g] < low ? maxima[g] : low;                                                     \
+    high = maxima[g] > high ? maxima[g] : high;                                                  \
+  }                                                                                              \
+  for (int step = 0; step < 20; ++step) {                                                        \
+    T middle = low + (high - low) / 2;                                                           \
+    if (!(middle > low)) break;                                                                  \
+    int64_t count = 0;                                                                           \
+    for (int64_t g = 0; g < n; ++g) count += maxima[g] >= middle;                                \
+    if (count >= depth) low = middle; else high = middle;                                        \
+  }                                                                                              \
+  return low;                                                                                    \
+}                                                                                                \
+                                                                                                 \
+static void NAME##_keep(T* values, int64_t* kept, int64_t* n, int64_t depth, T value, int64_t item) { \
+  int64_t k = *n;                                                                                \
+  if (k == depth) {                                                                              \
+    if (value < values[k - 1] || (value == values[k - 1] && item > kept[k - 1])) return;         \
+    --k;                                                                                         \
+  } else {                                                                                       \
+    ++*n;                                                                                        \
+  }                                                                                              \
+  while (k > 0 && (values[k - 1] < value || (values[k - 1] == value && kept[k - 1] > item))) {   \
+    values[k] = values[k - 1]; kept[k] = kept[k - 1]; --k;                                       \
+  }                                                                                              \
+  values[k] = value; kept[k] = item;                                                             \
+}                                                                                                \
+                                                                                                 \
+void NAME(const T* products, int64_t row_start, int64_t row_stop, int64_t items, int64_t offset, \
+          const T* query_sq, const T* item_sq, const T* item_inv, const int64_t* classes,        \
+          int64_t n_classes, int64_t depth, T* top_values,                \
+          int64_t* top_items, int64_t* filled, T* nearest_values, int64_t* nearest_items,        \
+          T* sums, T* scratch) {                                                                 \
+  const int64_t groups = items / GROUP, whole = groups * GROUP;                                  \
+  T* cosines = scratch; T* distances = scratch + items;                                          \
+  T* maxima = scratch + 2 * items;                                   \
+  for (int64_t r = row_start; r < row_stop; ++r) {                                               \
+    const T* p = products + r * items;                                                           \
+    const T sq = query_sq[r];                                                                    \
+    for (int64_t j = 0; j < items; ++j) {                                                        \
+      cosines[j] = p[j] * item_inv[j];                                                           \
+      T t = (item_sq[j] - (T)2 * p[j]) + sq;                                                     \
+      distances[j] = SQRT(t > (T)0 ? t : (T)0);                                                  \
+    }                                                                                            \
+    T* row_sums = sums + r * n_classes;                                                          \
+    for (int64_t j = 0; j < items; ++j) row_sums[classes[j]] += distances[j];                    \
+    /* nearest: distances are >= 0, ordered as their bits are as unsigned integers, whose       \
+       minimum vectorises; then the first item at that distance */                              \
+    BITS fewest = ~(BITS)0;                                                                      \
+    for (int64_t j = 0; j < items; ++j) {                                                        \
+      BITS bits;                                                                                 \
+      memcpy(&bits, distances + j, sizeof bits);                                                 \
+      fewest = bits < fewest ? bits : fewest;                                                    \
+    }                                                                                            \
+    T smallest;                                                                                  \
+    memcpy(&smallest, &fewest, sizeof smallest);                                                 \
+    if (smallest < nearest_values[r]) {                                                          \
+      int64_t j = 0;                                                                             \
+      while (distances[j] != smallest) ++j;                                                      \
+      nearest_values[r] = smallest; nearest_items[r] = offset + j;                               \
+    }                                                                                            \
+    /* most similar: group g holds the items g, g + groups, ...; a value that `depth` group     \
+       maxima reach bounds the depth-th largest cosine from below, so only groups reaching it   \
+       hold candidates */                                                                        \
+    T* values = top_values + r * depth; int64_t* kept = top_items + r * depth;                   \
+    int64_t n = filled[r];                                                                       \
+    T bound = -INFINITY;                                                                         \
+    if (groups >= depth) {                                                                       \
+      for (int64_t g = 0; g < groups; ++g) maxima[g] = cosines[g];                               \
+      for (int l = 1; l < GROUP; ++l)                                                            \
+        for (int64_t g = 0; g < groups; ++g)                                                     \
+          maxima[g] = cosines[l * groups + g] > maxima[g] ? cosines[l * groups + g] : maxima[g]; \
+      bound = NAME##_bound(maxima, groups, depth);                                               \
+      if (n == depth && values[depth - 1] > bound) bound = values[depth - 1];                    \
+      for (int64_t g = 0; g < groups; ++g) {                                                     \
+        if (maxima[g] < bound) continue;                                                         \
+        for (int l = 0; l < GROUP; ++l) {                                                        \
+          int64_t j = l * groups + g;                                                            \
+          if (cosines[j] >= bound) NAME##_keep(values, kept, &n, depth, cosines[j], offset + j); \
+        }                                                                                        \
+      }                                                                                          \
+      for (int64_t j = whole; j < items; ++j)                                                    \
+        NAME##_keep(values, kept, &n, depth, cosines[j], offset + j);                            \
+    } else {                                                                                     \
+      for (int64_t j = 0; j < items; ++j) NAME##_keep(values, kept, &n, depth, cosines[j], offset + j); \
+    }                                                                                            \
+    filled[r] = n;                                                                               \
+  }                                                                                              \
+}
+
+KERNEL(knn_block_f32, float, uint32_t, sqrtf)
+KERNEL(knn_block_f64, double, uint64_t, sqrt)
+"""
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """What the blocks so far leave of one chunk: per query its `depth` most similar items
+    (values and gallery indices, most similar first), its nearest item (distance and index)
+    and its distance sums per class."""
+
+    values: Tensor
+    items: Tensor
+    filled: Tensor
+    nearest_values: Tensor
+    nearest_items: Tensor
+    sums: Tensor
+
+
+def native():
+    """The compiled kernels (a ctypes library), or None where they cannot be built or are
+    disabled by TAXONCLIP_KNN_NATIVE=0."""
+    if os.environ.get(ENABLE_VARIABLE, "1") == "0":
+        return None
+    return _compiled()
+
+
+@functools.cache
+def _compiled():
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="taxonclip-knn-"))
+    try:
+        (folder / "scan.c").write_text(SOURCE)
+        built = subprocess.run([compiler, *FLAGS, "-o", str(folder / "scan.so"), str(folder / "scan.c")],
+                               capture_output=True, timeout=120, check=False)
+        if built.returncode != 0:
+            return None
+        library = ctypes.CDLL(str(folder / "scan.so"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    pointer, integer = ctypes.c_void_p, ctypes.c_int64
+    for kernel in (library.knn_block_f32, library.knn_block_f64):
+        kernel.restype = None
+        kernel.argtypes = [pointer, integer, integer, integer, integer, pointer, pointer, pointer,
+                           pointer, integer, integer, pointer, pointer, pointer, pointer, pointer,
+                           pointer, pointer]
+    return library
+
+
+def supports(query: Tensor) -> bool:
+    """Whether the kernels can scan this chunk's products: float32 or float64 on the CPU."""
+    return query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64) and native() is not None
+
+
+def start(rows: int, depth: int, n_classes: int, dtype: torch.dtype) -> Ranking:
+    """The state of a chunk before its first block."""
+    return Ranking(values=torch.empty(rows, depth, dtype=dtype),
+                   items=torch.zeros(rows, depth, dtype=torch.int64),
+                   filled=torch.zeros(rows, dtype=torch.int64),
+                   nearest_values=torch.full((rows,), float("inf"), dtype=dtype),
+                   nearest_items=torch.zeros(rows, dtype=torch.int64),
+                   sums=torch.zeros(rows, n_classes, dtype=dtype))
+
+
+def scan(state: Ranking, products: Tensor, offset: int, query_squared_norms: Tensor,
+         squared_norms: Tensor, inverse_norms: Tensor, classes: Tensor) -> None:
+    """Add one block of products (queries x the items from `offset`, whose squared norms,
+    inverse norms and classes are given) to `state`, the queries split among torch's threads."""
+    products = products.contiguous()
+    rows, items = products.shape
+    vectors = [query_squared_norms.contiguous(), squared_norms.contiguous(),
+               inverse_norms.contiguous(), classes.contiguous()]
+    kernel = native().knn_block_f32 if products.dtype == torch.float32 else native().knn_block_f64
+    threads = torch.get_num_threads()
+    # more parts than threads: where other work deschedules a thread, the others take its parts
+    parts = max(1, min(threads * PARTS_PER_THREAD if threads > 1 else 1, rows // 16))
+    bounds = [rows * part // parts for part in range(parts + 1)]
+    groups = items // 16
+    scratch = torch.empty(parts, 2 * items + groups + 1, dtype=products.dtype)
+
+    def run(part: int) -> None:
+        kernel(products.data_ptr(), bounds[part], bounds[part + 1], items, offset,
+               *(vector.data_ptr() for vector in vectors), state.sums.shape[1], state.values.shape[1],
+               state.values.data_ptr(), state.items.data_ptr(), state.filled.data_ptr(),
+               state.nearest_values.data_ptr(), state.nearest_items.data_ptr(), state.sums.data_ptr(),
+               scratch[part].data_ptr())
+
+    if parts == 1:
+        run(0)
+    else:
+        list(_pool(threads).map(run, range(parts)))
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    # ctypes releases the GIL while a kernel runs: the threads share the cores as torch's do
+    return ThreadPoolExecutor(workers, thread_name_prefix="taxonclip-knn")

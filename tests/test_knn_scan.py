@@ -1,0 +1,89 @@
+"""knn_scan's C kernel against knn's torch operations and the plain reference of test_knn.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taxonclip import knn, knn_scan
+from taxonclip.config import EvalConfig
+from taxonclip.knn import knn_metrics
+from tests.test_knn import assert_matches_reference, integer_embeddings_with_ties, reference_metrics
+
+CHUNK = EvalConfig().chunk_size
+needs_kernel = pytest.mark.skipif(knn_scan.native() is None, reason="no C compiler builds knn_scan's kernel")
+
+
+def _ties_across_blocks(seed: int):
+    """Integer vectors (exact products) whose duplicates sit on both sides of block and chunk
+    boundaries, a class whose members span every block, and a class larger than the ranking."""
+    query, query_labels, gallery, gallery_labels = integer_embeddings_with_ties(seed)
+    gallery = torch.cat([gallery, gallery.flip(0), gallery[:13]])
+    gallery_labels = torch.cat([gallery_labels, (gallery_labels.flip(0) + 10) % 60, gallery_labels[:13]])
+    gallery_labels[::3] = 50  # one class in every block, with more items than top-5 ranks
+    return query, query_labels, gallery, gallery_labels
+
+
+@needs_kernel
+@pytest.mark.parametrize("block_elements, chunk_size", [(7 * 6, 7), (5 * 17, 5), (1 << 22, 30)])
+def test_kernel_matches_reference_with_ties_across_blocks_and_chunks(monkeypatch, block_elements, chunk_size):
+    monkeypatch.setattr(knn, "BLOCK_ELEMENTS", block_elements)
+    data = _ties_across_blocks(seed=20)
+
+    assert_matches_reference(knn_metrics(*data, chunk_size=chunk_size), reference_metrics(*data))
+
+
+@needs_kernel
+@pytest.mark.parametrize("seed", [21, 22])
+def test_kernel_and_torch_operations_give_the_same_table(monkeypatch, seed):
+    """float32 at a size where the kernel screens by group maxima (items over 16 x depth)."""
+    generator = torch.Generator().manual_seed(seed)
+    gallery = torch.randn(3000, 16, generator=generator)
+    gallery[1500:1600] = gallery[:100]  # duplicates: ties in both rankings
+    query = torch.randn(300, 16, generator=generator)
+    query[:20] = gallery[:20]
+    gallery_labels = torch.randint(0, 40, (3000,), generator=generator)
+    query_labels = torch.randint(0, 40, (300,), generator=generator)
+    kernel = knn_metrics(query, query_labels, gallery, gallery_labels, chunk_size=64)
+    monkeypatch.setenv(knn_scan.ENABLE_VARIABLE, "0")
+
+    passes = knn_metrics(query, query_labels, gallery, gallery_labels, chunk_size=64)
+
+    assert torch.equal(kernel.predictions, passes.predictions)
+    for name in knn.METRICS:  # distances may differ in the last bit: torch's sqrt is approximate
+        assert kernel.metrics[name] == pytest.approx(passes.metrics[name], abs=2 / 300), name
+
+
+@needs_kernel
+@pytest.mark.parametrize("items, depth", [(40, 12), (1000, 5), (1000, 70), (1003, 12)])
+def test_kernel_ranking_is_the_stable_descending_sort_over_blocks(items, depth):
+    """The kept items of two blocks are the first `depth` of a stable descending sort of their
+    cosines; the nearest item is the first smallest distance; the sums add every distance."""
+    generator = torch.Generator().manual_seed(items + depth)
+    products = torch.randint(-4, 5, (32, items), generator=generator).double()
+    products[:8] = torch.randn(8, items, generator=generator, dtype=torch.float64)
+    squared_norms = torch.full((items,), 100.0, dtype=torch.float64)
+    inverse_norms = torch.ones(items, dtype=torch.float64)
+    classes = torch.randint(0, 7, (items,), generator=generator)
+    query_squared_norms = torch.full((32,), 100.0, dtype=torch.float64)
+    state = knn_scan.start(32, depth, 7, torch.float64)
+    half = items // 2
+    for start, stop in ((0, half), (half, items)):
+        knn_scan.scan(state, products[:, start:stop], start, query_squared_norms,
+                      squared_norms[start:stop], inverse_norms[start:stop], classes[start:stop])
+
+    expected = products.sort(dim=1, descending=True, stable=True).indices[:, :depth]
+    assert torch.equal(state.items, expected)
+    assert torch.equal(state.values, products.gather(1, expected))
+    distances = (200 - 2 * products).clamp(min=0).sqrt()
+    assert torch.equal(state.nearest_items, distances.argmin(dim=1))
+    sums = torch.zeros(32, 7, dtype=torch.float64).index_add_(1, classes, distances)
+    assert torch.allclose(state.sums, sums, rtol=1e-12)
+
+
+def test_without_the_kernel_knn_keeps_its_torch_operations(monkeypatch):
+    monkeypatch.setenv(knn_scan.ENABLE_VARIABLE, "0")
+    data = _ties_across_blocks(seed=23)
+
+    assert not knn_scan.supports(data[0])
+    assert_matches_reference(knn_metrics(*data, chunk_size=CHUNK), reference_metrics(*data))
