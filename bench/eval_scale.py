@@ -164,14 +164,14 @@ def in_memory_table(vectors, table, split, levels, args: argparse.Namespace):
     import torch
 
     from taxonclip import knn
-    from taxonclip.table import TABLE_COLUMNS, _scope, table_cells
+    from taxonclip.table import TABLE_COLUMNS, scope_masks, table_cells
 
     vectors = vectors.float()
     is_train, is_test = np.zeros(len(table), bool), np.zeros(len(table), bool)
     is_train[split.train], is_test[split.test] = True, True
     rows = []
     for scope, level in table_cells(table["taxa"].unique(), False, levels):
-        in_gallery, in_queries = _scope(scope, table, None)
+        in_gallery, in_queries = scope_masks(scope, table, None)
         codes = torch.as_tensor(pd.factorize(table[level])[0], dtype=torch.long)
         gallery, queries = np.flatnonzero(in_gallery & is_train), np.flatnonzero(in_queries & is_test)
         result = knn.knn_metrics(vectors[queries], codes[queries], vectors[gallery], codes[gallery],

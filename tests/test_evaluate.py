@@ -291,7 +291,7 @@ def _in_memory_table(vectors: torch.Tensor, table: pd.DataFrame, split, seen) ->
     is_seen = table[seen.level].isin(seen.classes).to_numpy()
     rows = []
     for scope, level in table_module.table_cells(table["taxa"].unique(), True, FEW_LEVELS):
-        in_gallery, in_queries = table_module._scope(scope, table, is_seen)
+        in_gallery, in_queries = table_module.scope_masks(scope, table, is_seen)
         known = table[level].notna().to_numpy()
         codes = torch.as_tensor(pd.factorize(table[level])[0], dtype=torch.long)
         gallery = np.flatnonzero(in_gallery & is_train & known)

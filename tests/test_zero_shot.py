@@ -17,7 +17,7 @@ from taxonclip.data.manifest import read_manifest
 from taxonclip.errors import ConfigError
 from taxonclip.embed import embed_images
 from taxonclip.evaluation import evaluate
-from taxonclip.table import _scope
+from taxonclip.table import scope_masks
 from taxonclip.models import create_model
 from taxonclip.zero_shot import class_texts, prototypes, zero_shot_hits
 from tests.helpers import sqlite_tracking
@@ -89,7 +89,7 @@ def test_eval_zero_shot_columns_equal_a_recomputation(specimens):
             class_vectors = torch.stack([F.normalize(F.normalize(encoder.encode_text(t), dim=1).mean(0), dim=0)
                                          for t in texts.values()])
         index = {name: i for i, name in enumerate(texts)}
-        in_scope, queries = _scope(row.taxa, rows, None)
+        in_scope, queries = scope_masks(row.taxa, rows, None)
         candidates = torch.tensor(sorted(index[n] for n in rows[row.level][in_scope].dropna().unique()))
         picked = np.flatnonzero(queries & is_test & rows[row.level].notna().to_numpy())
         labels = torch.tensor([index[n] for n in rows[row.level].iloc[picked]])

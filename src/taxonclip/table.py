@@ -79,13 +79,14 @@ def evaluation_table(vectors: torch.Tensor, table: pd.DataFrame, split: Split, *
     is_seen = None if seen is None else table[seen.level].isin(seen.classes).to_numpy()
     rows = []
     for scope, level in table_cells(table["taxa"].unique(), seen is not None, levels):
-        gallery, queries = _scope(scope, table, is_seen)
+        gallery, queries = scope_masks(scope, table, is_seen)
         rows.append(_row(scope, level, both, table[level], gallery & is_train, queries & is_test,
                          chunk_size, device))
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
-def _scope(scope: str, table: pd.DataFrame, is_seen: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def scope_masks(scope: str, table: pd.DataFrame,
+                is_seen: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The rows that the gallery and the queries of one table row are drawn from."""
     everything = np.ones(len(table), bool)
     if scope == ALL_TAXA:

@@ -23,7 +23,7 @@ from taxonclip.data.splits import Split
 from taxonclip.embed import embed_texts
 from taxonclip.errors import ModelError
 from taxonclip.names import Levels
-from taxonclip.table import Seen, _scope
+from taxonclip.table import Seen, scope_masks
 
 NAME_TEMPLATE = "a photo of {name}."
 TAXA_TEMPLATE = "a photo of {taxa} {name}."
@@ -122,7 +122,7 @@ def zero_shot_table(table: pd.DataFrame, queries: torch.Tensor, rows: pd.DataFra
     scores = []
     for scope, level in zip(table["taxa"], table["level"]):
         class_prototypes, index = prototypes[level]
-        in_scope, query_scope = _scope(scope, rows, is_seen)
+        in_scope, query_scope = scope_masks(scope, rows, is_seen)
         labelled = rows[level].notna().to_numpy()
         picked = np.flatnonzero(query_scope & is_test & labelled)
         candidates = torch.tensor(sorted(index[name] for name in rows[level][in_scope & labelled].unique()))
