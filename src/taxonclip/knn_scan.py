@@ -59,7 +59,9 @@ static T NAME##_bound(const T* maxima, int64_t n, int64_t depth) {              
     if (!(middle > low)) break;                                                                  \
     int64_t count = 0;                                                                           \
     for (int64_t g = 0; g < n; ++g) count += maxima[g] >= middle;                                \
-    if (count >= depth) low = middle; else high = middle;                                        \
+    /* any value that `depth` maxima reach will do: stop once few more than `depth` reach it */  \
+    if (count >= depth) { low = middle; if (count <= depth + depth / 4 + 1) break; }            \
+    else high = middle;                                                                          \
   }                                                                                              \
   return low;                                                                                    \
 }                                                                                                \
