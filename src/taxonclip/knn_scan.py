@@ -86,18 +86,29 @@ void NAME(const T* products, int64_t row_start, int64_t row_stop, int64_t items,
           int64_t* top_items, int64_t* filled, T* nearest_values, int64_t* nearest_items,        \
           T* sums, T* scratch) {                                                                 \
   const int64_t groups = items / GROUP, whole = groups * GROUP;                                  \
-  T* cosines = scratch; T* distances = scratch + items;                                          \
-  T* maxima = scratch + 2 * items;                                   \
+  /* distances of two rows in turn: their class sums are added together, one load of each item's \
+     class for both rows */                                                                      \
+  T* cosines = scratch;                                                                          \
+  T* maxima = scratch + 3 * items;                                                               \
   for (int64_t r = row_start; r < row_stop; ++r) {                                               \
     const T* p = products + r * items;                                                           \
     const T sq = query_sq[r];                                                                    \
+    T* distances = scratch + items + ((r - row_start) & 1) * items;                              \
     for (int64_t j = 0; j < items; ++j) {                                                        \
       cosines[j] = p[j] * item_inv[j];                                                           \
       T t = (item_sq[j] - (T)2 * p[j]) + sq;                                                     \
       distances[j] = SQRT(t > (T)0 ? t : (T)0);                                                  \
     }                                                                                            \
     T* row_sums = sums + r * n_classes;                                                          \
-    for (int64_t j = 0; j < items; ++j) row_sums[classes[j]] += distances[j];                    \
+    if ((r - row_start) & 1) {                                                                   \
+      T* previous_sums = row_sums - n_classes; const T* previous = distances - items;            \
+      for (int64_t j = 0; j < items; ++j) {                                                      \
+        const int64_t c = classes[j];                                                            \
+        previous_sums[c] += previous[j]; row_sums[c] += distances[j];                            \
+      }                                                                                          \
+    } else if (r + 1 == row_stop) {                                                              \
+      for (int64_t j = 0; j < items; ++j) row_sums[classes[j]] += distances[j];                  \
+    }                                                                                            \
     /* nearest: distances are >= 0, ordered as their bits are as unsigned integers, whose       \
        minimum vectorises; then the first item at that distance */                              \
     BITS fewest = ~(BITS)0;                                                                      \
@@ -224,7 +235,7 @@ def scan(state: Ranking, products: Tensor, offset: int, query_squared_norms: Ten
     parts = max(1, min(threads * PARTS_PER_THREAD if threads > 1 else 1, rows // 16))
     bounds = [rows * part // parts for part in range(parts + 1)]
     groups = items // 16
-    scratch = torch.empty(parts, 2 * items + groups + 1, dtype=products.dtype)
+    scratch = torch.empty(parts, 3 * items + groups + 1, dtype=products.dtype)
 
     def run(part: int) -> None:
         kernel(products.data_ptr(), bounds[part], bounds[part + 1], items, offset,
