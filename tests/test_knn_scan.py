@@ -87,3 +87,14 @@ def test_without_the_kernel_knn_keeps_its_torch_operations(monkeypatch):
 
     assert not knn_scan.supports(data[0])
     assert_matches_reference(knn_metrics(*data, chunk_size=CHUNK), reference_metrics(*data))
+
+
+@needs_kernel
+def test_kernel_without_openmp_splits_the_rows_among_python_threads(monkeypatch):
+    """Where the compiler has no OpenMP, the kernel's parts run on a pool of Python threads."""
+    monkeypatch.setattr(knn_scan.native(), "with_openmp", False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    query, query_labels, gallery, gallery_labels = _ties_across_blocks(seed=24)
+    data = (query.repeat(3, 1), query_labels.repeat(3), gallery, gallery_labels)  # rows for 5 parts
+
+    assert_matches_reference(knn_metrics(*data, chunk_size=90), reference_metrics(*data))

@@ -12,6 +12,11 @@ into a temporary folder (removed at once; the loaded library stays mapped). Wher
 works, `native()` is None and knn keeps its torch operations, which give the same rankings and
 nearest items; distances may differ in the last bit, as torch's vectorised square root is not
 always correctly rounded.
+
+Built with OpenMP where the compiler has it, the kernel shares the queries among the threads of the
+OpenMP runtime already loaded (torch's), which computed the products just before: on 2 cores a
+separate pool of threads competed with them and the kernel ran barely faster on two threads than
+on one. Without OpenMP, parts of the rows run on a pool of Python threads.
 """
 
 from __future__ import annotations
@@ -43,7 +48,14 @@ SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD omp_get_thread_num()
+#else
+#define THREAD 0
+#endif
 #define GROUP 16
+#define ROWS_PER_TASK 16
 
 #define KERNEL(NAME, T, BITS, SQRT)                                                                    \
 static T NAME##_bound(const T* maxima, int64_t n, int64_t depth) {                            \
@@ -151,6 +163,25 @@ void NAME(const T* products, int64_t row_start, int64_t row_stop, int64_t items,
     }                                                                                            \
     filled[r] = n;                                                                               \
   }                                                                                              \
+}                                                                                                \
+                                                                                                 \
+/* every row, in tasks of ROWS_PER_TASK rows shared among `threads` threads of the OpenMP runtime \
+   (torch's own where it is OpenMP's, whose threads then need no wake-up), each with its own     \
+   scratch of `stride` values */                                                                 \
+void NAME##_rows(const T* products, int64_t rows, int64_t items, int64_t offset,                 \
+                 const T* query_sq, const T* item_sq, const T* item_inv, const int64_t* classes, \
+                 int64_t n_classes, int64_t depth, T* top_values, int64_t* top_items,            \
+                 int64_t* filled, T* nearest_values, int64_t* nearest_items, T* sums, T* scratch, \
+                 int64_t stride, int64_t threads) {                                              \
+  const int64_t tasks = (rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;                              \
+  _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")                             \
+  for (int64_t task = 0; task < tasks; ++task) {                                                 \
+    const int64_t first = task * ROWS_PER_TASK;                                                  \
+    const int64_t last = first + ROWS_PER_TASK < rows ? first + ROWS_PER_TASK : rows;            \
+    NAME(products, first, last, items, offset, query_sq, item_sq, item_inv, classes, n_classes,  \
+         depth, top_values, top_items, filled, nearest_values, nearest_items, sums,              \
+         scratch + THREAD * stride);                                                             \
+  }                                                                                              \
 }
 
 KERNEL(knn_block_f32, float, uint32_t, sqrtf)
@@ -185,25 +216,42 @@ def _compiled():
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
+    library = None
+    # with OpenMP first: its runtime is the one torch loaded (libgomp.so.1) where torch uses
+    # OpenMP, so the kernel runs on the threads that just computed the products
+    for flags in ((*FLAGS, "-fopenmp"), FLAGS):
+        library = _built(compiler, flags)
+        if library is not None:
+            library.with_openmp = "-fopenmp" in flags
+            break
+    if library is None:
+        return None
+    pointer, integer = ctypes.c_void_p, ctypes.c_int64
+    arguments = [pointer, integer, integer, integer, integer, pointer, pointer, pointer, pointer, integer,
+                 integer, pointer, pointer, pointer, pointer, pointer, pointer, pointer]
+    for kernel in (library.knn_block_f32, library.knn_block_f64):
+        kernel.restype = None
+        kernel.argtypes = arguments
+    for kernel in (library.knn_block_f32_rows, library.knn_block_f64_rows):
+        kernel.restype = None
+        kernel.argtypes = [pointer, integer, *arguments[3:], integer, integer]
+    return library
+
+
+def _built(compiler: str, flags: tuple[str, ...]):
+    """SOURCE compiled with these flags and loaded, or None."""
     folder = Path(tempfile.mkdtemp(prefix="taxonclip-knn-"))
     try:
         (folder / "scan.c").write_text(SOURCE)
-        built = subprocess.run([compiler, *FLAGS, "-o", str(folder / "scan.so"), str(folder / "scan.c")],
+        built = subprocess.run([compiler, *flags, "-o", str(folder / "scan.so"), str(folder / "scan.c")],
                                capture_output=True, timeout=120, check=False)
         if built.returncode != 0:
             return None
-        library = ctypes.CDLL(str(folder / "scan.so"))
+        return ctypes.CDLL(str(folder / "scan.so"))
     except (OSError, subprocess.SubprocessError):
         return None
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    pointer, integer = ctypes.c_void_p, ctypes.c_int64
-    for kernel in (library.knn_block_f32, library.knn_block_f64):
-        kernel.restype = None
-        kernel.argtypes = [pointer, integer, integer, integer, integer, pointer, pointer, pointer,
-                           pointer, integer, integer, pointer, pointer, pointer, pointer, pointer,
-                           pointer, pointer]
-    return library
 
 
 def supports(query: Tensor) -> bool:
@@ -229,20 +277,25 @@ def scan(state: Ranking, products: Tensor, offset: int, query_squared_norms: Ten
     rows, items = products.shape
     vectors = [query_squared_norms.contiguous(), squared_norms.contiguous(),
                inverse_norms.contiguous(), classes.contiguous()]
-    kernel = native().knn_block_f32 if products.dtype == torch.float32 else native().knn_block_f64
+    library = native()
+    name = "knn_block_f32" if products.dtype == torch.float32 else "knn_block_f64"
     threads = torch.get_num_threads()
+    stride = 3 * items + items // 16 + 1  # cosines, two rows of distances, group maxima
+    common = (items, offset, *(vector.data_ptr() for vector in vectors), state.sums.shape[1],
+              state.values.shape[1], state.values.data_ptr(), state.items.data_ptr(), state.filled.data_ptr(),
+              state.nearest_values.data_ptr(), state.nearest_items.data_ptr(), state.sums.data_ptr())
+    if library.with_openmp:
+        scratch = torch.empty(threads, stride, dtype=products.dtype)
+        getattr(library, name + "_rows")(products.data_ptr(), rows, *common, scratch.data_ptr(), stride, threads)
+        return
+    kernel = getattr(library, name)
     # more parts than threads: where other work deschedules a thread, the others take its parts
     parts = max(1, min(threads * PARTS_PER_THREAD if threads > 1 else 1, rows // 16))
     bounds = [rows * part // parts for part in range(parts + 1)]
-    groups = items // 16
-    scratch = torch.empty(parts, 3 * items + groups + 1, dtype=products.dtype)
+    scratch = torch.empty(parts, stride, dtype=products.dtype)
 
     def run(part: int) -> None:
-        kernel(products.data_ptr(), bounds[part], bounds[part + 1], items, offset,
-               *(vector.data_ptr() for vector in vectors), state.sums.shape[1], state.values.shape[1],
-               state.values.data_ptr(), state.items.data_ptr(), state.filled.data_ptr(),
-               state.nearest_values.data_ptr(), state.nearest_items.data_ptr(), state.sums.data_ptr(),
-               scratch[part].data_ptr())
+        kernel(products.data_ptr(), bounds[part], bounds[part + 1], *common, scratch[part].data_ptr())
 
     if parts == 1:
         run(0)
