@@ -213,10 +213,18 @@ def _check_inputs(query: Tensor, queries: Source, query_labels: Tensor, gallery:
 
 def _squared_norms(vectors: Tensor, name: str) -> Tensor:
     """Squared L2 norm of each row; also the check for NaN and infinite values, which it carries."""
-    squared_norms = torch.linalg.vecdot(vectors, vectors)
+    squared_norms = _squares(vectors)
     if not torch.isfinite(squared_norms).all():
         raise DataError(f"{name} embeddings contain NaN or infinite values (or values too large to square)")
     return squared_norms
+
+
+def _squares(vectors: Tensor, out: Tensor | None = None) -> Tensor:
+    """Squared L2 norm of each row: by knn_scan's C loop where it has one (torch's took 1.7 ms
+    for 8,000 x 512 values on one thread), else by torch."""
+    if knn_scan.supports(vectors):
+        return knn_scan.squared_norms(vectors, out)
+    return torch.linalg.vecdot(vectors, vectors, out=out)
 
 
 def _gallery(source: Source, classes: Tensor, n_classes: int, block: int) -> _Gallery:
@@ -227,7 +235,7 @@ def _gallery(source: Source, classes: Tensor, n_classes: int, block: int) -> _Ga
     unit = None
     for start, vectors in ([(0, resident)] if resident is not None else blocks(source, block)):
         stop = start + len(vectors)
-        norms = torch.linalg.vecdot(vectors, vectors, out=squared_norms[start:stop])
+        norms = _squares(vectors, out=squared_norms[start:stop])
         if not torch.isfinite(norms).all():
             raise DataError("gallery embeddings contain NaN or infinite values (or values too large to square)")
         # the mean cosine with a class is the dot product with the mean of its L2-normalised vectors

@@ -184,6 +184,27 @@ void NAME##_rows(const T* products, int64_t rows, int64_t items, int64_t offset,
   }                                                                                              \
 }
 
+#define NORMS(NAME, T)                                                                                 \
+/* the squared L2 norm of each of `rows` rows of `dim` values, summed in LANES partial sums (in  \
+   the same order on every machine, so exact wherever the values' squares sum exactly) */        \
+void NAME(const T* vectors, int64_t rows, int64_t dim, T* out, int64_t threads) {                \
+  _Pragma("omp parallel for schedule(static) num_threads(threads)")                              \
+  for (int64_t r = 0; r < rows; ++r) {                                                           \
+    const T* v = vectors + r * dim;                                                              \
+    T partial[LANES] = {0};                                                                      \
+    int64_t i = 0;                                                                               \
+    for (; i + LANES <= dim; i += LANES)                                                         \
+      for (int k = 0; k < LANES; ++k) partial[k] += v[i + k] * v[i + k];                         \
+    for (int k = 0; i < dim; ++i, ++k) partial[k] += v[i] * v[i];                                \
+    T total = 0;                                                                                 \
+    for (int k = 0; k < LANES; ++k) total += partial[k];                                         \
+    out[r] = total;                                                                              \
+  }                                                                                              \
+}
+
+#define LANES 16
+NORMS(squared_norms_f32, float)
+NORMS(squared_norms_f64, double)
 KERNEL(knn_block_f32, float, uint32_t, sqrtf)
 KERNEL(knn_block_f64, double, uint64_t, sqrt)
 """
@@ -235,6 +256,9 @@ def _compiled():
     for kernel in (library.knn_block_f32_rows, library.knn_block_f64_rows):
         kernel.restype = None
         kernel.argtypes = [pointer, integer, *arguments[3:], integer, integer]
+    for function in (library.squared_norms_f32, library.squared_norms_f64):
+        function.restype = None
+        function.argtypes = [pointer, integer, integer, pointer, integer]
     return library
 
 
@@ -257,6 +281,16 @@ def _built(compiler: str, flags: tuple[str, ...]):
 def supports(query: Tensor) -> bool:
     """Whether the kernels can scan this chunk's products: float32 or float64 on the CPU."""
     return query.device.type == "cpu" and query.dtype in (torch.float32, torch.float64) and native() is not None
+
+
+def squared_norms(vectors: Tensor, out: Tensor | None = None) -> Tensor:
+    """The squared L2 norm of each row of `vectors` (a CPU matrix that `supports`), into `out`."""
+    vectors = vectors.contiguous()
+    out = torch.empty(len(vectors), dtype=vectors.dtype) if out is None else out
+    name = "squared_norms_f32" if vectors.dtype == torch.float32 else "squared_norms_f64"
+    getattr(native(), name)(vectors.data_ptr(), len(vectors), vectors.shape[1], out.data_ptr(),
+                            torch.get_num_threads())
+    return out
 
 
 def start(rows: int, depth: int, n_classes: int, dtype: torch.dtype) -> Ranking:
