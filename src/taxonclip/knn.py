@@ -239,6 +239,9 @@ def _gallery(source: Source, classes: Tensor, n_classes: int, block: int) -> _Ga
         if not torch.isfinite(norms).all():
             raise DataError("gallery embeddings contain NaN or infinite values (or values too large to square)")
         # the mean cosine with a class is the dot product with the mean of its L2-normalised vectors
+        if knn_scan.supports(vectors):
+            knn_scan.add_unit_vectors(unit_sums, vectors, norms, classes[start:stop], _NORM_EPS)
+            continue
         unit = vectors.new_empty(vectors.shape) if unit is None else unit[:len(vectors)]
         torch.div(vectors, norms.sqrt().clamp_min(_NORM_EPS)[:, None], out=unit)
         _add_class_vectors(unit_sums, unit, classes[start:stop])

@@ -202,6 +202,27 @@ void NAME(const T* vectors, int64_t rows, int64_t dim, T* out, int64_t threads) 
   }                                                                                              \
 }
 
+#define UNIT_SUMS(NAME, T, SQRT)                                                                        \
+/* adds each of `rows` rows of `dim` values, divided by its norm (at least `eps`), to the row of \
+   `sums` of its class, rows in order; the threads share the columns, so no two add to one value */ \
+void NAME(const T* vectors, int64_t rows, int64_t dim, const T* squared_norms,                   \
+          const int64_t* classes, T eps, T* sums, int64_t threads) {                             \
+  const int64_t width = 64, slices = (dim + width - 1) / width;                                  \
+  _Pragma("omp parallel for schedule(static) num_threads(threads)")                              \
+  for (int64_t slice = 0; slice < slices; ++slice) {                                             \
+    const int64_t first = slice * width, last = first + width < dim ? first + width : dim;       \
+    for (int64_t r = 0; r < rows; ++r) {                                                         \
+      const T norm = SQRT(squared_norms[r]);                                                     \
+      const T d = norm > eps ? norm : eps;                                                       \
+      const T* restrict v = vectors + r * dim;                                                   \
+      T* restrict s = sums + classes[r] * dim;                                                   \
+      for (int64_t i = first; i < last; ++i) s[i] += v[i] / d;                                   \
+    }                                                                                            \
+  }                                                                                              \
+}
+
+UNIT_SUMS(unit_sums_f32, float, sqrtf)
+UNIT_SUMS(unit_sums_f64, double, sqrt)
 #define LANES 16
 NORMS(squared_norms_f32, float)
 NORMS(squared_norms_f64, double)
@@ -259,6 +280,9 @@ def _compiled():
     for function in (library.squared_norms_f32, library.squared_norms_f64):
         function.restype = None
         function.argtypes = [pointer, integer, integer, pointer, integer]
+    for function, real in ((library.unit_sums_f32, ctypes.c_float), (library.unit_sums_f64, ctypes.c_double)):
+        function.restype = None
+        function.argtypes = [pointer, integer, integer, pointer, pointer, real, pointer, integer]
     return library
 
 
@@ -291,6 +315,17 @@ def squared_norms(vectors: Tensor, out: Tensor | None = None) -> Tensor:
     getattr(native(), name)(vectors.data_ptr(), len(vectors), vectors.shape[1], out.data_ptr(),
                             torch.get_num_threads())
     return out
+
+
+def add_unit_vectors(sums: Tensor, vectors: Tensor, squared_norms: Tensor, classes: Tensor,
+                     eps: float) -> Tensor:
+    """`sums` (classes x dim) plus, per class, the sum of its `vectors` (a CPU matrix that
+    `supports`) divided by their norms (sqrt of `squared_norms`, at least `eps`), in row order."""
+    vectors, squared_norms, classes = vectors.contiguous(), squared_norms.contiguous(), classes.contiguous()
+    name = "unit_sums_f32" if vectors.dtype == torch.float32 else "unit_sums_f64"
+    getattr(native(), name)(vectors.data_ptr(), len(vectors), vectors.shape[1], squared_norms.data_ptr(),
+                            classes.data_ptr(), eps, sums.data_ptr(), torch.get_num_threads())
+    return sums
 
 
 def start(rows: int, depth: int, n_classes: int, dtype: torch.dtype) -> Ranking:
