@@ -351,33 +351,40 @@ def report_sections(comparison: Comparison, plots: list[Plot],
     return sections
 
 
+def _rendered(sections: list[Section], heading, text, table, plot) -> list[str]:
+    """Each section's parts in one format: its heading, then its text, table and plot where it
+    has them, each rendered by the function of that name."""
+    parts = []
+    for section in sections:
+        parts.append(heading(section.title))
+        if section.text:
+            parts.append(text(section.text))
+        if section.table is not None:
+            parts.append(table(section.table))
+        if section.plot is not None:
+            parts.append(plot(section.plot))
+    return parts
+
+
 def to_markdown(title: str, sections: list[Section]) -> str:
     """The report as Markdown, plots linked from `plots/`."""
     parts = [f"# {title}\n", f"{PERCENT_NOTE}\n"]
-    for section in sections:
-        parts.append(f"## {section.title}\n")
-        if section.text:
-            parts.append(f"{section.text}\n")
-        if section.table is not None:
-            parts.append(markdown_grid(section.table))
-        if section.plot is not None:
-            parts.append(f"![{section.plot.title}](plots/{section.plot.name})\n")
+    parts += _rendered(sections, heading=lambda text: f"## {text}\n", text=lambda text: f"{text}\n",
+                       table=markdown_grid, plot=lambda plot: f"![{plot.title}](plots/{plot.name})\n")
     return "\n".join(parts)
+
+
+def _html_figure(plot) -> str:
+    data = base64.b64encode(plot.png).decode("ascii")
+    return f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(plot.title)}"></figure>'
 
 
 def to_html(title: str, sections: list[Section]) -> str:
     """The report as one HTML file that needs nothing else: inline style, plots as data URIs."""
     body = [f"<h1>{html.escape(title)}</h1>", f'<p class="note">{html.escape(PERCENT_NOTE)}</p>']
-    for section in sections:
-        body.append(f"<h2>{html.escape(section.title)}</h2>")
-        if section.text:
-            body.append(f"<p>{html.escape(section.text)}</p>")
-        if section.table is not None:
-            body.append(html_table(section.table))
-        if section.plot is not None:
-            data = base64.b64encode(section.plot.png).decode("ascii")
-            alt = html.escape(section.plot.title)
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{alt}"></figure>')
+    body += _rendered(sections, heading=lambda text: f"<h2>{html.escape(text)}</h2>",
+                      text=lambda text: f"<p>{html.escape(text)}</p>", table=html_table,
+                      plot=_html_figure)
     return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(title)}</title><style>{HTML_STYLE}</style></head>"
             f"<body>\n{chr(10).join(body)}\n</body></html>\n")
