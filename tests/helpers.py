@@ -1,11 +1,14 @@
 """Plain helpers the tests import: the checkout's paths, free ports, a server's readiness,
-a per-test sqlite store and the slow cases' marks. (Fixtures and hooks live in conftest.py.)"""
+a per-test sqlite store, the slow cases' marks and a recorder of the largest tensor an
+operation returns. (Fixtures and hooks live in conftest.py.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -104,3 +107,21 @@ def gained_entries(before: set[str] | None, after: set[str] | None) -> list[str]
     if before is None or after is None:
         return []
     return sorted(line[3:] for line in after - before)
+
+
+class LargestOutput(TorchDispatchMode):
+    """Records the largest `measure(tensor)` over the tensors any torch operation returns while
+    it is active (`measure` gives None for a tensor that does not count)."""
+
+    def __init__(self, measure):
+        super().__init__()
+        self.measure = measure
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            size = self.measure(tensor) if isinstance(tensor, torch.Tensor) else None
+            if size is not None:
+                self.largest = max(self.largest, size)
+        return out

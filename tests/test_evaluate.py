@@ -23,6 +23,7 @@ from taxonclip import knn, names
 from taxonclip.knn import METRICS
 from taxonclip.models import create_model
 from taxonclip.names import Levels
+from tests.helpers import LargestOutput
 
 
 def _config(specimens, **overrides) -> EvalConfig:
@@ -332,30 +333,16 @@ def test_table_of_a_memory_mapped_store_equals_the_in_memory_reference(tmp_path,
     monkeypatch.setattr(knn, "BLOCK_ELEMENTS", 32 * 50)  # chunks of 32 queries, blocks of 50 items
 
     mapped = torch.from_numpy(np.load(tmp_path / "store.npy", mmap_mode="r+"))
-    with MostVectors() as recorder:
+    # the most embeddings (rows of DIM values) any torch operation returns at once
+    with LargestOutput(lambda t: t.shape[0] if t.ndim == 2 and t.shape[1] == DIM else None) as recorder:
         result = evaluation_table(mapped, table, split, seen=seen, chunk_size=32, levels=FEW_LEVELS)
 
     pd.testing.assert_frame_equal(result, expected, check_exact=True)
-    assert recorder.most <= 50  # a block of the gallery, not the 210 rows of its train split
+    assert recorder.largest <= 50  # a block of the gallery, not the 210 rows of its train split
 
 
 DIM = 24  # a size no other tensor of the scoring has
 FEW_LEVELS = Levels(scored=("species", "genus"), within_taxa=("species",))
-
-
-class MostVectors(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the most embeddings (rows of DIM values) any torch operation returns at once."""
-
-    def __init__(self):
-        super().__init__()
-        self.most = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor) and tensor.ndim == 2 and tensor.shape[1] == DIM:
-                self.most = max(self.most, tensor.shape[0])
-        return out
 
 
 def test_skipped_images_leave_the_kept_rows_in_place_in_the_store(tmp_path):

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from taxonclip import knn
 from taxonclip.config import EvalConfig
 from taxonclip.errors import ConfigError, DataError
 from taxonclip.knn import METRICS, KnnResult, knn_metrics
+from tests.helpers import LargestOutput
 
 CHUNK = EvalConfig().chunk_size
 
@@ -303,21 +303,6 @@ def test_labels_only_in_the_gallery_compete_as_predictions():
     assert result.metrics["top1_cos"] == 0.0 and result.n_classes == 1
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the number of elements of the largest tensor any torch operation returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
-
-
 @pytest.mark.parametrize("n_classes", [30, 2])
 def test_fault_4_memory_is_bounded_by_the_chunk_not_by_test_x_train(n_classes):
     generator = torch.Generator().manual_seed(8)
@@ -325,7 +310,7 @@ def test_fault_4_memory_is_bounded_by_the_chunk_not_by_test_x_train(n_classes):
     labels = torch.randint(0, n_classes, (1000,), generator=generator)
     chunk = 64
 
-    with LargestTensor() as recorder:
+    with LargestOutput(torch.Tensor.numel) as recorder:
         chunked = knn_metrics(query, labels[:300], gallery, labels, chunk_size=chunk)
 
     # the dot products and the cosines of one chunk are the largest tensors
