@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -55,37 +57,45 @@ def test_kernel_and_torch_operations_give_the_same_table(monkeypatch, seed):
 
 
 @needs_kernel
-@pytest.mark.parametrize("items, depth", [(40, 12), (1000, 5), (1000, 70), (1003, 12)])
-def test_kernel_ranking_is_the_stable_descending_sort_over_blocks(items, depth):
+@pytest.mark.parametrize("items, depth, values", [
+    (40, 12, 9), (1000, 5, 9), (1000, 70, 9), (1003, 12, 9),
+    (3000, 100, 9),  # over 128 kept and candidates: sorted, not counted
+    (2000, 5, 1), (2000, 70, 1)])  # every product equal: candidate buffers fill and are merged
+def test_kernel_ranking_is_the_stable_descending_sort_over_blocks(items, depth, values):
     """The kept items of two blocks are the first `depth` of a stable descending sort of their
     cosines; the nearest item is the first smallest distance; the sums add every distance."""
     generator = torch.Generator().manual_seed(items + depth)
-    products = torch.randint(-4, 5, (32, items), generator=generator).double()
+    products = torch.randint(-(values // 2), values // 2 + 1, (32, items), generator=generator).double()
     products[:8] = torch.randn(8, items, generator=generator, dtype=torch.float64)
+    products[8:10] = 3.0  # every item tied, in every block
     squared_norms = torch.full((items,), 100.0, dtype=torch.float64)
     inverse_norms = torch.ones(items, dtype=torch.float64)
     classes = torch.randint(0, 7, (items,), generator=generator)
     query_squared_norms = torch.full((32,), 100.0, dtype=torch.float64)
-    state = knn_scan.start(32, depth, 7, torch.float64)
     half = items // 2
+    state = knn_scan.start(knn_scan.buffers(32, depth, 7, items - half, torch.float64), query_squared_norms, depth)
     for start, stop in ((0, half), (half, items)):
-        knn_scan.scan(state, products[:, start:stop], start, query_squared_norms,
-                      squared_norms[start:stop], inverse_norms[start:stop], classes[start:stop])
+        block = knn_scan.block(start, squared_norms[start:stop], inverse_norms[start:stop], classes[start:stop])
+        for first in (0, 16):  # two strips of queries, one at a time
+            knn_scan.scan(state, products[first:first + 16, start:stop].T, first, block)
 
     expected = products.sort(dim=1, descending=True, stable=True).indices[:, :depth]
-    assert torch.equal(state.items, expected)
-    assert torch.equal(state.values, products.gather(1, expected))
+    values, indices = state.ranked()
+    assert torch.equal(indices, expected)
+    assert torch.equal(values, products.gather(1, expected))
     distances = (200 - 2 * products).clamp(min=0).sqrt()
-    assert torch.equal(state.nearest_items, distances.argmin(dim=1))
+    assert torch.equal(state.nearest()[1], distances.argmin(dim=1))
     sums = torch.zeros(32, 7, dtype=torch.float64).index_add_(1, classes, distances)
-    assert torch.allclose(state.sums, sums, rtol=1e-12)
+    assert torch.allclose(state.distance_sums(), sums, rtol=1e-12)
+    cosine_sums = torch.zeros(32, 7, dtype=torch.float64).index_add_(1, classes, products)
+    assert torch.allclose(state.cosine_sums(), cosine_sums, rtol=1e-12)
 
 
 def test_without_the_kernel_knn_keeps_its_torch_operations(monkeypatch):
     monkeypatch.setenv(knn_scan.ENABLE_VARIABLE, "0")
     data = _ties_across_blocks(seed=23)
 
-    assert not knn_scan.supports(data[0])
+    assert not knn_scan.supports(data[0].device, data[0].dtype)
     assert_matches_reference(knn_metrics(*data, chunk_size=CHUNK), reference_metrics(*data))
 
 
@@ -98,3 +108,13 @@ def test_kernel_without_openmp_splits_the_rows_among_python_threads(monkeypatch)
     data = (query.repeat(3, 1), query_labels.repeat(3), gallery, gallery_labels)  # rows for 5 parts
 
     assert_matches_reference(knn_metrics(*data, chunk_size=90), reference_metrics(*data))
+
+
+@pytest.mark.parametrize("rows", [16, 32, 64, 176, 464, 512, 1024, 16 * 125])
+def test_pieces_cover_the_rows_in_order_with_an_odd_number_of_strips_each(rows):
+    pieces = knn_scan.pieces(rows)
+
+    assert [first for first, _ in pieces] == list(itertools.accumulate([0] + [size for _, size in pieces[:-1]]))
+    assert sum(size for _, size in pieces) == rows
+    assert all(size % knn_scan.LANES == 0 and size // knn_scan.LANES % 2 == 1 for _, size in pieces)
+    assert all(size <= (knn_scan.PIECE_STRIPS + 2) * knn_scan.LANES for _, size in pieces)

@@ -87,8 +87,9 @@ class KnnResult:
 @dataclass(frozen=True)
 class _Gallery:
     """What every chunk of queries needs of the gallery: per item its class, squared norm and
-    inverse norm; per class its count and the mean of its L2-normalised items; and the items
-    themselves, kept on the device when they fit in one block, else read block by block."""
+    inverse norm; per class its count and, where knn_scan does not sum each query's cosines per
+    class, the mean of its L2-normalised items; and the items themselves, kept on the device
+    when they fit in one block, else read block by block."""
 
     source: Source
     block: int
@@ -96,7 +97,7 @@ class _Gallery:
     squared_norms: Tensor
     inverse_norms: Tensor
     counts: Tensor
-    unit_means: Tensor
+    unit_means: Tensor | None
     resident: Tensor | None
 
     def blocks(self):
@@ -140,15 +141,19 @@ def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_la
                                     return_inverse=True)
     query_classes = dense[len(gallery_labels):]
     bank = _gallery(items, dense[:len(gallery_labels)].to(device), len(label_ids),
-                    max(1, BLOCK_ELEMENTS // chunk_size))
+                    max(1, BLOCK_ELEMENTS // chunk_size), unit_means=not knn_scan.supports(device, dtype))
     # queries in order of the gallery size of their class: a chunk then ranks only as deep as
     # its own largest class needs for MAP@R, not as deep as the largest class of all
     counts = bank.counts.cpu()
     order = counts[query_classes].argsort(stable=True)
     # allocated once: fresh blocks of this size, on every chunk, fragment the C library's heap
-    rows = min(chunk_size, len(queries))
-    workspace = _Workspace(torch.empty(rows * min(bank.block, len(items)), device=device, dtype=dtype),
-                           torch.empty(rows * len(label_ids), device=device, dtype=dtype))
+    rows, block = min(chunk_size, len(queries)), min(bank.block, len(items))
+    if bank.unit_means is None:
+        depth = _depth(counts[query_classes].max(), len(bank.classes)) if len(queries) else TOP_K
+        workspace = knn_scan.buffers(rows, depth, len(label_ids), block, dtype)
+    else:
+        workspace = _Workspace(torch.empty(rows * block, device=device, dtype=dtype),
+                               torch.empty(rows * len(label_ids), device=device, dtype=dtype))
     chunks = [_chunk_outcomes(queries.read(order[chunk]), query_classes[order[chunk]].to(device), bank,
                               workspace)
               for chunk in _chunks(counts[query_classes[order]], chunk_size, len(bank.classes))]
@@ -222,15 +227,17 @@ def _squared_norms(vectors: Tensor, name: str) -> Tensor:
 def _squares(vectors: Tensor, out: Tensor | None = None) -> Tensor:
     """Squared L2 norm of each row: by knn_scan's C loop where it has one (torch's took 1.7 ms
     for 8,000 x 512 values on one thread), else by torch."""
-    if knn_scan.supports(vectors):
+    if knn_scan.supports(vectors.device, vectors.dtype):
         return knn_scan.squared_norms(vectors, out)
     return torch.linalg.vecdot(vectors, vectors, out=out)
 
 
-def _gallery(source: Source, classes: Tensor, n_classes: int, block: int) -> _Gallery:
-    """The gallery's statistics, from one pass over its blocks."""
+def _gallery(source: Source, classes: Tensor, n_classes: int, block: int, unit_means: bool) -> _Gallery:
+    """The gallery's statistics, from one pass over its blocks (the classes' means of unit
+    vectors only where `unit_means`)."""
     squared_norms = torch.empty(len(source), device=source.device, dtype=source.dtype)
-    unit_sums = torch.zeros(n_classes, source.vectors.shape[1], device=source.device, dtype=source.dtype)
+    unit_sums = torch.zeros(n_classes, source.vectors.shape[1], device=source.device,
+                            dtype=source.dtype) if unit_means else None
     resident = source.read(slice(0, len(source))) if len(source) <= block else None
     unit = None
     for start, vectors in ([(0, resident)] if resident is not None else blocks(source, block)):
@@ -238,30 +245,36 @@ def _gallery(source: Source, classes: Tensor, n_classes: int, block: int) -> _Ga
         norms = _squares(vectors, out=squared_norms[start:stop])
         if not torch.isfinite(norms).all():
             raise DataError("gallery embeddings contain NaN or infinite values (or values too large to square)")
-        # the mean cosine with a class is the dot product with the mean of its L2-normalised vectors
-        if knn_scan.supports(vectors):
-            knn_scan.add_unit_vectors(unit_sums, vectors, norms, classes[start:stop], _NORM_EPS)
+        if unit_sums is None:
             continue
+        # the mean cosine with a class is the dot product with the mean of its L2-normalised vectors
         unit = vectors.new_empty(vectors.shape) if unit is None else unit[:len(vectors)]
         torch.div(vectors, norms.sqrt().clamp_min(_NORM_EPS)[:, None], out=unit)
         _add_class_vectors(unit_sums, unit, classes[start:stop])
     counts = torch.bincount(classes, minlength=n_classes)
     return _Gallery(source=source, block=block, classes=classes, squared_norms=squared_norms,
                     inverse_norms=1 / squared_norms.sqrt().clamp_min(_NORM_EPS), counts=counts,
-                    unit_means=unit_sums / counts.clamp_min(1)[:, None], resident=resident)
+                    unit_means=None if unit_sums is None else unit_sums / counts.clamp_min(1)[:, None],
+                    resident=resident)
 
 
 def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
-                    workspace: _Workspace) -> dict[str, Tensor]:
+                    workspace: _Workspace | knn_scan.Buffers) -> dict[str, Tensor]:
     """Per-query hits of every metric, average precision and `top1_cos` class for one chunk,
-    the gallery taken block by block."""
+    the gallery taken block by block (by knn_scan's kernel, with its buffers, where the gallery
+    holds no unit means)."""
     query_squared_norms = _squared_norms(query, "query")
     relevant = gallery.counts[query_classes]
     depth = _depth(relevant.max(), len(gallery.classes))
-    if knn_scan.supports(query):
-        ranked, nearest_l2, distance_sums = _scanned(query, query_squared_norms, gallery, depth)
-    else:
-        ranked, nearest_l2, distance_sums = _passes(query, query_squared_norms, gallery, depth, workspace)
+    if gallery.unit_means is None:
+        found = knn_scan.outcomes(_scanned(query, query_squared_norms, gallery, depth, workspace),
+                                  query_classes, gallery.classes, gallery.counts)
+        hits = found.hits.bool()
+        return {"top1_cos": hits[:, 0], "top3_cos": hits[:, 1], "top5_cos": hits[:, 2],
+                "mean_cos": found.best_cosine == query_classes, "top1_l2": found.nearest == query_classes,
+                "mean_l2": found.best_distance == query_classes, "map_at_r": found.precision,
+                "prediction": found.prediction}
+    ranked, nearest_l2, distance_sums = _passes(query, query_squared_norms, gallery, depth, workspace)
     nearest = gallery.classes[ranked[1]]
     hits = nearest == query_classes[:, None]
     # the query's own norm scales every class alike: it cannot change which class is best
@@ -296,16 +309,31 @@ def _passes(query: Tensor, query_squared_norms: Tensor, gallery: _Gallery, depth
     return ranked, nearest_l2, distance_sums
 
 
-def _scanned(query: Tensor, query_squared_norms: Tensor, gallery: _Gallery,
-             depth: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor]:
-    """What `_passes` gives, from one pass of `knn_scan`'s kernel over each block's products."""
-    state = knn_scan.start(len(query), depth, len(gallery.counts), query.dtype)
+def _scanned(query: Tensor, query_squared_norms: Tensor, gallery: _Gallery, depth: int,
+             buffers: knn_scan.Buffers) -> knn_scan.Ranking:
+    """The ranking, nearest item and class sums of distances and cosines of each query, from
+    one pass of `knn_scan`'s kernel over each block's products."""
+    state = knn_scan.start(buffers, query_squared_norms, depth)
     for start, items in gallery.blocks():
         stop = start + len(items)
-        knn_scan.scan(state, _dot_products(query, items), start, query_squared_norms,
-                      gallery.squared_norms[start:stop], gallery.inverse_norms[start:stop],
-                      gallery.classes[start:stop])
-    return (state.values, state.items), (state.nearest_values, state.nearest_items), state.sums
+        block = knn_scan.block(start, gallery.squared_norms[start:stop], gallery.inverse_norms[start:stop],
+                               gallery.classes[start:stop])
+        for first, products in block_products(query, items):
+            knn_scan.scan(state, products, first, block)
+    return state
+
+
+def block_products(query: Tensor, items: Tensor):
+    """(first query, products) of a chunk of queries with a block of gallery items, as
+    knn_metrics computes them. Where knn_scan scans them (float, CPU): items x queries, for the
+    `knn_scan.pieces` of the `knn_scan.padded` queries one at a time, each product of a piece
+    still in the processor's cache when scanned. Elsewhere: queries x items, at once."""
+    if not knn_scan.supports(query.device, query.dtype):
+        yield 0, _dot_products(query, items)
+        return
+    strips = knn_scan.padded(query)
+    for first, rows in knn_scan.pieces(len(strips)):
+        yield first, _dot_products(items, strips[first:first + rows])
 
 
 def _dot_products(query: Tensor, gallery: Tensor) -> Tensor:

@@ -1,0 +1,317 @@
+/* The kernels of knn_scan.c for one type of value, included once per type: T is the type,
+   INDEX an integer of its width, SQRT its square root, FN(name) the name for this type. */
+
+/* The chunk's state, shared by every strip: `rows` rows (a multiple of LANES), `queries` of them
+   real; per row the ranking (`depth` values and items), how much of it is filled and the nearest
+   item; per strip, class and row the sums of distances and of cosines (strips x classes x 2 x
+   LANES: one strip's sums are contiguous and stay in the cache). */
+typedef struct {
+  int64_t rows, queries, depth, n_classes;
+  T* top_values; int64_t* top_items; int64_t* filled;
+  T* nearest_values; int64_t* nearest_items; T* sums;
+} FN(state);
+
+/* the items of one block: count, index of the first, and per item what the kernel reads */
+typedef struct {
+  int64_t items, offset;
+  const T* squared_norms; const T* inverse_norms; const int64_t* classes;
+} FN(items);
+
+static void FN(bounds)(const T* maxima, int64_t groups, int64_t depth, T* low) {
+  /* per lane, a value that `depth` of its group maxima reach, by bisection (all lanes in step):
+     as at least `depth` items reach it, every item below it is outside the `depth` most similar */
+  T high[LANES], middle[LANES], count[LANES];
+  int done[LANES];
+  for (int k = 0; k < LANES; ++k) { low[k] = high[k] = maxima[k]; done[k] = 0; }
+  for (int64_t g = 1; g < groups; ++g)
+    for (int k = 0; k < LANES; ++k) {
+      const T m = maxima[g * LANES + k];
+      low[k] = m < low[k] ? m : low[k]; high[k] = m > high[k] ? m : high[k];
+    }
+  for (int step = 0; step < 32; ++step) {
+    for (int k = 0; k < LANES; ++k) { middle[k] = low[k] + (high[k] - low[k]) / 2; count[k] = 0; }
+    for (int64_t g = 0; g < groups; ++g)
+      for (int k = 0; k < LANES; ++k) count[k] += maxima[g * LANES + k] >= middle[k] ? 1 : 0;
+    int active = 0;
+    for (int k = 0; k < LANES; ++k) {
+      if (done[k]) continue;
+      if (!(middle[k] > low[k])) { done[k] = 1; continue; }
+      /* any value that `depth` maxima reach will do: stop once few more than `depth` reach it */
+      if (count[k] >= depth) { low[k] = middle[k]; done[k] = count[k] <= depth + depth / 16 + 1; }
+      else high[k] = middle[k];
+      active += !done[k];
+    }
+    if (!active) break;
+  }
+}
+
+/* a stable sort, most similar first, of `n` values and their items (`spare`: room for n each) */
+static void FN(sort)(T* values, int64_t* items, int64_t n, T* spare, int64_t* spare_items) {
+  T* from = values; int64_t* from_items = items; T* to = spare; int64_t* to_items = spare_items;
+  for (int64_t width = 1; width < n; width *= 2) {
+    for (int64_t low = 0; low < n; low += 2 * width) {
+      const int64_t middle = low + width < n ? low + width : n;
+      const int64_t high = low + 2 * width < n ? low + 2 * width : n;
+      int64_t a = low, b = middle, o = low;
+      while (a < middle && b < high) {
+        /* the right run's value goes first only if larger: equal values keep their order */
+        if (from[b] > from[a]) { to[o] = from[b]; to_items[o++] = from_items[b++]; }
+        else { to[o] = from[a]; to_items[o++] = from_items[a++]; }
+      }
+      for (; a < middle; ++a) { to[o] = from[a]; to_items[o++] = from_items[a]; }
+      for (; b < high; ++b) { to[o] = from[b]; to_items[o++] = from_items[b]; }
+    }
+    T* t = from; from = to; to = t;
+    int64_t* u = from_items; from_items = to_items; to_items = u;
+  }
+  if (from != values)
+    for (int64_t i = 0; i < n; ++i) { values[i] = from[i]; items[i] = from_items[i]; }
+}
+
+/* the ranking of one row (`filled` values and items, most similar first) and `count` new
+   candidates (items in gallery order, later than every kept one) made one: the first `depth`
+   of their stable descending sort. `merged`, `spare`: room for depth + CAPACITY(depth) each */
+static void FN(merge)(T* values, int64_t* kept, int64_t* filled, int64_t depth,
+                         T* candidates, int64_t* items, int64_t count, T* merged,
+                         int64_t* merged_items, T* spare, int64_t* spare_items) {
+  const int64_t n = *filled, total = n + count;
+  if (total <= COUNTED) {
+    /* each value's place: the values above it, and the equal values before it (lower items) */
+    for (int64_t i = 0; i < n; ++i) { merged[i] = values[i]; merged_items[i] = kept[i]; }
+    for (int64_t i = 0; i < count; ++i) { merged[n + i] = candidates[i]; merged_items[n + i] = items[i]; }
+    for (int64_t i = 0; i < total; ++i) {
+      const T v = merged[i];
+      int64_t place = 0;
+      for (int64_t j = 0; j < total; ++j) place += (merged[j] > v) | ((merged[j] == v) & (j < i));
+      if (place < depth) { values[place] = v; kept[place] = merged_items[i]; }
+    }
+    *filled = total < depth ? total : depth;
+    return;
+  }
+  FN(sort)(candidates, items, count, spare, spare_items);
+  int64_t a = 0, b = 0, o = 0;
+  for (; o < depth && (a < n || b < count); ++o) {
+    /* a candidate goes first only if larger: on equal values the kept (lower) item does */
+    if (b == count || (a < n && !(candidates[b] > values[a]))) { merged[o] = values[a]; merged_items[o] = kept[a++]; }
+    else { merged[o] = candidates[b]; merged_items[o] = items[b++]; }
+  }
+  for (int64_t i = 0; i < o; ++i) { values[i] = merged[i]; kept[i] = merged_items[i]; }
+  *filled = o;
+}
+
+/* row r's bound raised to the last value of its ranking once that is full (shut: an equal
+   later item cannot enter) */
+static void FN(shut)(const FN(state)* state, int64_t r, T* bound, int* open) {
+  const int64_t depth = state->depth;
+  if (state->filled[r] < depth) return;
+  const T last = state->top_values[r * depth + depth - 1];
+  if (last >= *bound) { *bound = last; *open = 0; }
+}
+
+static void FN(flush)(const FN(state)* state, int64_t r, T* candidates, int64_t* items,
+                         int64_t count, T* merged, int64_t* merged_items, T* spare,
+                         int64_t* spare_items) {
+  const int64_t depth = state->depth;
+  FN(merge)(state->top_values + r * depth, state->top_items + r * depth, state->filled + r,
+               depth, candidates, items, count, merged, merged_items, spare, spare_items);
+}
+
+/* the strip of LANES rows from `first`; its products are `products` (items x `stride`) */
+static void FN(strip)(const T* restrict products, int64_t stride, int64_t first,
+                         const T* query_sq, const FN(items)* block, const FN(state)* state,
+                         char* scratch) {
+  const int64_t items = block->items, groups = items / GROUP, depth = state->depth;
+  const T* item_sq = block->squared_norms; const T* item_inv = block->inverse_norms;
+  const int64_t* classes = block->classes;
+  T* restrict maxima = (T*)scratch;
+  const int64_t capacity = CAPACITY(depth), room = depth + capacity;
+  const int64_t quarters = groups * (GROUP / QUARTER);
+  T* restrict quarter_maxima = (T*)(scratch + ALIGNED((groups + 1) * LANES * sizeof(T)));
+  int64_t* chosen = (int64_t*)((char*)quarter_maxima + ALIGNED((items / QUARTER + 1) * LANES * sizeof(T)));
+  T* candidates = (T*)((char*)chosen + ALIGNED((items / GROUP + 1) * 8));
+  int64_t* candidate_items = (int64_t*)((char*)candidates + ALIGNED(LANES * capacity * sizeof(T)));
+  T* merged = (T*)((char*)candidate_items + ALIGNED(LANES * capacity * 8));
+  int64_t* merged_items = (int64_t*)((char*)merged + ALIGNED(room * sizeof(T)));
+  T* spare = (T*)((char*)merged_items + ALIGNED(room * 8));
+  int64_t* spare_items = (int64_t*)((char*)spare + ALIGNED(room * sizeof(T)));
+  /* the strip's sums: per class, LANES distance sums then LANES cosine sums, all contiguous */
+  T* restrict strip_sums = state->sums + (first / LANES) * state->n_classes * 2 * LANES;
+  T sq[LANES], best[LANES], largest[LANES];
+  INDEX at[LANES];
+  for (int k = 0; k < LANES; ++k) { sq[k] = query_sq[k]; best[k] = INFINITY; at[k] = 0; }
+  /* one pass: distances, both class sums and the minimum distance; cosines' maxima by quarters
+     of groups (the items after the last whole group form one more quarter), then by groups */
+  for (int64_t q = 0; q <= quarters; ++q) {
+    const int64_t stop = q < quarters ? (q + 1) * QUARTER : items;
+    for (int k = 0; k < LANES; ++k) largest[k] = -INFINITY;
+    for (int64_t j = q * QUARTER; j < stop; ++j) {
+      const T* restrict p = products + j * stride;
+      __builtin_prefetch(p + 16 * stride); /* the line 16 items on: its neighbours' are far apart */
+      T* restrict s = strip_sums + classes[j] * 2 * LANES;
+      T* restrict c = s + LANES;
+      const T inv = item_inv[j], isq = item_sq[j];
+      const INDEX index = (INDEX)j;
+      for (int k = 0; k < LANES; ++k) {
+        const T cosine = p[k] * inv;
+        largest[k] = cosine > largest[k] ? cosine : largest[k];
+        c[k] += cosine;
+        const T t = (isq - (T)2 * p[k]) + sq[k];
+        const T d = SQRT(t > (T)0 ? t : (T)0);
+        s[k] += d;
+        const int closer = d < best[k];
+        at[k] = closer ? index : at[k];
+        best[k] = closer ? d : best[k];
+      }
+    }
+    if (q < quarters)
+      for (int k = 0; k < LANES; ++k) quarter_maxima[q * LANES + k] = largest[k];
+  }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int k = 0; k < LANES; ++k) {
+      T m = quarter_maxima[g * (GROUP / QUARTER) * LANES + k];
+      for (int i = 1; i < GROUP / QUARTER; ++i) {
+        const T v = quarter_maxima[(g * (GROUP / QUARTER) + i) * LANES + k];
+        m = v > m ? v : m;
+      }
+      maxima[g * LANES + k] = m;
+    }
+  /* per row, a bound below which no item of this block can rank: from the group maxima, or,
+     once the ranking is full, its last value, which an equal later item cannot pass ("shut");
+     padding rows rank nothing */
+  T bounds[LANES];
+  if (groups >= depth) FN(bounds)(maxima, groups, depth, bounds);
+  int open[LANES];
+  for (int k = 0; k < LANES; ++k) {
+    const int64_t r = first + k;
+    open[k] = 1;
+    if (groups < depth) bounds[k] = -INFINITY;
+    if (r >= state->queries) { bounds[k] = INFINITY; open[k] = 0; continue; }
+    if (best[k] < state->nearest_values[r]) {
+      state->nearest_values[r] = best[k]; state->nearest_items[r] = block->offset + at[k];
+    }
+    FN(shut)(state, r, bounds + k, open + k);
+  }
+  /* candidates: items above their row's bound (or at it, while open), in quarters whose
+     maximum reaches it (and the last items), in gallery order; a full buffer is merged into
+     the row's ranking, which may raise its bound. Counted without a branch: each item is
+     written, and kept only if it passes */
+  for (int k = 0; k < LANES && first + k < state->queries; ++k) {
+    const int64_t r = first + k;
+    T* gathered = candidates + k * capacity;
+    int64_t* gathered_items = candidate_items + k * capacity;
+    T bound = bounds[k];
+    int is_open = open[k];
+    int64_t n = 0, m = 0;
+    for (int64_t g = 0; g < groups; ++g) { chosen[m] = g; m += maxima[g * LANES + k] >= bound; }
+    chosen[m++] = groups;
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t q_start = chosen[i] * (GROUP / QUARTER);
+      const int64_t q_stop = chosen[i] < groups ? q_start + GROUP / QUARTER : quarters + 1;
+      for (int64_t q = q_start; q < q_stop; ++q) {
+        if (q < quarters && quarter_maxima[q * LANES + k] < bound) continue;
+        const int64_t stop = q < quarters ? (q + 1) * QUARTER : items;
+        for (int64_t j = q * QUARTER; j < stop; ++j) {
+          const T cosine = products[j * stride + k] * item_inv[j];
+          gathered[n] = cosine; gathered_items[n] = block->offset + j;
+          n += (cosine > bound) | ((cosine == bound) & is_open);
+          if (n == capacity) {
+            FN(flush)(state, r, gathered, gathered_items, n, merged, merged_items, spare, spare_items);
+            n = 0;
+            FN(shut)(state, r, &bound, &is_open);
+          }
+        }
+      }
+    }
+    FN(flush)(state, r, gathered, gathered_items, n, merged, merged_items, spare, spare_items);
+  }
+}
+
+/* strips `strip_start` to `strip_stop` - 1 of a block's products (items x `stride`, the rows of
+   the state from `first` on), one after the other, with `scratch` */
+void FN(knn_block)(const T* products, int64_t stride, int64_t first, int64_t strip_start,
+          int64_t strip_stop, const T* query_sq, const FN(items)* block, const FN(state)* state,
+          char* scratch) {
+  for (int64_t strip = strip_start; strip < strip_stop; ++strip)
+    FN(strip)(products + strip * LANES, stride, first + strip * LANES,
+                 query_sq + first + strip * LANES, block, state, scratch);
+}
+
+/* every strip, shared among `threads` threads of the OpenMP runtime (torch's own where it is
+   OpenMP's, whose threads then need no wake-up), each with `scratch_stride` bytes of scratch */
+void FN(knn_strips)(const T* products, int64_t stride, int64_t first, const T* query_sq,
+                   const FN(items)* block, const FN(state)* state, char* scratch,
+                   int64_t scratch_stride, int64_t threads) {
+  const int64_t strips = stride / LANES;
+  _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")
+  for (int64_t strip = 0; strip < strips; ++strip)
+    FN(knn_block)(products, stride, first, strip, strip + 1, query_sq, block, state,
+         scratch + THREAD * scratch_stride);
+}
+
+/* per query of a scanned chunk: whether its class is among the 1, 3 and 5 most similar items
+   (`hits`, queries x 3), its average precision at R, R being its class's count, the classes
+   of best mean cosine and of least mean distance (ties to the lower class), the class of its
+   nearest item and of its most similar one */
+void FN(finish)(const FN(state)* state, const int64_t* query_classes, const int64_t* gallery_classes,
+          const int64_t* counts, int8_t* hits, double* precision, int64_t* best_cosine,
+          int64_t* best_distance, int64_t* nearest_class, int64_t* prediction, int64_t threads) {
+  const int64_t depth = state->depth, n_classes = state->n_classes;
+  const int64_t strips = (state->queries + LANES - 1) / LANES;
+  _Pragma("omp parallel for schedule(static) num_threads(threads)")
+  for (int64_t strip = 0; strip < strips; ++strip) {
+    /* the means of a strip's LANES rows at once: per class, sums divided by its count */
+    T cosine[LANES], distance[LANES];
+    INDEX cosine_class[LANES], distance_class[LANES];
+    for (int k = 0; k < LANES; ++k) { cosine_class[k] = distance_class[k] = -1; cosine[k] = distance[k] = 0; }
+    const T* sums = state->sums + strip * n_classes * 2 * LANES;
+    for (int64_t c = 0; c < n_classes; ++c) {
+      if (counts[c] == 0) continue;
+      const T count = (T)counts[c];
+      const T* s = sums + c * 2 * LANES;
+      for (int k = 0; k < LANES; ++k) {
+        const T mean_distance = s[k] / count, mean_cosine = s[LANES + k] / count;
+        const int nearer = distance_class[k] < 0 || mean_distance < distance[k];
+        const int closer = cosine_class[k] < 0 || mean_cosine > cosine[k];
+        distance[k] = nearer ? mean_distance : distance[k];
+        distance_class[k] = nearer ? (INDEX)c : distance_class[k];
+        cosine[k] = closer ? mean_cosine : cosine[k];
+        cosine_class[k] = closer ? (INDEX)c : cosine_class[k];
+      }
+    }
+    for (int k = 0; k < LANES && strip * LANES + k < state->queries; ++k) {
+      const int64_t r = strip * LANES + k;
+      best_cosine[r] = cosine_class[k]; best_distance[r] = distance_class[k];
+      const int64_t own = query_classes[r], relevant = counts[own], n = state->filled[r];
+      const int64_t* kept = state->top_items + r * depth;
+      int64_t found = 0;
+      double total = 0;
+      int8_t* hit = hits + 3 * r;
+      hit[0] = hit[1] = hit[2] = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (gallery_classes[kept[i]] != own) continue;
+        hit[0] |= i < 1; hit[1] |= i < 3; hit[2] |= i < 5;
+        if (i < relevant) total += (double)++found / (double)(i + 1);
+      }
+      precision[r] = relevant > 0 ? total / (double)relevant : NAN;
+      prediction[r] = gallery_classes[kept[0]];
+      nearest_class[r] = gallery_classes[state->nearest_items[r]];
+    }
+  }
+}
+
+/* the squared L2 norm of each of `rows` rows of `dim` values, summed in LANES partial sums (in
+   the same order on every machine, so exact wherever the values' squares sum exactly) */
+void FN(squared_norms)(const T* vectors, int64_t rows, int64_t dim, T* out, int64_t threads) {
+  _Pragma("omp parallel for schedule(static) num_threads(threads)")
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* v = vectors + r * dim;
+    T partial[LANES] = {0};
+    int64_t i = 0;
+    for (; i + LANES <= dim; i += LANES)
+      for (int k = 0; k < LANES; ++k) partial[k] += v[i + k] * v[i + k];
+    for (int k = 0; i < dim; ++i, ++k) partial[k] += v[i] * v[i];
+    T total = 0;
+    for (int k = 0; k < LANES; ++k) total += partial[k];
+    out[r] = total;
+  }
+}
