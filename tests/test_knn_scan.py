@@ -73,9 +73,11 @@ def test_kernel_ranking_is_the_stable_descending_sort_over_blocks(items, depth, 
     classes = torch.randint(0, 7, (items,), generator=generator)
     query_squared_norms = torch.full((32,), 100.0, dtype=torch.float64)
     half = items // 2
-    state = knn_scan.start(knn_scan.buffers(32, depth, 7, items - half, torch.float64), query_squared_norms, depth)
+    state = knn_scan.start(knn_scan.buffers(32, depth, 7, items - half, torch.float64), query_squared_norms, depth,
+                           torch.zeros(32, dtype=torch.int64), classes, torch.bincount(classes, minlength=7))
     for start, stop in ((0, half), (half, items)):
-        block = knn_scan.block(start, squared_norms[start:stop], inverse_norms[start:stop], classes[start:stop])
+        block = knn_scan.block(start, squared_norms[start:stop], inverse_norms[start:stop], classes[start:stop],
+                               last=stop == items)
         for first in (0, 16):  # two strips of queries, one at a time
             knn_scan.scan(state, products[first:first + 16, start:stop].T, first, block)
 

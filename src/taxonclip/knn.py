@@ -39,6 +39,8 @@ BLOCK_ELEMENTS = 1 << 22
 RANK_ELEMENTS = 1 << 23
 _PER_QUERY = ("top1_cos", "top3_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2", "map_at_r")
 _NORM_EPS = 1e-12
+# the metrics of knn_scan.Outcomes.hits, column by column
+_SCANNED_HITS = ("top1_cos", "top3_cos", "top5_cos", "mean_cos", "top1_l2", "mean_l2")
 _BLOCK_WIDTH = 64  # values per block when a row's nearest item is found (`_first_smallest`)
 _GROUP_WIDTH = 16  # items per group whose maximum screens a row before ranking (`_ranked`)
 
@@ -267,13 +269,9 @@ def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
     relevant = gallery.counts[query_classes]
     depth = _depth(relevant.max(), len(gallery.classes))
     if gallery.unit_means is None:
-        found = knn_scan.outcomes(_scanned(query, query_squared_norms, gallery, depth, workspace),
-                                  query_classes, gallery.classes, gallery.counts)
-        hits = found.hits.bool()
-        return {"top1_cos": hits[:, 0], "top3_cos": hits[:, 1], "top5_cos": hits[:, 2],
-                "mean_cos": found.best_cosine == query_classes, "top1_l2": found.nearest == query_classes,
-                "mean_l2": found.best_distance == query_classes, "map_at_r": found.precision,
-                "prediction": found.prediction}
+        found = _scanned(query, query_squared_norms, query_classes, gallery, depth, workspace)
+        hits = dict(zip(_SCANNED_HITS, found.hits.bool().unbind(dim=1)))
+        return {**hits, "map_at_r": found.precision, "prediction": found.prediction}
     ranked, nearest_l2, distance_sums = _passes(query, query_squared_norms, gallery, depth, workspace)
     nearest = gallery.classes[ranked[1]]
     hits = nearest == query_classes[:, None]
@@ -309,18 +307,17 @@ def _passes(query: Tensor, query_squared_norms: Tensor, gallery: _Gallery, depth
     return ranked, nearest_l2, distance_sums
 
 
-def _scanned(query: Tensor, query_squared_norms: Tensor, gallery: _Gallery, depth: int,
-             buffers: knn_scan.Buffers) -> knn_scan.Ranking:
-    """The ranking, nearest item and class sums of distances and cosines of each query, from
-    one pass of `knn_scan`'s kernel over each block's products."""
-    state = knn_scan.start(buffers, query_squared_norms, depth)
+def _scanned(query: Tensor, query_squared_norms: Tensor, query_classes: Tensor, gallery: _Gallery,
+             depth: int, buffers: knn_scan.Buffers) -> knn_scan.Outcomes:
+    """Each query's outcomes, from one pass of `knn_scan`'s kernel over each block's products."""
+    state = knn_scan.start(buffers, query_squared_norms, depth, query_classes, gallery.classes, gallery.counts)
     for start, items in gallery.blocks():
         stop = start + len(items)
         block = knn_scan.block(start, gallery.squared_norms[start:stop], gallery.inverse_norms[start:stop],
-                               gallery.classes[start:stop])
+                               gallery.classes[start:stop], last=stop == len(gallery.classes))
         for first, products in block_products(query, items):
             knn_scan.scan(state, products, first, block)
-    return state
+    return state.found
 
 
 def block_products(query: Tensor, items: Tensor):

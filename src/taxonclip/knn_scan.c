@@ -6,6 +6,7 @@
    one item are contiguous: each step works on a strip at once, in the vector registers. */
 #include <stdint.h>
 #include <math.h>
+#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #define THREAD omp_get_thread_num()

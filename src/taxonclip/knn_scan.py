@@ -62,13 +62,31 @@ class _State(ctypes.Structure):
                 ("n_classes", ctypes.c_int64), ("top_values", ctypes.c_void_p),
                 ("top_items", ctypes.c_void_p), ("filled", ctypes.c_void_p),
                 ("nearest_values", ctypes.c_void_p), ("nearest_items", ctypes.c_void_p),
-                ("sums", ctypes.c_void_p)]
+                ("sums", ctypes.c_void_p), ("query_classes", ctypes.c_void_p),
+                ("gallery_classes", ctypes.c_void_p), ("counts", ctypes.c_void_p), ("hits", ctypes.c_void_p),
+                ("precision", ctypes.c_void_p), ("prediction", ctypes.c_void_p)]
 
 
 class _Block(ctypes.Structure):
     # one block of gallery items (block in SOURCE)
-    _fields_ = [("items", ctypes.c_int64), ("offset", ctypes.c_int64), ("squared_norms", ctypes.c_void_p),
+    _fields_ = [("items", ctypes.c_int64), ("offset", ctypes.c_int64), ("last", ctypes.c_int64),
+                ("squared_norms", ctypes.c_void_p),
                 ("inverse_norms", ctypes.c_void_p), ("classes", ctypes.c_void_p)]
+
+
+HITS = 6  # columns of Outcomes.hits
+
+
+@dataclass(frozen=True)
+class Outcomes:
+    """Per query of a scanned chunk, in `hits` (queries x HITS, 0 or 1): whether its class is that
+    of one of its 1, 3 and 5 most similar items, of best mean cosine, of its nearest item and of
+    least mean distance (mean ties to the lower class); its average precision at R, R being its
+    class's count in the gallery (NaN where 0), and the class of its most similar item."""
+
+    hits: Tensor
+    precision: Tensor
+    prediction: Tensor
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,8 @@ class Ranking:
     nearest_items: Tensor
     sums: Tensor
     scratch: Tensor  # threads x bytes: one scratch per thread (Buffers.scratch)
+    classes: tuple[Tensor, Tensor, Tensor]  # the queries', the gallery items' and each class's count
+    found: Outcomes  # filled once the last block is scanned
     struct: _State  # what the kernel reads and updates, pointing at the tensors above
 
     def ranked(self) -> tuple[Tensor, Tensor]:
@@ -154,9 +174,6 @@ def _compiled():
     for kernel in (library.knn_strips_f32, library.knn_strips_f64):
         kernel.restype = None
         kernel.argtypes = [pointer, integer, integer, pointer, pointer, pointer, pointer, integer, integer]
-    for function in (library.finish_f32, library.finish_f64):
-        function.restype = None
-        function.argtypes = [pointer] * 10 + [integer]
     library.scratch_bytes.restype = integer
     library.scratch_bytes.argtypes = [integer, integer, integer]
     for function in (library.squared_norms_f32, library.squared_norms_f64):
@@ -225,48 +242,67 @@ def padded(query: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Buffers:
-    """Memory that every chunk of one evaluation reuses (fresh memory of this size on every chunk
-    cost page faults): the class sums, and one scratch per thread."""
+    """Memory that every chunk of one evaluation reuses (fresh memory on every chunk cost page
+    faults): the state of a chunk of at most `rows` padded rows, and one scratch per thread."""
 
+    rows: int
+    depth: int
+    n_classes: int
+    query_squared_norms: Tensor
+    values: Tensor
+    items: Tensor
+    filled: Tensor
+    nearest_values: Tensor
+    nearest_items: Tensor
     sums: Tensor
     scratch: Tensor
-    n_classes: int
 
 
 def buffers(rows: int, depth: int, n_classes: int, items: int, dtype: torch.dtype) -> Buffers:
     """Buffers for chunks of at most `rows` queries ranked at most `depth` deep among `n_classes`
     classes, and blocks of at most `items` items."""
-    strips = -(-rows // LANES)
-    return Buffers(sums=torch.empty(strips * n_classes * 2 * LANES, dtype=dtype),
+    rows += -rows % LANES
+    return Buffers(rows=rows, depth=depth, n_classes=n_classes,
+                   query_squared_norms=torch.empty(rows, dtype=dtype),
+                   values=torch.empty(rows * depth, dtype=dtype), items=torch.empty(rows * depth, dtype=torch.int64),
+                   filled=torch.empty(rows, dtype=torch.int64), nearest_values=torch.empty(rows, dtype=dtype),
+                   nearest_items=torch.empty(rows, dtype=torch.int64),
+                   sums=torch.empty(rows * n_classes * 2, dtype=dtype),
                    scratch=torch.empty(torch.get_num_threads(), native().scratch_bytes(
-                       items, depth, torch.finfo(dtype).bits // 8), dtype=torch.uint8),
-                   n_classes=n_classes)
+                       items, depth, torch.finfo(dtype).bits // 8), dtype=torch.uint8))
 
 
-def start(buffers: Buffers, query_squared_norms: Tensor, depth: int) -> Ranking:
-    """The state of a chunk of queries (their squared norms) before its first block."""
-    queries, dtype = len(query_squared_norms), query_squared_norms.dtype
+def start(buffers: Buffers, query_squared_norms: Tensor, depth: int, query_classes: Tensor,
+          gallery_classes: Tensor, counts: Tensor) -> Ranking:
+    """The state of a chunk of queries (their squared norms and classes) before its first block,
+    in `buffers`, for a gallery of items of these classes, whose counts are given."""
+    queries = len(query_squared_norms)
     rows = queries + -queries % LANES
-    n_classes = buffers.n_classes
-    tensors = {"query_squared_norms": torch.cat([query_squared_norms.contiguous(),
-                                                 query_squared_norms.new_zeros(rows - queries)]),
-               "values": torch.empty(rows, depth, dtype=dtype),
-               "items": torch.zeros(rows, depth, dtype=torch.int64),
-               "filled": torch.zeros(rows, dtype=torch.int64),
-               "nearest_values": torch.full((rows,), float("inf"), dtype=dtype),
-               "nearest_items": torch.zeros(rows, dtype=torch.int64),
-               "sums": buffers.sums[:rows * n_classes * 2].view(rows // LANES, n_classes, 2, LANES).zero_(),
+    if rows > buffers.rows or depth > buffers.depth:
+        raise ValueError(f"a chunk of {queries} queries ranked {depth} deep in buffers for "
+                         f"{buffers.rows} rows, {buffers.depth} deep")
+    norms = buffers.query_squared_norms[:rows]
+    norms[:queries] = query_squared_norms
+    norms[queries:] = 0
+    tensors = {"query_squared_norms": norms, "values": buffers.values[:rows * depth].view(rows, depth),
+               "items": buffers.items[:rows * depth].view(rows, depth), "filled": buffers.filled[:rows],
+               "nearest_values": buffers.nearest_values[:rows], "nearest_items": buffers.nearest_items[:rows],
+               "sums": buffers.sums[:rows * buffers.n_classes * 2].view(rows // LANES, buffers.n_classes, 2, LANES),
                "scratch": buffers.scratch}
-    struct = _State(rows, queries, depth, n_classes, *(tensors[name].data_ptr() for name in (
-        "values", "items", "filled", "nearest_values", "nearest_items", "sums")))
-    return Ranking(queries=queries, struct=struct, **tensors)
+    classes = (query_classes.contiguous(), gallery_classes.contiguous(), counts.contiguous())
+    found = _outcomes(queries)
+    struct = _State(rows, queries, depth, buffers.n_classes, *(tensors[name].data_ptr() for name in (
+        "values", "items", "filled", "nearest_values", "nearest_items", "sums")),
+        *(tensor.data_ptr() for tensor in (*classes, found.hits, found.precision, found.prediction)))
+    # the kernel starts every row afresh at the first block (offset 0): nothing else to clear
+    return Ranking(queries=queries, struct=struct, classes=classes, found=found, **tensors)
 
 
-def block(offset: int, squared_norms: Tensor, inverse_norms: Tensor, classes: Tensor) -> Block:
+def block(offset: int, squared_norms: Tensor, inverse_norms: Tensor, classes: Tensor, last: bool) -> Block:
     """The block of gallery items from `offset` on, with these squared norms, inverse norms and
-    classes, for `scan`."""
+    classes, for `scan`; after the `last` block of the gallery, `scan` fills the Outcomes."""
     tensors = [squared_norms.contiguous(), inverse_norms.contiguous(), classes.contiguous()]
-    return Block(*tensors, struct=_Block(len(classes), offset, *(tensor.data_ptr() for tensor in tensors)))
+    return Block(*tensors, struct=_Block(len(classes), offset, int(last), *(tensor.data_ptr() for tensor in tensors)))
 
 
 def scan(state: Ranking, products: Tensor, first: int, items: Block) -> None:
@@ -303,36 +339,11 @@ def scan(state: Ranking, products: Tensor, first: int, items: Block) -> None:
         list(_pool(threads).map(run, range(parts)))
 
 
-@dataclass(frozen=True)
-class Outcomes:
-    """Per query of a scanned chunk: whether its class is among its 1, 3 and 5 most similar
-    items (`hits`, queries x 3), its average precision at R (R: its class's count in the
-    gallery; NaN where 0), the class of best mean cosine, of least mean distance, of its nearest
-    item and of its most similar item. Mean ties go to the lower class."""
-
-    hits: Tensor
-    precision: Tensor
-    best_cosine: Tensor
-    best_distance: Tensor
-    nearest: Tensor
-    prediction: Tensor
-
-
-def outcomes(state: Ranking, query_classes: Tensor, gallery_classes: Tensor, counts: Tensor) -> Outcomes:
-    """The Outcomes of a chunk once `scan` has seen every block: its queries' classes, the
-    classes of the gallery items and the number of items of each class."""
-    queries = state.queries
-    result = Outcomes(hits=torch.empty(queries, 3, dtype=torch.int8),
-                      precision=torch.empty(queries, dtype=torch.float64),
-                      **{name: torch.empty(queries, dtype=torch.int64)
-                         for name in ("best_cosine", "best_distance", "nearest", "prediction")})
-    inputs = [query_classes.contiguous(), gallery_classes.contiguous(), counts.contiguous()]
-    name = "finish_f32" if state.values.dtype == torch.float32 else "finish_f64"
-    getattr(native(), name)(ctypes.byref(state.struct), *(tensor.data_ptr() for tensor in inputs),
-                            *(getattr(result, field).data_ptr() for field in (
-                                "hits", "precision", "best_cosine", "best_distance", "nearest", "prediction")),
-                            state.scratch.shape[0])
-    return result
+def _outcomes(queries: int) -> Outcomes:
+    """Room for the Outcomes of a chunk of `queries` queries, which `scan` fills after the last block."""
+    return Outcomes(hits=torch.empty(queries, HITS, dtype=torch.uint8),
+                    precision=torch.empty(queries, dtype=torch.float64),
+                    prediction=torch.empty(queries, dtype=torch.int64))
 
 
 @functools.cache

@@ -9,11 +9,16 @@ typedef struct {
   int64_t rows, queries, depth, n_classes;
   T* top_values; int64_t* top_items; int64_t* filled;
   T* nearest_values; int64_t* nearest_items; T* sums;
+  /* what `finish` reads (the queries' classes, the gallery's classes, each class's count) and
+     writes (per query: 6 hits, its average precision, its prediction) */
+  const int64_t* query_classes; const int64_t* gallery_classes; const int64_t* counts;
+  uint8_t* hits; double* precision; int64_t* prediction;
 } FN(state);
 
-/* the items of one block: count, index of the first, and per item what the kernel reads */
+/* the items of one block: count, index of the first, whether it is the gallery's last, and per
+   item what the kernel reads */
 typedef struct {
-  int64_t items, offset;
+  int64_t items, offset, last;
   const T* squared_norms; const T* inverse_norms; const int64_t* classes;
 } FN(items);
 
@@ -112,8 +117,9 @@ static void FN(flush)(const FN(state)* state, int64_t r, T* candidates, int64_t*
                          int64_t count, T* merged, int64_t* merged_items, T* spare,
                          int64_t* spare_items) {
   const int64_t depth = state->depth;
+  if (count == 0) return;  /* nothing new: the ranking stands */
   FN(merge)(state->top_values + r * depth, state->top_items + r * depth, state->filled + r,
-               depth, candidates, items, count, merged, merged_items, spare, spare_items);
+            depth, candidates, items, count, merged, merged_items, spare, spare_items);
 }
 
 /* the strip of LANES rows from `first`; its products are `products` (items x `stride`) */
@@ -136,6 +142,13 @@ static void FN(strip)(const T* restrict products, int64_t stride, int64_t first,
   int64_t* spare_items = (int64_t*)((char*)spare + ALIGNED(room * sizeof(T)));
   /* the strip's sums: per class, LANES distance sums then LANES cosine sums, all contiguous */
   T* restrict strip_sums = state->sums + (first / LANES) * state->n_classes * 2 * LANES;
+  if (block->offset == 0) {
+    /* the first block starts the strip afresh, its sums zeroed here, where they are used next */
+    memset(strip_sums, 0, (size_t)(state->n_classes * 2 * LANES) * sizeof(T));
+    for (int64_t r = first; r < first + LANES; ++r) {
+      state->filled[r] = 0; state->nearest_values[r] = INFINITY; state->nearest_items[r] = 0;
+    }
+  }
   T sq[LANES], best[LANES], largest[LANES];
   INDEX at[LANES];
   for (int k = 0; k < LANES; ++k) { sq[k] = query_sq[k]; best[k] = INFINITY; at[k] = 0; }
@@ -179,12 +192,15 @@ static void FN(strip)(const T* restrict products, int64_t stride, int64_t first,
      once the ranking is full, its last value, which an equal later item cannot pass ("shut");
      padding rows rank nothing */
   T bounds[LANES];
-  if (groups >= depth) FN(bounds)(maxima, groups, depth, bounds);
+  /* where every row's ranking is full (after a first block), its last value is the bound */
+  int full = 1;
+  for (int k = 0; k < LANES && first + k < state->queries; ++k) full &= state->filled[first + k] == depth;
+  if (groups >= depth && !full) FN(bounds)(maxima, groups, depth, bounds);
   int open[LANES];
   for (int k = 0; k < LANES; ++k) {
     const int64_t r = first + k;
     open[k] = 1;
-    if (groups < depth) bounds[k] = -INFINITY;
+    if (groups < depth || full) bounds[k] = -INFINITY;
     if (r >= state->queries) { bounds[k] = INFINITY; open[k] = 0; continue; }
     if (best[k] < state->nearest_values[r]) {
       state->nearest_values[r] = best[k]; state->nearest_items[r] = block->offset + at[k];
@@ -226,39 +242,15 @@ static void FN(strip)(const T* restrict products, int64_t stride, int64_t first,
   }
 }
 
-/* strips `strip_start` to `strip_stop` - 1 of a block's products (items x `stride`, the rows of
-   the state from `first` on), one after the other, with `scratch` */
-void FN(knn_block)(const T* products, int64_t stride, int64_t first, int64_t strip_start,
-          int64_t strip_stop, const T* query_sq, const FN(items)* block, const FN(state)* state,
-          char* scratch) {
-  for (int64_t strip = strip_start; strip < strip_stop; ++strip)
-    FN(strip)(products + strip * LANES, stride, first + strip * LANES,
-                 query_sq + first + strip * LANES, block, state, scratch);
-}
-
-/* every strip, shared among `threads` threads of the OpenMP runtime (torch's own where it is
-   OpenMP's, whose threads then need no wake-up), each with `scratch_stride` bytes of scratch */
-void FN(knn_strips)(const T* products, int64_t stride, int64_t first, const T* query_sq,
-                   const FN(items)* block, const FN(state)* state, char* scratch,
-                   int64_t scratch_stride, int64_t threads) {
-  const int64_t strips = stride / LANES;
-  _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")
-  for (int64_t strip = 0; strip < strips; ++strip)
-    FN(knn_block)(products, stride, first, strip, strip + 1, query_sq, block, state,
-         scratch + THREAD * scratch_stride);
-}
-
-/* per query of a scanned chunk: whether its class is among the 1, 3 and 5 most similar items
-   (`hits`, queries x 3), its average precision at R, R being its class's count, the classes
-   of best mean cosine and of least mean distance (ties to the lower class), the class of its
-   nearest item and of its most similar one */
-void FN(finish)(const FN(state)* state, const int64_t* query_classes, const int64_t* gallery_classes,
-          const int64_t* counts, int8_t* hits, double* precision, int64_t* best_cosine,
-          int64_t* best_distance, int64_t* nearest_class, int64_t* prediction, int64_t threads) {
+/* per query of a strip once every block is scanned, in `hits` (queries x 6): whether its class
+   is that of one of its 1, 3 and 5 most similar items, of best mean cosine, of its nearest item
+   and of least mean distance (mean ties to the lower class); its average precision at R, R being
+   its class's count (NaN where 0), and the class of its most similar item */
+static void FN(finish)(const FN(state)* state, int64_t strip) {
   const int64_t depth = state->depth, n_classes = state->n_classes;
-  const int64_t strips = (state->queries + LANES - 1) / LANES;
-  _Pragma("omp parallel for schedule(static) num_threads(threads)")
-  for (int64_t strip = 0; strip < strips; ++strip) {
+  const int64_t* query_classes = state->query_classes; const int64_t* gallery_classes = state->gallery_classes;
+  const int64_t* counts = state->counts;
+  {
     /* the means of a strip's LANES rows at once: per class, sums divided by its count */
     T cosine[LANES], distance[LANES];
     INDEX cosine_class[LANES], distance_class[LANES];
@@ -280,23 +272,49 @@ void FN(finish)(const FN(state)* state, const int64_t* query_classes, const int6
     }
     for (int k = 0; k < LANES && strip * LANES + k < state->queries; ++k) {
       const int64_t r = strip * LANES + k;
-      best_cosine[r] = cosine_class[k]; best_distance[r] = distance_class[k];
       const int64_t own = query_classes[r], relevant = counts[own], n = state->filled[r];
       const int64_t* kept = state->top_items + r * depth;
+      uint8_t* hit = state->hits + 6 * r;
       int64_t found = 0;
       double total = 0;
-      int8_t* hit = hits + 3 * r;
       hit[0] = hit[1] = hit[2] = 0;
       for (int64_t i = 0; i < n; ++i) {
         if (gallery_classes[kept[i]] != own) continue;
         hit[0] |= i < 1; hit[1] |= i < 3; hit[2] |= i < 5;
         if (i < relevant) total += (double)++found / (double)(i + 1);
       }
-      precision[r] = relevant > 0 ? total / (double)relevant : NAN;
-      prediction[r] = gallery_classes[kept[0]];
-      nearest_class[r] = gallery_classes[state->nearest_items[r]];
+      hit[3] = cosine_class[k] == own;
+      hit[4] = gallery_classes[state->nearest_items[r]] == own;
+      hit[5] = distance_class[k] == own;
+      state->precision[r] = relevant > 0 ? total / (double)relevant : NAN;
+      state->prediction[r] = gallery_classes[kept[0]];
     }
   }
+}
+
+/* strips `strip_start` to `strip_stop` - 1 of a block's products (items x `stride`, the rows of
+   the state from `first` on), one after the other, with `scratch` */
+void FN(knn_block)(const T* products, int64_t stride, int64_t first, int64_t strip_start,
+          int64_t strip_stop, const T* query_sq, const FN(items)* block, const FN(state)* state,
+          char* scratch) {
+  for (int64_t strip = strip_start; strip < strip_stop; ++strip) {
+    FN(strip)(products + strip * LANES, stride, first + strip * LANES,
+              query_sq + first + strip * LANES, block, state, scratch);
+    /* after the last block, while the strip's sums are still in the cache */
+    if (block->last) FN(finish)(state, first / LANES + strip);
+  }
+}
+
+/* every strip, shared among `threads` threads of the OpenMP runtime (torch's own where it is
+   OpenMP's, whose threads then need no wake-up), each with `scratch_stride` bytes of scratch */
+void FN(knn_strips)(const T* products, int64_t stride, int64_t first, const T* query_sq,
+                   const FN(items)* block, const FN(state)* state, char* scratch,
+                   int64_t scratch_stride, int64_t threads) {
+  const int64_t strips = stride / LANES;
+  _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")
+  for (int64_t strip = 0; strip < strips; ++strip)
+    FN(knn_block)(products, stride, first, strip, strip + 1, query_sq, block, state,
+         scratch + THREAD * scratch_stride);
 }
 
 /* the squared L2 norm of each of `rows` rows of `dim` values, summed in LANES partial sums (in
