@@ -30,9 +30,10 @@ from taxonclip.mapped import Source, blocks, pages_of
 
 METRICS = names.SCORES
 TOP_K = 5
-# similarities of one chunk of queries with one block of gallery items (two blocks of this many
-# float32 values, 16 MB each, and the block of gallery items are alive at once; larger blocks
-# measured no faster): a gallery within one block (8,192 items for chunks of 512) is read once
+# similarities of one chunk of queries (or of one piece of it, where knn_scan scans them) with
+# one block of gallery items (two blocks of this many float32 values, 16 MB each, and the block
+# of gallery items are alive at once; larger blocks measured no faster): a gallery within one
+# block (8,192 items for chunks of 512 in torch, 20,164 for knn_scan's pieces) is read once
 BLOCK_ELEMENTS = 1 << 22
 # values the ranking of one chunk keeps per query and gallery block (MAP@R of a class that holds
 # most of the gallery ranks deep: such queries go in smaller chunks)
@@ -142,8 +143,10 @@ def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_la
     label_ids, dense = torch.unique(torch.cat([gallery_labels.cpu(), query_labels.cpu()]),
                                     return_inverse=True)
     query_classes = dense[len(gallery_labels):]
-    bank = _gallery(items, dense[:len(gallery_labels)].to(device), len(label_ids),
-                    max(1, BLOCK_ELEMENTS // chunk_size), unit_means=not knn_scan.supports(device, dtype))
+    scanning = knn_scan.supports(device, dtype)
+    block = BLOCK_ELEMENTS // min(chunk_size, knn_scan.PIECE_ROWS) if scanning else BLOCK_ELEMENTS // chunk_size
+    bank = _gallery(items, dense[:len(gallery_labels)].to(device), len(label_ids), max(1, block),
+                    unit_means=not scanning)
     # queries in order of the gallery size of their class: a chunk then ranks only as deep as
     # its own largest class needs for MAP@R, not as deep as the largest class of all
     counts = bank.counts.cpu()

@@ -19,7 +19,9 @@
 #define ALIGNED(bytes) (((bytes) + 63) / 64 * 64)
 /* candidates a row gathers before they are merged into its ranking */
 #define CAPACITY(depth) ((depth) + 64)
-/* at most this many values (kept and candidates) are ranked by counting, more by sorting */
+/* at most this many candidates are inserted one by one; at most COUNTED values (kept and
+   candidates) are ranked by counting, more by sorting */
+#define FEW 8
 #define COUNTED 128
 
 /* bytes of scratch one thread needs for a block of `items` items and rankings `depth` deep */

@@ -54,6 +54,7 @@ SOURCE = Path(__file__).with_name("knn_scan.c")  # includes knn_scan_kernel.h, o
 
 LANES = 16  # queries per strip of the kernel (LANES in SOURCE)
 PIECE_STRIPS = 11  # strips per piece of products that `scan` takes, about (see `pieces`)
+PIECE_ROWS = (PIECE_STRIPS + 2) * LANES  # the most rows a piece has
 
 
 class _State(ctypes.Structure):

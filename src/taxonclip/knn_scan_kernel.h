@@ -80,6 +80,19 @@ static void FN(merge)(T* values, int64_t* kept, int64_t* filled, int64_t depth,
                          T* candidates, int64_t* items, int64_t count, T* merged,
                          int64_t* merged_items, T* spare, int64_t* spare_items) {
   const int64_t n = *filled, total = n + count;
+  if (count <= FEW) {
+    /* a few candidates: each inserted after the values at least as large, which are earlier */
+    int64_t m = n;
+    for (int64_t i = 0; i < count; ++i) {
+      const T v = candidates[i];
+      if (m == depth && !(v > values[depth - 1])) continue;
+      int64_t k = m < depth ? m++ : depth - 1;
+      for (; k > 0 && values[k - 1] < v; --k) { values[k] = values[k - 1]; kept[k] = kept[k - 1]; }
+      values[k] = v; kept[k] = items[i];
+    }
+    *filled = m;
+    return;
+  }
   if (total <= COUNTED) {
     /* each value's place: the values above it, and the equal values before it (lower items) */
     for (int64_t i = 0; i < n; ++i) { merged[i] = values[i]; merged_items[i] = kept[i]; }
