@@ -324,7 +324,7 @@ void FN(knn_strips)(const T* products, int64_t stride, int64_t first, const T* q
                    const FN(items)* block, const FN(state)* state, char* scratch,
                    int64_t scratch_stride, int64_t threads) {
   const int64_t strips = stride / LANES;
-  _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")
+  #pragma omp parallel for schedule(dynamic) num_threads(threads)
   for (int64_t strip = 0; strip < strips; ++strip)
     FN(knn_block)(products, stride, first, strip, strip + 1, query_sq, block, state,
          scratch + THREAD * scratch_stride);
@@ -333,7 +333,7 @@ void FN(knn_strips)(const T* products, int64_t stride, int64_t first, const T* q
 /* the squared L2 norm of each of `rows` rows of `dim` values, summed in LANES partial sums (in
    the same order on every machine, so exact wherever the values' squares sum exactly) */
 void FN(squared_norms)(const T* vectors, int64_t rows, int64_t dim, T* out, int64_t threads) {
-  _Pragma("omp parallel for schedule(static) num_threads(threads)")
+  #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < rows; ++r) {
     const T* v = vectors + r * dim;
     T partial[LANES] = {0};
