@@ -4,10 +4,10 @@ of knn's passes of torch.
 For each query it keeps, across the blocks of the gallery: the `depth` most similar items by
 cosine (most similar first, ties to the lower index), the nearest item by Euclidean distance
 (ties to the lower index) and the sums of its distances and of its cosines to the items of each
-class, from the same products, read once while they are in the processor's cache; then `outcomes`
-gives each query's hits, average precision and best classes. knn's torch operations read and
-write every product four to eight times, which took about as long as the products themselves on
-2-core CPUs.
+class, from the same products, read once while they are in the processor's cache; after the
+last block, each query's Outcomes: its hits, average precision and prediction. knn's torch
+operations read and write every product four to eight times, which took about as long as the
+products themselves on 2-core CPUs.
 
 The products come item by item (items x queries), so that the products of one item with a strip
 of 16 queries are contiguous: the kernel works on a strip at once in the vector registers, and
@@ -51,14 +51,13 @@ ENABLE_VARIABLE = "TAXONCLIP_KNN_NATIVE"  # "0": always knn's torch operations
 
 SOURCE = Path(__file__).with_name("knn_scan.c")  # includes knn_scan_kernel.h, once per type
 
-
 LANES = 16  # queries per strip of the kernel (LANES in SOURCE)
 PIECE_STRIPS = 11  # strips per piece of products that `scan` takes, about (see `pieces`)
 PIECE_ROWS = (PIECE_STRIPS + 2) * LANES  # the most rows a piece has
 
 
 class _State(ctypes.Structure):
-    # the kernel's view of a Ranking (STATE in SOURCE)
+    # the kernel's view of a Ranking (FN(state) in knn_scan_kernel.h)
     _fields_ = [("rows", ctypes.c_int64), ("queries", ctypes.c_int64), ("depth", ctypes.c_int64),
                 ("n_classes", ctypes.c_int64), ("top_values", ctypes.c_void_p),
                 ("top_items", ctypes.c_void_p), ("filled", ctypes.c_void_p),
@@ -69,7 +68,7 @@ class _State(ctypes.Structure):
 
 
 class _Block(ctypes.Structure):
-    # one block of gallery items (block in SOURCE)
+    # one block of gallery items (FN(items) in knn_scan_kernel.h)
     _fields_ = [("items", ctypes.c_int64), ("offset", ctypes.c_int64), ("last", ctypes.c_int64),
                 ("squared_norms", ctypes.c_void_p),
                 ("inverse_norms", ctypes.c_void_p), ("classes", ctypes.c_void_p)]
