@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from taxonclip import knn
+from taxonclip import products
 from taxonclip.config import EvalConfig
 from taxonclip.knn import knn_metrics
 
@@ -126,11 +126,11 @@ def ours(test: np.ndarray, test_labels: np.ndarray, train: np.ndarray, train_lab
 def products_only(test: np.ndarray, test_labels: np.ndarray, train: np.ndarray, train_labels: np.ndarray,
                   chunk_size: int, device: str) -> dict[str, float]:
     """Only the float32 matrix products of ours (each chunk of queries with the whole gallery),
-    the way it computes them (`knn.block_products`): the part no ranking or counting can save,
+    the way it computes them (`products.block_products`): the part no ranking or counting can save,
     since `mean_l2` needs every test x train distance."""
     query, gallery = torch.from_numpy(test).to(device), torch.from_numpy(train).to(device)
     for start in range(0, len(query), chunk_size):
-        for _ in knn.block_products(query[start:start + chunk_size], gallery):
+        for _ in products.block_products(query[start:start + chunk_size], gallery):
             pass
     if query.device.type == "cuda":
         torch.cuda.synchronize()

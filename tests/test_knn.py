@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from taxonclip import knn
+from taxonclip import knn, products
 from taxonclip.config import EvalConfig
 from taxonclip.errors import ConfigError, DataError
 from taxonclip.knn import METRICS, KnnResult, knn_metrics
@@ -196,7 +196,7 @@ def test_query_order_changes_only_the_order_of_predictions():
     assert torch.equal(permuted.predictions, straight.predictions[shuffled])
 
 
-@pytest.mark.skipif(knn._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN (mkldnn) on the CPU")
+@pytest.mark.skipif(products._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN (mkldnn) on the CPU")
 def test_onednn_dot_products_are_float32_exact_and_agree_with_torch_matmul(monkeypatch):
     generator = torch.Generator().manual_seed(10)
     query, gallery = torch.randn(300, 64, generator=generator), torch.randn(1200, 64, generator=generator)
@@ -204,11 +204,11 @@ def test_onednn_dot_products_are_float32_exact_and_agree_with_torch_matmul(monke
     labels = torch.randint(0, 40, (1200,), generator=generator)
     exact = query.double() @ gallery.double().T
 
-    error = (knn._dot_products(query, gallery).double() - exact).abs().max()
+    error = (products.dot_products(query, gallery).double() - exact).abs().max()
     assert error <= 64 * torch.finfo(torch.float32).eps * exact.abs().max()
 
     with_onednn = knn_metrics(query, labels[:300], gallery, labels, chunk_size=128)
-    monkeypatch.setattr(knn, "_ONEDNN_LINEAR", None)
+    monkeypatch.setattr(products, "_ONEDNN_LINEAR", None)
     with_matmul = knn_metrics(query, labels[:300], gallery, labels, chunk_size=128)
     assert torch.equal(with_onednn.predictions, with_matmul.predictions)
     assert with_onednn.metrics == pytest.approx(with_matmul.metrics, rel=1e-6)
@@ -225,17 +225,17 @@ def test_a_private_op_that_fails_or_differs_leaves_the_public_matmul():
         return query @ gallery.T + 1
 
     for broken in (raises, transposed, off_by_one, lambda *args: None):
-        assert knn.working_linear(broken) is None
-    assert knn.working_linear(None) is None
+        assert products.working_linear(broken) is None
+    assert products.working_linear(None) is None
     exact = lambda query, gallery, *rest: query @ gallery.T  # noqa: E731
-    assert knn.working_linear(exact) is (exact if torch.backends.mkldnn.is_available() else None)
+    assert products.working_linear(exact) is (exact if torch.backends.mkldnn.is_available() else None)
 
 
 def test_this_torch_s_onednn_linear_passes_the_check_and_is_used():
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     if op is None or not torch.backends.mkldnn.is_available():
         pytest.skip("this torch has no oneDNN linear operator: the kNN runs on torch.matmul")
-    assert knn._ONEDNN_LINEAR is op
+    assert products._ONEDNN_LINEAR is op
 
 
 def test_nearest_item_ties_go_to_lowest_gallery_index_and_class_ties_to_lowest_label():

@@ -79,7 +79,7 @@ def test_kernel_ranking_is_the_stable_descending_sort_over_blocks(items, depth, 
         block = knn_scan.block(start, squared_norms[start:stop], inverse_norms[start:stop], classes[start:stop],
                                last=stop == items)
         for first in (0, 16):  # two strips of queries, one at a time
-            knn_scan.scan(state, products[first:first + 16, start:stop].T, first, block)
+            knn_scan.scan(state, [(first, products[first:first + 16, start:stop].T)], block)
 
     expected = products.sort(dim=1, descending=True, stable=True).indices[:, :depth]
     values, indices = state.ranked()

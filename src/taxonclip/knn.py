@@ -27,6 +27,7 @@ from torch import Tensor
 from taxonclip import knn_scan, names
 from taxonclip.errors import ConfigError, DataError
 from taxonclip.mapped import Source, blocks, pages_of
+from taxonclip.products import block_products, dot_products
 
 METRICS = names.SCORES
 TOP_K = 5
@@ -46,27 +47,6 @@ _BLOCK_WIDTH = 64  # values per block when a row's nearest item is found (`_firs
 _GROUP_WIDTH = 16  # items per group whose maximum screens a row before ranking (`_ranked`)
 
 
-def working_linear(op) -> object | None:
-    """`op` if it computes `query @ gallery.T` as torch's oneDNN linear operator
-    (`torch.ops.mkldnn._linear_pointwise(query, gallery, None, "none", [], "")`) does, else None.
-
-    That operator is private: a torch release may rename it, change its arguments or drop it.
-    So it is tried once on a small product with an exact answer, and anything but that answer
-    (an error, another value) leaves the public `torch.matmul` in its place."""
-    if op is None or not torch.backends.mkldnn.is_available():
-        return None
-    query = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    gallery = torch.arange(12, dtype=torch.float32).reshape(4, 3) - 5
-    try:
-        product = op(query, gallery, None, "none", [], "")
-    except Exception:  # noqa: BLE001 - any failure of a private op means: do not use it
-        return None
-    exact = isinstance(product, Tensor) and product.shape == (2, 4) and torch.equal(
-        product, query @ gallery.T)
-    return op if exact else None
-
-
-_ONEDNN_LINEAR = working_linear(getattr(torch.ops.mkldnn, "_linear_pointwise", None))
 
 
 @dataclass(frozen=True)
@@ -279,7 +259,7 @@ def _chunk_outcomes(query: Tensor, query_classes: Tensor, gallery: _Gallery,
     nearest = gallery.classes[ranked[1]]
     hits = nearest == query_classes[:, None]
     # the query's own norm scales every class alike: it cannot change which class is best
-    mean_cos = _best_class(_dot_products(query, gallery.unit_means), gallery.counts, largest=True)
+    mean_cos = _best_class(dot_products(query, gallery.unit_means), gallery.counts, largest=True)
     mean_l2 = _best_class(distance_sums.div_(gallery.counts), gallery.counts, largest=False)
     return {"top1_cos": hits[:, 0], "top3_cos": hits[:, :3].any(dim=1),
             "top5_cos": hits[:, :TOP_K].any(dim=1), "mean_cos": mean_cos == query_classes,
@@ -296,7 +276,7 @@ def _passes(query: Tensor, query_squared_norms: Tensor, gallery: _Gallery, depth
     distance_sums = workspace.take("distance_sums", len(query), len(gallery.counts)).zero_()
     for start, items in gallery.blocks():
         stop = start + len(items)
-        dots = _dot_products(query, items)
+        dots = dot_products(query, items)
         # ranked by cosine, the query's own norm left out: it scales its whole row alike
         cosines = torch.mul(dots, gallery.inverse_norms[start:stop],
                             out=workspace.take("cosines", len(query), stop - start))
@@ -318,31 +298,15 @@ def _scanned(query: Tensor, query_squared_norms: Tensor, query_classes: Tensor, 
         stop = start + len(items)
         block = knn_scan.block(start, gallery.squared_norms[start:stop], gallery.inverse_norms[start:stop],
                                gallery.classes[start:stop], last=stop == len(gallery.classes))
-        for first, products in block_products(query, items):
-            knn_scan.scan(state, products, first, block)
+        pieces = []
+        for piece in block_products(query, items):
+            pieces.append(piece)
+            if len(pieces) == knn_scan.PIECES_TOGETHER:
+                knn_scan.scan(state, pieces, block)
+                pieces = []
+        if pieces:
+            knn_scan.scan(state, pieces, block)
     return state.found
-
-
-def block_products(query: Tensor, items: Tensor):
-    """(first query, products) of a chunk of queries with a block of gallery items, as
-    knn_metrics computes them. Where knn_scan scans them (float, CPU): items x queries, for the
-    `knn_scan.pieces` of the `knn_scan.padded` queries one at a time, each product of a piece
-    still in the processor's cache when scanned. Elsewhere: queries x items, at once."""
-    if not knn_scan.supports(query.device, query.dtype):
-        yield 0, _dot_products(query, items)
-        return
-    strips = knn_scan.padded(query)
-    for first, rows in knn_scan.pieces(len(strips)):
-        yield first, _dot_products(items, strips[first:first + rows])
-
-
-def _dot_products(query: Tensor, gallery: Tensor) -> Tensor:
-    """`query @ gallery.T`. On CPUs, float32 products go through oneDNN (the linear operator that
-    torch.compile uses on CPUs), which ran 2.2 times as fast as the MKL BLAS behind `torch.matmul`
-    on the AMD EPYC processors we measured, in the same float32 arithmetic."""
-    if _ONEDNN_LINEAR is not None and query.device.type == "cpu" and query.dtype == torch.float32:
-        return _ONEDNN_LINEAR(query, gallery, None, "none", [], "")
-    return query @ gallery.T
 
 
 def _merged(ranked: tuple[Tensor, Tensor] | None, block: tuple[Tensor, Tensor], start: int,

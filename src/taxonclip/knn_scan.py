@@ -54,6 +54,7 @@ SOURCE = Path(__file__).with_name("knn_scan.c")  # includes knn_scan_kernel.h, o
 LANES = 16  # queries per strip of the kernel (LANES in SOURCE)
 PIECE_STRIPS = 11  # strips per piece of products that `scan` takes, about (see `pieces`)
 PIECE_ROWS = (PIECE_STRIPS + 2) * LANES  # the most rows a piece has
+PIECES_TOGETHER = 2  # pieces `scan` shares among the threads at once (their products alive together)
 
 
 class _State(ctypes.Structure):
@@ -171,9 +172,9 @@ def _compiled():
     for kernel in (library.knn_block_f32, library.knn_block_f64):
         kernel.restype = None
         kernel.argtypes = [pointer, integer, integer, integer, integer, pointer, pointer, pointer, pointer]
-    for kernel in (library.knn_strips_f32, library.knn_strips_f64):
-        kernel.restype = None
-        kernel.argtypes = [pointer, integer, integer, pointer, pointer, pointer, pointer, integer, integer]
+    for kernel in (library.knn_pieces_f32, library.knn_pieces_f64):
+        kernel.restype = None  # products, strides and first rows of `count` pieces, then as above
+        kernel.argtypes = [pointer, pointer, pointer, integer, pointer, pointer, pointer, pointer, integer, integer]
     library.scratch_bytes.restype = integer
     library.scratch_bytes.argtypes = [integer, integer, integer]
     for function in (library.squared_norms_f32, library.squared_norms_f64):
@@ -305,38 +306,45 @@ def block(offset: int, squared_norms: Tensor, inverse_norms: Tensor, classes: Te
     return Block(*tensors, struct=_Block(len(classes), offset, int(last), *(tensor.data_ptr() for tensor in tensors)))
 
 
-def scan(state: Ranking, products: Tensor, first: int, items: Block) -> None:
-    """Add the products of a block of items with queries of a chunk to `state`: items x queries,
-    of the `padded` queries of the chunk from its row `first` on. The strips of queries are
-    shared among the threads `start` found."""
-    products = products.contiguous()
-    rows = products.shape[1]
-    if rows % LANES or first % LANES or first + rows > len(state.filled) or len(products) != items.struct.items:
-        raise ValueError(f"products of {tuple(products.shape)} from row {first} for a ranking of "
-                         f"{len(state.filled)} rows and a block of {items.struct.items} items")
+def scan(state: Ranking, pieces: list[tuple[int, Tensor]], items: Block) -> None:
+    """Add to `state` the products of a block of items with pieces of the chunk's `padded`
+    queries: (first row, products: items x rows) each. The strips of all the pieces are shared
+    among the threads `start` found: PIECES_TOGETHER at once keep them busy to the end."""
+    pieces = [(first, products.contiguous()) for first, products in pieces]
+    for first, products in pieces:
+        rows = products.shape[1]
+        if rows % LANES or first % LANES or first + rows > len(state.filled) or len(products) != items.struct.items:
+            raise ValueError(f"products of {tuple(products.shape)} from row {first} for a ranking of "
+                             f"{len(state.filled)} rows and a block of {items.struct.items} items")
     library = native()
-    name = "knn_block_f32" if products.dtype == torch.float32 else "knn_block_f64"
+    suffix = "_f32" if state.values.dtype == torch.float32 else "_f64"
     threads, stride = state.scratch.shape
     arguments = (ctypes.byref(items.struct), ctypes.byref(state.struct))
     norms, scratch = state.query_squared_norms.data_ptr(), state.scratch.data_ptr()
     if library.with_openmp:
-        getattr(library, name.replace("block", "strips"))(products.data_ptr(), rows, first, norms, *arguments, scratch,
-                                           stride, threads)
+        count = len(pieces)
+        getattr(library, "knn_pieces" + suffix)(
+            (ctypes.c_void_p * count)(*(products.data_ptr() for _, products in pieces)),
+            (ctypes.c_int64 * count)(*(products.shape[1] for _, products in pieces)),
+            (ctypes.c_int64 * count)(*(first for first, _ in pieces)), count, norms, *arguments, scratch,
+            stride, threads)
         return
-    kernel = getattr(library, name)
-    strips = rows // LANES
-    # no more parts than threads, as each has its scratch; a pool thread takes the next part free
-    parts = max(1, min(threads, strips))
-    bounds = [strips * part // parts for part in range(parts + 1)]
+    kernel = getattr(library, "knn_block" + suffix)
+    for first, products in pieces:
+        rows = products.shape[1]
+        strips = rows // LANES
+        # no more parts than threads, as each has its scratch; a pool thread takes the next part free
+        parts = max(1, min(threads, strips))
+        bounds = [strips * part // parts for part in range(parts + 1)]
 
-    def run(part: int) -> None:
-        kernel(products.data_ptr(), rows, first, bounds[part], bounds[part + 1], norms, *arguments,
-               scratch + part * stride)
+        def run(part: int) -> None:
+            kernel(products.data_ptr(), rows, first, bounds[part], bounds[part + 1], norms, *arguments,
+                   scratch + part * stride)
 
-    if parts == 1:
-        run(0)
-    else:
-        list(_pool(threads).map(run, range(parts)))
+        if parts == 1:
+            run(0)
+        else:
+            list(_pool(threads).map(run, range(parts)))
 
 
 def _outcomes(queries: int) -> Outcomes:

@@ -318,18 +318,6 @@ void FN(knn_block)(const T* products, int64_t stride, int64_t first, int64_t str
   }
 }
 
-/* every strip, shared among `threads` threads of the OpenMP runtime (torch's own where it is
-   OpenMP's, whose threads then need no wake-up), each with `scratch_stride` bytes of scratch */
-void FN(knn_strips)(const T* products, int64_t stride, int64_t first, const T* query_sq,
-                   const FN(items)* block, const FN(state)* state, char* scratch,
-                   int64_t scratch_stride, int64_t threads) {
-  const int64_t strips = stride / LANES;
-  #pragma omp parallel for schedule(dynamic) num_threads(threads)
-  for (int64_t strip = 0; strip < strips; ++strip)
-    FN(knn_block)(products, stride, first, strip, strip + 1, query_sq, block, state,
-         scratch + THREAD * scratch_stride);
-}
-
 /* the squared L2 norm of each of `rows` rows of `dim` values, summed in LANES partial sums (in
    the same order on every machine, so exact wherever the values' squares sum exactly) */
 void FN(squared_norms)(const T* vectors, int64_t rows, int64_t dim, T* out, int64_t threads) {
@@ -344,5 +332,24 @@ void FN(squared_norms)(const T* vectors, int64_t rows, int64_t dim, T* out, int6
     T total = 0;
     for (int k = 0; k < LANES; ++k) total += partial[k];
     out[r] = total;
+  }
+}
+
+/* the strips of `count` pieces of a block's products (piece i: `products[i]`, items x
+   `strides[i]`, the rows of the state from `firsts[i]` on), shared among `threads` threads of the
+   OpenMP runtime (torch's own where it is OpenMP's, whose threads then need no wake-up), each
+   with `scratch_stride` bytes of scratch. Pieces have an odd number of strips: one at a time, a
+   thread waited at the end of each for the other's last strip */
+void FN(knn_pieces)(const T* const* products, const int64_t* strides, const int64_t* firsts,
+                    int64_t count, const T* query_sq, const FN(items)* block, const FN(state)* state,
+                    char* scratch, int64_t scratch_stride, int64_t threads) {
+  int64_t strips = 0;
+  for (int64_t i = 0; i < count; ++i) strips += strides[i] / LANES;
+  #pragma omp parallel for schedule(dynamic) num_threads(threads)
+  for (int64_t strip = 0; strip < strips; ++strip) {
+    int64_t piece = 0, local = strip;
+    while (local >= strides[piece] / LANES) local -= strides[piece++] / LANES;
+    FN(knn_block)(products[piece], strides[piece], firsts[piece], local, local + 1, query_sq, block,
+                  state, scratch + THREAD * scratch_stride);
   }
 }
