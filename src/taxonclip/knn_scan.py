@@ -91,48 +91,6 @@ class Outcomes:
 
 
 @dataclass(frozen=True)
-class Ranking:
-    """What the blocks so far leave of one chunk of `queries` queries, in rows padded to a
-    multiple of LANES: per query its `depth` most similar items (values and gallery indices,
-    most similar first), its nearest item (distance and index), and per class the sums of its
-    distances and of its cosines (not divided by the query's norm) to the class's items
-    (strips x classes x 2 x LANES: the sums of a strip are contiguous)."""
-
-    queries: int
-    query_squared_norms: Tensor
-    values: Tensor
-    items: Tensor
-    filled: Tensor
-    nearest_values: Tensor
-    nearest_items: Tensor
-    sums: Tensor
-    scratch: Tensor  # threads x bytes: one scratch per thread (Buffers.scratch)
-    classes: tuple[Tensor, Tensor, Tensor]  # the queries', the gallery items' and each class's count
-    found: Outcomes  # filled once the last block is scanned
-    struct: _State  # what the kernel reads and updates, pointing at the tensors above
-
-    def ranked(self) -> tuple[Tensor, Tensor]:
-        """Values and gallery indices of each query's most similar items."""
-        return self.values[:self.queries], self.items[:self.queries]
-
-    def nearest(self) -> tuple[Tensor, Tensor]:
-        """Distance and gallery index of each query's nearest item."""
-        return self.nearest_values[:self.queries], self.nearest_items[:self.queries]
-
-    def distance_sums(self) -> Tensor:
-        """Each query's sums of distances per class (queries x classes)."""
-        return self._per_query(0)
-
-    def cosine_sums(self) -> Tensor:
-        """Each query's sums of cosines per class (queries x classes)."""
-        return self._per_query(1)
-
-    def _per_query(self, which: int) -> Tensor:
-        strips, classes = self.sums.shape[:2]
-        return self.sums[:, :, which].transpose(1, 2).reshape(strips * LANES, classes)[:self.queries]
-
-
-@dataclass(frozen=True)
 class Block:
     """One block of gallery items, as the kernel reads it: their squared norms, inverse norms and
     classes (contiguous, kept alive here) and the index of the first."""
@@ -273,6 +231,50 @@ def buffers(rows: int, depth: int, n_classes: int, items: int, dtype: torch.dtyp
                        items, depth, torch.finfo(dtype).bits // 8), dtype=torch.uint8))
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """What the blocks so far leave of one chunk of `queries` queries, `depth` deep, in `buffers`
+    (from their start, in rows padded to a multiple of LANES): per query its `depth` most similar
+    items (values and gallery indices, most similar first), its nearest item (distance and
+    index), and per class the sums of its distances and of its cosines (not divided by the
+    query's norm) to the class's items (strips x classes x 2 x LANES: a strip's are contiguous)."""
+
+    queries: int
+    depth: int
+    buffers: Buffers
+    classes: tuple[Tensor, Tensor, Tensor]  # the queries', the gallery items' and each class's count
+    found: Outcomes  # filled once the last block is scanned
+    struct: _State  # what the kernel reads and updates, pointing into `buffers`
+
+    @property
+    def rows(self) -> int:
+        """The padded rows of the chunk."""
+        return self.queries + -self.queries % LANES
+
+    def ranked(self) -> tuple[Tensor, Tensor]:
+        """Values and gallery indices of each query's most similar items."""
+        size = self.rows * self.depth
+        return (self.buffers.values[:size].view(self.rows, self.depth)[:self.queries],
+                self.buffers.items[:size].view(self.rows, self.depth)[:self.queries])
+
+    def nearest(self) -> tuple[Tensor, Tensor]:
+        """Distance and gallery index of each query's nearest item."""
+        return self.buffers.nearest_values[:self.queries], self.buffers.nearest_items[:self.queries]
+
+    def distance_sums(self) -> Tensor:
+        """Each query's sums of distances per class (queries x classes)."""
+        return self._per_query(0)
+
+    def cosine_sums(self) -> Tensor:
+        """Each query's sums of cosines per class (queries x classes)."""
+        return self._per_query(1)
+
+    def _per_query(self, which: int) -> Tensor:
+        classes = self.buffers.n_classes
+        sums = self.buffers.sums[:self.rows * classes * 2].view(self.rows // LANES, classes, 2, LANES)
+        return sums[:, :, which].transpose(1, 2).reshape(self.rows, classes)[:self.queries]
+
+
 def start(buffers: Buffers, query_squared_norms: Tensor, depth: int, query_classes: Tensor,
           gallery_classes: Tensor, counts: Tensor) -> Ranking:
     """The state of a chunk of queries (their squared norms and classes) before its first block,
@@ -285,18 +287,14 @@ def start(buffers: Buffers, query_squared_norms: Tensor, depth: int, query_class
     norms = buffers.query_squared_norms[:rows]
     norms[:queries] = query_squared_norms
     norms[queries:] = 0
-    tensors = {"query_squared_norms": norms, "values": buffers.values[:rows * depth].view(rows, depth),
-               "items": buffers.items[:rows * depth].view(rows, depth), "filled": buffers.filled[:rows],
-               "nearest_values": buffers.nearest_values[:rows], "nearest_items": buffers.nearest_items[:rows],
-               "sums": buffers.sums[:rows * buffers.n_classes * 2].view(rows // LANES, buffers.n_classes, 2, LANES),
-               "scratch": buffers.scratch}
     classes = (query_classes.contiguous(), gallery_classes.contiguous(), counts.contiguous())
     found = _outcomes(queries)
-    struct = _State(rows, queries, depth, buffers.n_classes, *(tensors[name].data_ptr() for name in (
+    # views of the buffers from their start: the pointers are the buffers'
+    struct = _State(rows, queries, depth, buffers.n_classes, *(getattr(buffers, name).data_ptr() for name in (
         "values", "items", "filled", "nearest_values", "nearest_items", "sums")),
         *(tensor.data_ptr() for tensor in (*classes, found.hits, found.precision, found.prediction)))
     # the kernel starts every row afresh at the first block (offset 0): nothing else to clear
-    return Ranking(queries=queries, struct=struct, classes=classes, found=found, **tensors)
+    return Ranking(queries=queries, depth=depth, buffers=buffers, classes=classes, found=found, struct=struct)
 
 
 def block(offset: int, squared_norms: Tensor, inverse_norms: Tensor, classes: Tensor, last: bool) -> Block:
@@ -313,14 +311,14 @@ def scan(state: Ranking, pieces: list[tuple[int, Tensor]], items: Block) -> None
     pieces = [(first, products.contiguous()) for first, products in pieces]
     for first, products in pieces:
         rows = products.shape[1]
-        if rows % LANES or first % LANES or first + rows > len(state.filled) or len(products) != items.struct.items:
+        if rows % LANES or first % LANES or first + rows > state.rows or len(products) != items.struct.items:
             raise ValueError(f"products of {tuple(products.shape)} from row {first} for a ranking of "
-                             f"{len(state.filled)} rows and a block of {items.struct.items} items")
+                             f"{state.rows} rows and a block of {items.struct.items} items")
     library = native()
-    suffix = "_f32" if state.values.dtype == torch.float32 else "_f64"
-    threads, stride = state.scratch.shape
+    suffix = "_f32" if state.buffers.values.dtype == torch.float32 else "_f64"
+    threads, stride = state.buffers.scratch.shape
     arguments = (ctypes.byref(items.struct), ctypes.byref(state.struct))
-    norms, scratch = state.query_squared_norms.data_ptr(), state.scratch.data_ptr()
+    norms, scratch = state.buffers.query_squared_norms.data_ptr(), state.buffers.scratch.data_ptr()
     if library.with_openmp:
         count = len(pieces)
         getattr(library, "knn_pieces" + suffix)(
