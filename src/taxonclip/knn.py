@@ -47,8 +47,6 @@ _BLOCK_WIDTH = 64  # values per block when a row's nearest item is found (`_firs
 _GROUP_WIDTH = 16  # items per group whose maximum screens a row before ranking (`_ranked`)
 
 
-
-
 @dataclass(frozen=True)
 class KnnResult:
     """Metrics of one scope and level.
@@ -124,9 +122,10 @@ def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_la
                                     return_inverse=True)
     query_classes = dense[len(gallery_labels):]
     scanning = knn_scan.supports(device, dtype)
-    block = BLOCK_ELEMENTS // min(chunk_size, knn_scan.PIECE_ROWS) if scanning else BLOCK_ELEMENTS // chunk_size
-    bank = _gallery(items, dense[:len(gallery_labels)].to(device), len(label_ids), max(1, block),
-                    unit_means=not scanning)
+    # queries whose products with a block are alive at once: the chunk's, or knn_scan's pieces'
+    at_once = min(chunk_size, knn_scan.PIECE_ROWS) if scanning else chunk_size
+    bank = _gallery(items, dense[:len(gallery_labels)].to(device), len(label_ids),
+                    max(1, BLOCK_ELEMENTS // at_once), unit_means=not scanning)
     # queries in order of the gallery size of their class: a chunk then ranks only as deep as
     # its own largest class needs for MAP@R, not as deep as the largest class of all
     counts = bank.counts.cpu()
