@@ -132,7 +132,7 @@ def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_la
     order = counts[query_classes].argsort(stable=True)
     # allocated once: fresh blocks of this size, on every chunk, fragment the C library's heap
     rows, block = min(chunk_size, len(queries)), min(bank.block, len(items))
-    if bank.unit_means is None:
+    if scanning:
         depth = _depth(counts[query_classes].max(), len(bank.classes)) if len(queries) else TOP_K
         workspace = knn_scan.buffers(rows, depth, len(label_ids), block, dtype)
     else:

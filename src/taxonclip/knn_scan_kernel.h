@@ -77,8 +77,8 @@ static void FN(sort)(T* values, int64_t* items, int64_t n, T* spare, int64_t* sp
    candidates (items in gallery order, later than every kept one) made one: the first `depth`
    of their stable descending sort. `merged`, `spare`: room for depth + CAPACITY(depth) each */
 static void FN(merge)(T* values, int64_t* kept, int64_t* filled, int64_t depth,
-                         T* candidates, int64_t* items, int64_t count, T* merged,
-                         int64_t* merged_items, T* spare, int64_t* spare_items) {
+                      T* candidates, int64_t* items, int64_t count, T* merged,
+                      int64_t* merged_items, T* spare, int64_t* spare_items) {
   const int64_t n = *filled, total = n + count;
   if (count <= FEW) {
     /* a few candidates: each inserted after the values at least as large, which are earlier */
@@ -127,8 +127,8 @@ static void FN(shut)(const FN(state)* state, int64_t r, T* bound, int* open) {
 }
 
 static void FN(flush)(const FN(state)* state, int64_t r, T* candidates, int64_t* items,
-                         int64_t count, T* merged, int64_t* merged_items, T* spare,
-                         int64_t* spare_items) {
+                      int64_t count, T* merged, int64_t* merged_items, T* spare,
+                      int64_t* spare_items) {
   const int64_t depth = state->depth;
   if (count == 0) return;  /* nothing new: the ranking stands */
   FN(merge)(state->top_values + r * depth, state->top_items + r * depth, state->filled + r,
@@ -137,8 +137,8 @@ static void FN(flush)(const FN(state)* state, int64_t r, T* candidates, int64_t*
 
 /* the strip of LANES rows from `first`; its products are `products` (items x `stride`) */
 static void FN(strip)(const T* restrict products, int64_t stride, int64_t first,
-                         const T* query_sq, const FN(items)* block, const FN(state)* state,
-                         char* scratch) {
+                      const T* query_sq, const FN(items)* block, const FN(state)* state,
+                      char* scratch) {
   const int64_t items = block->items, groups = items / GROUP, depth = state->depth;
   const T* item_sq = block->squared_norms; const T* item_inv = block->inverse_norms;
   const int64_t* classes = block->classes;
@@ -263,53 +263,51 @@ static void FN(finish)(const FN(state)* state, int64_t strip) {
   const int64_t depth = state->depth, n_classes = state->n_classes;
   const int64_t* query_classes = state->query_classes; const int64_t* gallery_classes = state->gallery_classes;
   const int64_t* counts = state->counts;
-  {
-    /* the means of a strip's LANES rows at once: per class, sums divided by its count */
-    T cosine[LANES], distance[LANES];
-    INDEX cosine_class[LANES], distance_class[LANES];
-    for (int k = 0; k < LANES; ++k) { cosine_class[k] = distance_class[k] = -1; cosine[k] = distance[k] = 0; }
-    const T* sums = state->sums + strip * n_classes * 2 * LANES;
-    for (int64_t c = 0; c < n_classes; ++c) {
-      if (counts[c] == 0) continue;
-      const T count = (T)counts[c];
-      const T* s = sums + c * 2 * LANES;
-      for (int k = 0; k < LANES; ++k) {
-        const T mean_distance = s[k] / count, mean_cosine = s[LANES + k] / count;
-        const int nearer = distance_class[k] < 0 || mean_distance < distance[k];
-        const int closer = cosine_class[k] < 0 || mean_cosine > cosine[k];
-        distance[k] = nearer ? mean_distance : distance[k];
-        distance_class[k] = nearer ? (INDEX)c : distance_class[k];
-        cosine[k] = closer ? mean_cosine : cosine[k];
-        cosine_class[k] = closer ? (INDEX)c : cosine_class[k];
-      }
+  /* the means of a strip's LANES rows at once: per class, sums divided by its count */
+  T cosine[LANES], distance[LANES];
+  INDEX cosine_class[LANES], distance_class[LANES];
+  for (int k = 0; k < LANES; ++k) { cosine_class[k] = distance_class[k] = -1; cosine[k] = distance[k] = 0; }
+  const T* sums = state->sums + strip * n_classes * 2 * LANES;
+  for (int64_t c = 0; c < n_classes; ++c) {
+    if (counts[c] == 0) continue;
+    const T count = (T)counts[c];
+    const T* s = sums + c * 2 * LANES;
+    for (int k = 0; k < LANES; ++k) {
+      const T mean_distance = s[k] / count, mean_cosine = s[LANES + k] / count;
+      const int nearer = distance_class[k] < 0 || mean_distance < distance[k];
+      const int closer = cosine_class[k] < 0 || mean_cosine > cosine[k];
+      distance[k] = nearer ? mean_distance : distance[k];
+      distance_class[k] = nearer ? (INDEX)c : distance_class[k];
+      cosine[k] = closer ? mean_cosine : cosine[k];
+      cosine_class[k] = closer ? (INDEX)c : cosine_class[k];
     }
-    for (int k = 0; k < LANES && strip * LANES + k < state->queries; ++k) {
-      const int64_t r = strip * LANES + k;
-      const int64_t own = query_classes[r], relevant = counts[own], n = state->filled[r];
-      const int64_t* kept = state->top_items + r * depth;
-      uint8_t* hit = state->hits + 6 * r;
-      int64_t found = 0;
-      double total = 0;
-      hit[0] = hit[1] = hit[2] = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        if (gallery_classes[kept[i]] != own) continue;
-        hit[0] |= i < 1; hit[1] |= i < 3; hit[2] |= i < 5;
-        if (i < relevant) total += (double)++found / (double)(i + 1);
-      }
-      hit[3] = cosine_class[k] == own;
-      hit[4] = gallery_classes[state->nearest_items[r]] == own;
-      hit[5] = distance_class[k] == own;
-      state->precision[r] = relevant > 0 ? total / (double)relevant : NAN;
-      state->prediction[r] = gallery_classes[kept[0]];
+  }
+  for (int k = 0; k < LANES && strip * LANES + k < state->queries; ++k) {
+    const int64_t r = strip * LANES + k;
+    const int64_t own = query_classes[r], relevant = counts[own], n = state->filled[r];
+    const int64_t* kept = state->top_items + r * depth;
+    uint8_t* hit = state->hits + 6 * r;
+    int64_t found = 0;
+    double total = 0;
+    hit[0] = hit[1] = hit[2] = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (gallery_classes[kept[i]] != own) continue;
+      hit[0] |= i < 1; hit[1] |= i < 3; hit[2] |= i < 5;
+      if (i < relevant) total += (double)++found / (double)(i + 1);
     }
+    hit[3] = cosine_class[k] == own;
+    hit[4] = gallery_classes[state->nearest_items[r]] == own;
+    hit[5] = distance_class[k] == own;
+    state->precision[r] = relevant > 0 ? total / (double)relevant : NAN;
+    state->prediction[r] = gallery_classes[kept[0]];
   }
 }
 
 /* strips `strip_start` to `strip_stop` - 1 of a block's products (items x `stride`, the rows of
    the state from `first` on), one after the other, with `scratch` */
 void FN(knn_block)(const T* products, int64_t stride, int64_t first, int64_t strip_start,
-          int64_t strip_stop, const T* query_sq, const FN(items)* block, const FN(state)* state,
-          char* scratch) {
+                   int64_t strip_stop, const T* query_sq, const FN(items)* block,
+                   const FN(state)* state, char* scratch) {
   for (int64_t strip = strip_start; strip < strip_stop; ++strip) {
     FN(strip)(products + strip * LANES, stride, first + strip * LANES,
               query_sq + first + strip * LANES, block, state, scratch);
