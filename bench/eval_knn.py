@@ -9,14 +9,15 @@ groups it by label. Ours compares chunks of queries with the gallery by matrix p
     python bench/eval_knn.py --skip-big      # the small case only
 
 Prints a Markdown table (for the README) and whether both methods give identical accuracies.
-A further row times only our float32 matrix products. Every metric needs all test x train
-products (`mean_l2` averages every distance), so that row bounds the speed-up on the processor
-at hand.
+A further row times only our float32 matrix products, made as ours makes them. Every metric
+needs all test x train products (`mean_l2` averages every distance), so that row bounds the
+speed-up on the processor at hand.
 Timings at the small size are the best of --repeat runs of each method. Ours runs in a child
 process, which regenerates the same embeddings from the seed: its memory is measured there alone.
-There, ours and its products alone also run in turns (--repeat times each, one after the other,
-so that other work on a shared machine slows both alike): the table "ours / products" gives the
-minimum and the median of each and their ratios, from that one run.
+There, ours, its products alone and torch's products of the same chunks in one call each also
+run in turns (--repeat times each, one after the other, so that other work on a shared machine
+slows all alike): the table gives the minimum and the median of each and ours' ratios to both
+products, from that one run. Torch's column shows whether ours makes its products as fast.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from taxonclip import products
+from taxonclip import knn_scan, products
 from taxonclip.config import EvalConfig
-from taxonclip.knn import knn_metrics
+from taxonclip.knn import BLOCK_ELEMENTS, knn_metrics
 
 GENERATION_BLOCK = 16384
 NORM_SIGMA = 0.1  # log-normal spread of the norms, so that Euclidean and cosine neighbours differ
@@ -126,12 +127,47 @@ def ours(test: np.ndarray, test_labels: np.ndarray, train: np.ndarray, train_lab
 def products_only(test: np.ndarray, test_labels: np.ndarray, train: np.ndarray, train_labels: np.ndarray,
                   chunk_size: int, device: str) -> dict[str, float]:
     """Only the float32 matrix products of ours (each chunk of queries with the whole gallery),
-    the way it computes them (`products.block_products`): the part no ranking or counting can save,
-    since `mean_l2` needs every test x train distance."""
+    the way it computes them: on CPUs where knn_scan makes them, by its kernel's BLAS calls,
+    tile by tile, with nothing else done (`knn_scan.fused` with `products_only`); elsewhere by
+    `products.block_products`. The part no ranking or counting can save, since `mean_l2` needs
+    every test x train distance."""
     query, gallery = torch.from_numpy(test).to(device), torch.from_numpy(train).to(device)
+    if knn_scan.supports(query.device, query.dtype) and knn_scan.gemm(query.dtype) is not None:
+        kernel_products(query, gallery, chunk_size)
+        return {}
     for start in range(0, len(query), chunk_size):
         for _ in products.block_products(query[start:start + chunk_size], gallery):
             pass
+    if query.device.type == "cuda":
+        torch.cuda.synchronize()
+    return {}
+
+
+def kernel_products(query: torch.Tensor, gallery: torch.Tensor, chunk_size: int) -> None:
+    """The products of knn_scan's kernel alone, in knn's chunks and gallery blocks, with buffers
+    allocated once per call, as knn_metrics allocates them."""
+    block = min(len(gallery), max(1, BLOCK_ELEMENTS // chunk_size))
+    rows = min(chunk_size, len(query))
+    buffers = knn_scan.buffers(rows, 1, 1, block, query.dtype)
+    classes, counts = torch.zeros(len(gallery), dtype=torch.int64), torch.tensor([len(gallery)])
+    norms = torch.ones(len(gallery), dtype=query.dtype)
+    for start in range(0, len(query), chunk_size):
+        chunk = query[start:start + chunk_size]
+        state = knn_scan.start(buffers, norms[:len(chunk)], 1, classes[:len(chunk)], classes, counts)
+        for first in range(0, len(gallery), block):
+            stop = min(first + block, len(gallery))
+            items = knn_scan.block(first, norms[first:stop], norms[first:stop], classes[first:stop],
+                                   last=stop == len(gallery))
+            knn_scan.fused(state, knn_scan.padded(chunk), gallery[first:stop], items, products_only=True)
+
+
+def torch_products(test: np.ndarray, test_labels: np.ndarray, train: np.ndarray, train_labels: np.ndarray,
+                   chunk_size: int, device: str) -> dict[str, float]:
+    """The same products by torch, a chunk of queries with the whole gallery in one call
+    (`products.dot_products`: oneDNN on CPUs): whether ours makes its products as fast."""
+    query, gallery = torch.from_numpy(test).to(device), torch.from_numpy(train).to(device)
+    for start in range(0, len(query), chunk_size):
+        products.dot_products(query[start:start + chunk_size], gallery)
     if query.device.type == "cuda":
         torch.cuda.synchronize()
     return {}
@@ -201,22 +237,24 @@ def run_child(args: argparse.Namespace) -> None:
 
 
 def in_turns(data, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Seconds of ours and of its products alone, run one after the other --repeat times."""
-    turns = {"ours": [], "products": []}
+    """Seconds of ours, of its products alone and of torch's, run one after the other --repeat
+    times."""
+    turns = {"ours": [], "products": [], "torch": []}
     for _ in range(args.repeat):
-        for name, method in (("ours", ours), ("products", products_only)):
+        for name, method in (("ours", ours), ("products", products_only), ("torch", torch_products)):
             turns[name].append(timed(method, *data, args.chunk_size, args.device)[1])
     return turns
 
 
 def print_ratio(child: dict) -> None:
-    """The table of ours against its products alone, from the runs in turns."""
-    ours_s, products_s = child["turns"]["ours"], child["turns"]["products"]
-    print(f"\n| {len(ours_s)} runs in turns | ours s | products s | ours / products |")
-    print("|---|---:|---:|---:|")
+    """The table of ours against its products alone and torch's, from the runs in turns."""
+    ours_s, products_s, torch_s = (child["turns"][name] for name in ("ours", "products", "torch"))
+    print(f"\n| {len(ours_s)} runs in turns | ours s | its products s | torch's products s | "
+          f"ours / its products | ours / torch's products |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, pick in (("min", min), ("median", statistics.median)):
-        print(f"| {name} | {pick(ours_s):.4f} | {pick(products_s):.4f} | "
-              f"{pick(ours_s) / pick(products_s):.2f} |")
+        print(f"| {name} | {pick(ours_s):.4f} | {pick(products_s):.4f} | {pick(torch_s):.4f} | "
+              f"{pick(ours_s) / pick(products_s):.2f} | {pick(ours_s) / pick(torch_s):.2f} |")
 
 
 def measure_in_child(args: argparse.Namespace, n_test: int, n_train: int, repeat: int,

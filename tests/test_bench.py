@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from taxonclip import knn_scan
 from tests.helpers import REPO, free_port
 
 BENCH = REPO / "bench" / "train_throughput.py"
@@ -162,3 +164,19 @@ def test_eval_scale_command_ends_with_its_memory_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "same table as the in-memory reference: yes" in done.stdout
     assert re.fullmatch(r"peak_rss_gb=\d+\.\d\d store_gb=0\.00", done.stdout.splitlines()[-1])
+
+
+def test_eval_knn_times_the_products_ours_makes_in_chunks_and_blocks(monkeypatch):
+    """The products row of bench/eval_knn.py goes through the same path as ours (the kernel's
+    BLAS calls where knn makes its products there), over several chunks and gallery blocks."""
+    eval_knn = bench_module("eval_knn")
+    data = eval_knn.clustered_embeddings(40, 300, 8, 5, 1.0, seed=0)
+    calls = []
+    fused = knn_scan.fused
+    monkeypatch.setattr(knn_scan, "fused", lambda *args, **kwargs: calls.append(kwargs) or fused(*args, **kwargs))
+    monkeypatch.setattr(eval_knn, "BLOCK_ELEMENTS", 16 * 100)  # blocks of 100 items for chunks of 16
+
+    assert eval_knn.products_only(*data, 16, "cpu") == {}
+    assert eval_knn.torch_products(*data, 16, "cpu") == {}
+    if knn_scan.supports("cpu", torch.float32) and knn_scan.gemm(torch.float32) is not None:
+        assert calls == [{"products_only": True}] * (3 * 3)  # 3 chunks x 3 blocks

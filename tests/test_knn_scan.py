@@ -16,28 +16,41 @@ CHUNK = EvalConfig().chunk_size
 needs_kernel = pytest.mark.skipif(knn_scan.native() is None, reason="no C compiler builds knn_scan's kernel")
 
 
-def _ties_across_blocks(seed: int):
+@pytest.fixture(params=["kernel", "torch"])
+def products_by(request, monkeypatch):
+    """Products made by the kernel's BLAS calls (knn_scan.fused) where it has a BLAS, or by torch
+    (the pieces knn_scan.scan takes), as where it has none."""
+    if request.param == "kernel" and knn_scan.native() is not None and knn_scan.gemm(torch.float64) is None:
+        pytest.skip("torch links no BLAS ?gemm that passes knn_scan's check")
+    if request.param == "torch":
+        monkeypatch.setattr(knn_scan, "gemm", lambda dtype: None)
+    return request.param
+
+
+def _ties_across_blocks(seed: int, dtype: torch.dtype = torch.float64):
     """Integer vectors (exact products) whose duplicates sit on both sides of block and chunk
     boundaries, a class whose members span every block, and a class larger than the ranking."""
     query, query_labels, gallery, gallery_labels = integer_embeddings_with_ties(seed)
     gallery = torch.cat([gallery, gallery.flip(0), gallery[:13]])
     gallery_labels = torch.cat([gallery_labels, (gallery_labels.flip(0) + 10) % 60, gallery_labels[:13]])
     gallery_labels[::3] = 50  # one class in every block, with more items than top-5 ranks
-    return query, query_labels, gallery, gallery_labels
+    return query.to(dtype), query_labels, gallery.to(dtype), gallery_labels
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # small integers: exact in both
 @pytest.mark.parametrize("block_elements, chunk_size", [(7 * 6, 7), (5 * 17, 5), (1 << 22, 30)])
-def test_kernel_matches_reference_with_ties_across_blocks_and_chunks(monkeypatch, block_elements, chunk_size):
+def test_kernel_matches_reference_with_ties_across_blocks_and_chunks(monkeypatch, products_by, dtype,
+                                                                     block_elements, chunk_size):
     monkeypatch.setattr(knn, "BLOCK_ELEMENTS", block_elements)
-    data = _ties_across_blocks(seed=20)
+    data = _ties_across_blocks(seed=20, dtype=dtype)
 
     assert_matches_reference(knn_metrics(*data, chunk_size=chunk_size), reference_metrics(*data))
 
 
 @needs_kernel
 @pytest.mark.parametrize("seed", [21, 22])
-def test_kernel_and_torch_operations_give_the_same_table(monkeypatch, seed):
+def test_kernel_and_torch_operations_give_the_same_table(monkeypatch, products_by, seed):
     """float32 at a size where the kernel screens by group maxima (items over 16 x depth)."""
     generator = torch.Generator().manual_seed(seed)
     gallery = torch.randn(3000, 16, generator=generator)
@@ -102,7 +115,7 @@ def test_without_the_kernel_knn_keeps_its_torch_operations(monkeypatch):
 
 
 @needs_kernel
-def test_kernel_without_openmp_splits_the_rows_among_python_threads(monkeypatch):
+def test_kernel_without_openmp_splits_the_rows_among_python_threads(monkeypatch, products_by):
     """Where the compiler has no OpenMP, the kernel's parts run on a pool of Python threads."""
     monkeypatch.setattr(knn_scan.native(), "with_openmp", False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -120,3 +133,36 @@ def test_pieces_cover_the_rows_in_order_with_an_odd_number_of_strips_each(rows):
     assert sum(size for _, size in pieces) == rows
     assert all(size % knn_scan.LANES == 0 and size // knn_scan.LANES % 2 == 1 for _, size in pieces)
     assert all(size <= (knn_scan.PIECE_STRIPS + 2) * knn_scan.LANES for _, size in pieces)
+
+
+@needs_kernel
+def test_knn_makes_its_products_in_the_kernel_where_torch_links_a_blas(monkeypatch):
+    if knn_scan.gemm(torch.float32) is None:
+        pytest.skip("torch links no BLAS ?gemm that passes knn_scan's check")
+    calls = []
+    fused = knn_scan.fused
+    monkeypatch.setattr(knn_scan, "fused", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+    monkeypatch.setattr(knn_scan, "scan", lambda *args: pytest.fail("products taken from torch"))
+    data = _ties_across_blocks(seed=25, dtype=torch.float32)
+
+    assert_matches_reference(knn_metrics(*data, chunk_size=CHUNK), reference_metrics(*data))
+    assert calls
+
+
+@pytest.mark.parametrize("rows, threads", [(16, 2), (32, 2), (464, 2), (512, 1), (512, 16), (48, 4)])
+def test_shares_split_the_strips_among_the_threads_in_order(rows, threads):
+    shares = knn_scan.shares(rows, threads)
+    sizes = [size for _, size in shares]
+
+    assert [first for first, _ in shares] == [sum(sizes[:i]) for i in range(len(shares))]
+    assert sum(sizes) == rows and all(size % knn_scan.LANES == 0 and size > 0 for size in sizes)
+    assert len(shares) == min(threads, rows // knn_scan.LANES)
+    assert max(sizes) - min(sizes) <= knn_scan.LANES
+
+
+@pytest.mark.parametrize("width, size", [(272, 4), (528, 4), (16, 8), (100_000, 4)])
+def test_tiles_hold_whole_groups_within_the_tile_bytes(width, size):
+    tile = knn_scan.tile_items(width, size)
+
+    assert tile % knn_scan.GROUP == 0 and tile >= knn_scan.GROUP
+    assert tile * width * size <= knn_scan.TILE_BYTES or tile == knn_scan.GROUP

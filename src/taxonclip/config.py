@@ -193,9 +193,10 @@ class EvalConfig:
     batch_size: int = described(256, "images (or captions) embedded per forward pass")
     workers: int = described(2, "DataLoader worker processes that decode the images (0: the "
                                 "main process)")
-    # the one default of knn.knn_metrics's chunk_size: on CPUs its C kernel takes the products in
-    # pieces of about 176 queries whatever the chunk (chunks of 512 and 2,048 measured the same),
-    # so the chunk bounds its per-query state; on GPUs, chunk x block products are alive at once
+    # the one default of knn.knn_metrics's chunk_size: on CPUs its C kernel shares a chunk's
+    # queries among the threads, each making its products tile by tile (chunks of 1,024 and 2,048
+    # ran 15% and 30% slower at 2,000 x 8,000, the gallery in one block: smaller tiles); on GPUs,
+    # chunk x block products are alive at once
     chunk_size: int = described(512, "test queries scored against the whole gallery at once "
                                      "(memory and speed, not the metrics)")
     cache_embeddings: bool = described(

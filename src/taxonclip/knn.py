@@ -31,10 +31,10 @@ from taxonclip.products import block_products, dot_products
 
 METRICS = names.SCORES
 TOP_K = 5
-# similarities of one chunk of queries (or of one piece of it, where knn_scan scans them) with
-# one block of gallery items (two blocks of this many float32 values, 16 MB each, and the block
-# of gallery items are alive at once; larger blocks measured no faster): a gallery within one
-# block (8,192 items for chunks of 512 in torch, 20,164 for knn_scan's pieces) is read once
+# similarities of one chunk of queries (or of one piece of it, where knn_scan scans products
+# torch makes) with one block of gallery items (two blocks of this many float32 values, 16 MB
+# each, and the block of gallery items are alive at once; larger blocks measured no faster): a
+# gallery within one block (8,192 items for chunks of 512, 20,164 for knn_scan's pieces) is read once
 BLOCK_ELEMENTS = 1 << 22
 # values the ranking of one chunk keeps per query and gallery block (MAP@R of a class that holds
 # most of the gallery ranks deep: such queries go in smaller chunks)
@@ -123,7 +123,9 @@ def knn_metrics(query: Tensor, query_labels: Tensor, gallery: Tensor, gallery_la
     query_classes = dense[len(gallery_labels):]
     scanning = knn_scan.supports(device, dtype)
     # queries whose products with a block are alive at once: the chunk's, or knn_scan's pieces'
-    at_once = min(chunk_size, knn_scan.PIECE_ROWS) if scanning else chunk_size
+    # where it scans products that torch makes
+    torch_products = scanning and knn_scan.gemm(dtype) is None
+    at_once = min(chunk_size, knn_scan.PIECE_ROWS) if torch_products else chunk_size
     bank = _gallery(items, dense[:len(gallery_labels)].to(device), len(label_ids),
                     max(1, BLOCK_ELEMENTS // at_once), unit_means=not scanning)
     # queries in order of the gallery size of their class: a chunk then ranks only as deep as
@@ -291,12 +293,16 @@ def _passes(query: Tensor, query_squared_norms: Tensor, gallery: _Gallery, depth
 
 def _scanned(query: Tensor, query_squared_norms: Tensor, query_classes: Tensor, gallery: _Gallery,
              depth: int, buffers: knn_scan.Buffers) -> knn_scan.Outcomes:
-    """Each query's outcomes, from one pass of `knn_scan`'s kernel over each block's products."""
+    """Each query's outcomes, from one pass of `knn_scan`'s kernel over each block's products,
+    which it makes itself where it has a BLAS (`knn_scan.fused`), else torch."""
     state = knn_scan.start(buffers, query_squared_norms, depth, query_classes, gallery.classes, gallery.counts)
     for start, items in gallery.blocks():
         stop = start + len(items)
         block = knn_scan.block(start, gallery.squared_norms[start:stop], gallery.inverse_norms[start:stop],
                                gallery.classes[start:stop], last=stop == len(gallery.classes))
+        if knn_scan.gemm(query.dtype) is not None:
+            knn_scan.fused(state, knn_scan.padded(query), items, block)
+            continue
         pieces = []
         for piece in block_products(query, items):
             pieces.append(piece)

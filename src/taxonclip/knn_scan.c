@@ -24,12 +24,22 @@
 #define FEW 8
 #define COUNTED 128
 
-/* bytes of scratch one thread needs for a block of `items` items and rankings `depth` deep */
-int64_t scratch_bytes(int64_t items, int64_t depth, int64_t size) {
+/* bytes of scratch a strip's ranking needs for a block of `items` items, `depth` deep */
+static int64_t rank_bytes(int64_t items, int64_t depth, int64_t size) {
   const int64_t merged = depth + CAPACITY(depth);
-  return ALIGNED((items / GROUP + 1) * LANES * size) + ALIGNED((items / QUARTER + 1) * LANES * size)
-       + ALIGNED((items / GROUP + 1) * 8) + ALIGNED(LANES * CAPACITY(depth) * size)
-       + ALIGNED(LANES * CAPACITY(depth) * 8) + 2 * (ALIGNED(merged * size) + ALIGNED(merged * 8));
+  return ALIGNED((items / GROUP + 1) * LANES * size) + ALIGNED((items / GROUP + 1) * 8)
+       + ALIGNED(LANES * CAPACITY(depth) * size) + ALIGNED(LANES * CAPACITY(depth) * 8)
+       + 2 * (ALIGNED(merged * size) + ALIGNED(merged * 8)) + ALIGNED(LANES * (items / QUARTER + 1) * 4);
+}
+
+/* bytes a strip carries over a block of `items` items (see FN(carried)) */
+int64_t strip_bytes(int64_t items, int64_t size) {
+  return 2 * ALIGNED(LANES * size) + ALIGNED((items / QUARTER + 1) * LANES * size);
+}
+
+/* bytes of scratch one thread needs: a strip's ranking and what it carries */
+int64_t scratch_bytes(int64_t items, int64_t depth, int64_t size) {
+  return rank_bytes(items, depth, size) + strip_bytes(items, size);
 }
 
 #define JOIN2(a, b) a##b

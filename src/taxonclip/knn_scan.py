@@ -13,6 +13,14 @@ The products come item by item (items x queries), so that the products of one it
 of 16 queries are contiguous: the kernel works on a strip at once in the vector registers, and
 the class sums of a strip are vectors too.
 
+Where torch links a BLAS whose ?gemm passes a check (MKL's on x86), the kernel makes the products
+itself (`fused`): each thread takes a share of the chunk's queries and calls the BLAS on one tile
+of about 1 MB of products at a time, which its strips pass over at once, from the core's own
+cache; the products with torch in one call were read back from the shared cache or memory. Then
+every strip ranks the block, reading back only the products of the items that can enter its
+ranking, fetched ahead for all 16 rows at once. Elsewhere torch makes the products
+(`products.block_products`) and `scan` takes them in pieces.
+
 The C source (knn_scan.c, with knn_scan_kernel.h once per type) is compiled at the first use in a
 process, with the system's C compiler, into a temporary folder (removed at once; the loaded
 library stays mapped). Where no compiler works, `native()` is None and knn keeps its torch
@@ -21,8 +29,8 @@ torch's vectorised square root is not always correctly rounded.
 
 Built with OpenMP where the compiler has it, the kernel shares the strips among the threads of
 the OpenMP runtime already loaded (torch's), which computed the products just before: on 2 cores a
-separate pool of threads competed with them. Without OpenMP, parts of the strips run on a pool of
-Python threads.
+separate pool of threads competed with them; inside its parallel region, the BLAS runs on the
+calling thread alone. Without OpenMP, parts of the strips run on a pool of Python threads.
 """
 
 from __future__ import annotations
@@ -54,6 +62,11 @@ SOURCE = Path(__file__).with_name("knn_scan.c")  # includes knn_scan_kernel.h, o
 LANES = 16  # queries per strip of the kernel (LANES in SOURCE)
 PIECE_STRIPS = 11  # strips per piece of products that `scan` takes, about (see `pieces`)
 PIECE_ROWS = (PIECE_STRIPS + 2) * LANES  # the most rows a piece has
+GROUP = 16  # items whose largest cosine screens them (GROUP in SOURCE); tiles are made of groups
+# products of a share with one tile of items in `fused`, kept in a core's cache (2 MB here): 1 MB
+# ran faster than 0.25, 0.5 and 1.5 MB (fewer calls of the BLAS, each packing the share anew)
+TILE_BYTES = 1 << 20
+PRODUCTS, PASSES, RANKINGS = 1, 2, 4  # the phases of knn_fused
 PIECES_TOGETHER = 2  # pieces `scan` shares among the threads at once (their products alive together)
 
 
@@ -133,8 +146,15 @@ def _compiled():
     for kernel in (library.knn_pieces_f32, library.knn_pieces_f64):
         kernel.restype = None  # products, strides and first rows of `count` pieces, then as above
         kernel.argtypes = [pointer, pointer, pointer, integer, pointer, pointer, pointer, pointer, integer, integer]
-    library.scratch_bytes.restype = integer
+    for kernel in (library.knn_fused_f32, library.knn_fused_f64):
+        kernel.restype = None  # gemm, queries, dim, vectors, tile, firsts, rows, count, query norms,
+        kernel.argtypes = [pointer, pointer, integer, pointer, integer, pointer, pointer, integer, pointer,
+                           pointer, pointer, pointer, integer, pointer, integer, pointer, integer, integer,
+                           integer, integer]
+    library.scratch_bytes.restype = integer  # block, state, products, carried, scratch, slot, threads, phases
     library.scratch_bytes.argtypes = [integer, integer, integer]
+    library.strip_bytes.restype = integer
+    library.strip_bytes.argtypes = [integer, integer]
     for function in (library.squared_norms_f32, library.squared_norms_f64):
         function.restype = None
         function.argtypes = [pointer, integer, integer, pointer, integer]
@@ -160,6 +180,37 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the kernels work on values of this type on this device: float32 or float64 on
     the CPU, where they are built."""
     return torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64) and native() is not None
+
+
+def gemm(dtype: torch.dtype) -> int | None:
+    """The address of the BLAS ?gemm of this type (float32, float64) that torch links (MKL's on
+    x86), where `knn_fused` can make its own products, else None. It is tried once on a small
+    product with an exact answer: anything but that answer leaves the products to torch."""
+    return _gemm("sgemm_" if dtype == torch.float32 else "dgemm_", dtype)
+
+
+@functools.cache
+def _gemm(name: str, dtype: torch.dtype) -> int | None:
+    function = None
+    for library in (None, Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"):
+        try:
+            function = getattr(ctypes.CDLL(library if library is None else str(library)), name)
+            break
+        except (OSError, AttributeError):
+            continue
+    if function is None:
+        return None
+    scalar, integer = (ctypes.c_float if dtype == torch.float32 else ctypes.c_double), ctypes.c_int
+    query = torch.arange(6, dtype=dtype).reshape(2, 3)
+    gallery = torch.arange(12, dtype=dtype).reshape(4, 3) - 5
+    out = torch.zeros(4, 2, dtype=dtype)
+    m, n, k = integer(2), integer(4), integer(3)
+    one, zero = scalar(1), scalar(0)
+    pointers = [ctypes.c_void_p(tensor.data_ptr()) for tensor in (query, gallery, out)]
+    function(b"T", b"N", *map(ctypes.byref, (m, n, k, one)), pointers[0], ctypes.byref(k), pointers[1],
+             ctypes.byref(k), ctypes.byref(zero), pointers[2], ctypes.byref(m))
+    exact = torch.equal(out, gallery @ query.T)
+    return ctypes.cast(function, ctypes.c_void_p).value if exact else None
 
 
 def squared_norms(vectors: Tensor, out: Tensor | None = None) -> Tensor:
@@ -202,7 +253,9 @@ def padded(query: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class Buffers:
     """Memory that every chunk of one evaluation reuses (fresh memory on every chunk cost page
-    faults): the state of a chunk of at most `rows` padded rows, and one scratch per thread."""
+    faults): the state of a chunk of at most `rows` padded rows, one scratch per thread and,
+    where `fused` makes the products, a buffer of products per thread and what each strip
+    carries from tile to tile (else empty)."""
 
     rows: int
     depth: int
@@ -215,20 +268,41 @@ class Buffers:
     nearest_items: Tensor
     sums: Tensor
     scratch: Tensor
+    products: Tensor
+    carried: Tensor
 
 
 def buffers(rows: int, depth: int, n_classes: int, items: int, dtype: torch.dtype) -> Buffers:
     """Buffers for chunks of at most `rows` queries ranked at most `depth` deep among `n_classes`
     classes, and blocks of at most `items` items."""
     rows += -rows % LANES
+    threads, size = torch.get_num_threads(), torch.finfo(dtype).bits // 8
+    fusing = gemm(dtype) is not None
+    width = max(size for _, size in shares(rows, threads)) + LANES if fusing else 0
+    carried = rows // LANES * native().strip_bytes(items, size) if fusing else 0
     return Buffers(rows=rows, depth=depth, n_classes=n_classes,
                    query_squared_norms=torch.empty(rows, dtype=dtype),
                    values=torch.empty(rows * depth, dtype=dtype), items=torch.empty(rows * depth, dtype=torch.int64),
                    filled=torch.empty(rows, dtype=torch.int64), nearest_values=torch.empty(rows, dtype=dtype),
                    nearest_items=torch.empty(rows, dtype=torch.int64),
                    sums=torch.empty(rows * n_classes * 2, dtype=dtype),
-                   scratch=torch.empty(torch.get_num_threads(), native().scratch_bytes(
-                       items, depth, torch.finfo(dtype).bits // 8), dtype=torch.uint8))
+                   scratch=torch.empty(threads, native().scratch_bytes(items, depth, size), dtype=torch.uint8),
+                   products=torch.empty(threads, items * width, dtype=dtype),
+                   carried=torch.empty(carried, dtype=torch.uint8))
+
+
+def tile_items(width: int, size: int) -> int:
+    """Gallery items per tile of `fused` for shares `width` values wide (padding included)."""
+    return max(GROUP, TILE_BYTES // (width * size) // GROUP * GROUP)
+
+
+def shares(rows: int, threads: int) -> list[tuple[int, int]]:
+    """(first row, rows) of each thread's share of `rows` padded rows in `knn_fused`: their strips
+    in as many near-equal parts as threads (or strips, where fewer)."""
+    strips = rows // LANES
+    parts = max(1, min(threads, strips))
+    bounds = [strips * part // parts * LANES for part in range(parts + 1)]
+    return [(bounds[part], bounds[part + 1] - bounds[part]) for part in range(parts)]
 
 
 @dataclass(frozen=True)
@@ -343,6 +417,39 @@ def scan(state: Ranking, pieces: list[tuple[int, Tensor]], items: Block) -> None
             run(0)
         else:
             list(_pool(threads).map(run, range(parts)))
+
+
+def fused(state: Ranking, query: Tensor, vectors: Tensor, items: Block, products_only: bool = False) -> None:
+    """Add to `state` a block of gallery items (`vectors`, items x dim, described by `items`):
+    their products with the chunk's `padded` queries, made by `gemm` in the kernel a tile at a
+    time, pass through the kernel while they are in the processor's cache (with `products_only`,
+    the products alone, to time them)."""
+    query, vectors = query.contiguous(), vectors.contiguous()
+    if len(query) != state.rows or len(vectors) != items.struct.items:
+        raise ValueError(f"{len(query)} padded queries and {len(vectors)} items for a ranking of "
+                         f"{state.rows} rows and a block of {items.struct.items} items")
+    library, buffers = native(), state.buffers
+    threads, stride = buffers.scratch.shape
+    parts = shares(state.rows, threads)
+    tile = tile_items(max(rows for _, rows in parts) + LANES, buffers.values.element_size())
+    kernel = getattr(library, "knn_fused_f32" if buffers.values.dtype == torch.float32 else "knn_fused_f64")
+    common = (buffers.query_squared_norms.data_ptr(), ctypes.byref(items.struct), ctypes.byref(state.struct),
+              buffers.products.data_ptr(), buffers.products.shape[1], buffers.carried.data_ptr(),
+              len(buffers.carried) // (buffers.rows // LANES), buffers.scratch.data_ptr(), stride)
+
+    def run(first: int, count: int, threads: int, phases: int) -> None:
+        kernel(gemm(buffers.values.dtype), query.data_ptr(), query.shape[1], vectors.data_ptr(), tile,
+               (ctypes.c_int64 * count)(*(start for start, _ in parts[first:first + count])),
+               (ctypes.c_int64 * count)(*(rows for _, rows in parts[first:first + count])), count,
+               *common, first, threads, phases)
+
+    if products_only:
+        run(0, len(parts), threads, PRODUCTS)
+    elif library.with_openmp or len(parts) == 1:
+        run(0, len(parts), threads, PRODUCTS | PASSES | RANKINGS)
+    else:  # each part's products and passes on a Python thread, then its rankings
+        for phases in (PRODUCTS | PASSES, RANKINGS):
+            list(_pool(threads).map(lambda part: run(part, 1, 1, phases), range(len(parts))))
 
 
 def _outcomes(queries: int) -> Outcomes:

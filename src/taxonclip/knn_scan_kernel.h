@@ -135,39 +135,45 @@ static void FN(flush)(const FN(state)* state, int64_t r, T* candidates, int64_t*
             depth, candidates, items, count, merged, merged_items, spare, spare_items);
 }
 
-/* the strip of LANES rows from `first`; its products are `products` (items x `stride`) */
-static void FN(strip)(const T* restrict products, int64_t stride, int64_t first,
-                      const T* query_sq, const FN(items)* block, const FN(state)* state,
-                      char* scratch) {
-  const int64_t items = block->items, groups = items / GROUP, depth = state->depth;
-  const T* item_sq = block->squared_norms; const T* item_inv = block->inverse_norms;
-  const int64_t* classes = block->classes;
-  T* restrict maxima = (T*)scratch;
-  const int64_t capacity = CAPACITY(depth), room = depth + capacity;
-  const int64_t quarters = groups * (GROUP / QUARTER);
-  T* restrict quarter_maxima = (T*)(scratch + ALIGNED((groups + 1) * LANES * sizeof(T)));
-  int64_t* chosen = (int64_t*)((char*)quarter_maxima + ALIGNED((items / QUARTER + 1) * LANES * sizeof(T)));
-  T* candidates = (T*)((char*)chosen + ALIGNED((items / GROUP + 1) * 8));
-  int64_t* candidate_items = (int64_t*)((char*)candidates + ALIGNED(LANES * capacity * sizeof(T)));
-  T* merged = (T*)((char*)candidate_items + ALIGNED(LANES * capacity * 8));
-  int64_t* merged_items = (int64_t*)((char*)merged + ALIGNED(room * sizeof(T)));
-  T* spare = (T*)((char*)merged_items + ALIGNED(room * 8));
-  int64_t* spare_items = (int64_t*)((char*)spare + ALIGNED(room * sizeof(T)));
-  /* the strip's sums: per class, LANES distance sums then LANES cosine sums, all contiguous */
-  T* restrict strip_sums = state->sums + (first / LANES) * state->n_classes * 2 * LANES;
+/* what a strip carries from tile to tile of a block, in its part of the scratch: its nearest
+   item so far (distance, index in the block) and the largest cosine of every QUARTER items */
+typedef struct { T* best; INDEX* at; T* quarter_maxima; } FN(carried);
+
+static FN(carried) FN(carried_at)(char* part) {
+  FN(carried) carried = {(T*)part, (INDEX*)(part + ALIGNED(LANES * sizeof(T))),
+                         (T*)(part + 2 * ALIGNED(LANES * sizeof(T)))};
+  return carried;
+}
+
+/* the strip of LANES rows from `first` before a block: at the gallery's first block (offset 0)
+   afresh, its sums zeroed here, where they are used next */
+static void FN(begin)(int64_t first, const FN(items)* block, const FN(state)* state, FN(carried) carried) {
   if (block->offset == 0) {
-    /* the first block starts the strip afresh, its sums zeroed here, where they are used next */
-    memset(strip_sums, 0, (size_t)(state->n_classes * 2 * LANES) * sizeof(T));
+    memset(state->sums + (first / LANES) * state->n_classes * 2 * LANES, 0,
+           (size_t)(state->n_classes * 2 * LANES) * sizeof(T));
     for (int64_t r = first; r < first + LANES; ++r) {
       state->filled[r] = 0; state->nearest_values[r] = INFINITY; state->nearest_items[r] = 0;
     }
   }
+  for (int k = 0; k < LANES; ++k) { carried.best[k] = INFINITY; carried.at[k] = 0; }
+}
+
+/* quarters `q_start` to `q_stop` - 1 of the block's items for the strip of LANES rows from
+   `first` (its products: `products`, items x `stride`): distances, both class sums and the
+   minimum distance; the cosines' maxima by quarters of groups (the items after the last whole
+   group form one more quarter, whose maximum is not kept) */
+static void FN(pass)(const T* restrict products, int64_t stride, int64_t first, const T* query_sq,
+                     int64_t q_start, int64_t q_stop, const FN(items)* block, const FN(state)* state,
+                     FN(carried) carried) {
+  const int64_t items = block->items, quarters = items / GROUP * (GROUP / QUARTER);
+  const T* item_sq = block->squared_norms; const T* item_inv = block->inverse_norms;
+  const int64_t* classes = block->classes;
+  /* the strip's sums: per class, LANES distance sums then LANES cosine sums, all contiguous */
+  T* restrict strip_sums = state->sums + (first / LANES) * state->n_classes * 2 * LANES;
   T sq[LANES], best[LANES], largest[LANES];
   INDEX at[LANES];
-  for (int k = 0; k < LANES; ++k) { sq[k] = query_sq[k]; best[k] = INFINITY; at[k] = 0; }
-  /* one pass: distances, both class sums and the minimum distance; cosines' maxima by quarters
-     of groups (the items after the last whole group form one more quarter), then by groups */
-  for (int64_t q = 0; q <= quarters; ++q) {
+  for (int k = 0; k < LANES; ++k) { sq[k] = query_sq[k]; best[k] = carried.best[k]; at[k] = carried.at[k]; }
+  for (int64_t q = q_start; q < q_stop; ++q) {
     const int64_t stop = q < quarters ? (q + 1) * QUARTER : items;
     for (int k = 0; k < LANES; ++k) largest[k] = -INFINITY;
     for (int64_t j = q * QUARTER; j < stop; ++j) {
@@ -190,8 +196,30 @@ static void FN(strip)(const T* restrict products, int64_t stride, int64_t first,
       }
     }
     if (q < quarters)
-      for (int k = 0; k < LANES; ++k) quarter_maxima[q * LANES + k] = largest[k];
+      for (int k = 0; k < LANES; ++k) carried.quarter_maxima[q * LANES + k] = largest[k];
   }
+  for (int k = 0; k < LANES; ++k) { carried.best[k] = best[k]; carried.at[k] = at[k]; }
+}
+
+/* the strip of LANES rows from `first` after its pass over the whole block: its nearest item,
+   and its ranking merged with the block's items that can enter it, with `scratch` */
+static void FN(rank)(const T* restrict products, int64_t stride, int64_t first,
+                     const FN(items)* block, const FN(state)* state, FN(carried) carried,
+                     char* scratch) {
+  const int64_t items = block->items, groups = items / GROUP, depth = state->depth;
+  const T* item_inv = block->inverse_norms;
+  const T* quarter_maxima = carried.quarter_maxima;
+  T* restrict maxima = (T*)scratch;
+  const int64_t capacity = CAPACITY(depth), room = depth + capacity;
+  const int64_t quarters = groups * (GROUP / QUARTER);
+  int64_t* chosen = (int64_t*)(scratch + ALIGNED((groups + 1) * LANES * sizeof(T)));
+  T* candidates = (T*)((char*)chosen + ALIGNED((items / GROUP + 1) * 8));
+  int64_t* candidate_items = (int64_t*)((char*)candidates + ALIGNED(LANES * capacity * sizeof(T)));
+  T* merged = (T*)((char*)candidate_items + ALIGNED(LANES * capacity * 8));
+  int64_t* merged_items = (int64_t*)((char*)merged + ALIGNED(room * sizeof(T)));
+  T* spare = (T*)((char*)merged_items + ALIGNED(room * 8));
+  int64_t* spare_items = (int64_t*)((char*)spare + ALIGNED(room * sizeof(T)));
+  int32_t* lists = (int32_t*)((char*)spare_items + ALIGNED(room * 8));
   for (int64_t g = 0; g < groups; ++g)
     for (int k = 0; k < LANES; ++k) {
       T m = quarter_maxima[g * (GROUP / QUARTER) * LANES + k];
@@ -215,39 +243,56 @@ static void FN(strip)(const T* restrict products, int64_t stride, int64_t first,
     open[k] = 1;
     if (groups < depth || full) bounds[k] = -INFINITY;
     if (r >= state->queries) { bounds[k] = INFINITY; open[k] = 0; continue; }
-    if (best[k] < state->nearest_values[r]) {
-      state->nearest_values[r] = best[k]; state->nearest_items[r] = block->offset + at[k];
+    if (carried.best[k] < state->nearest_values[r]) {
+      state->nearest_values[r] = carried.best[k];
+      state->nearest_items[r] = block->offset + carried.at[k];
     }
     FN(shut)(state, r, bounds + k, open + k);
   }
-  /* candidates: items above their row's bound (or at it, while open), in quarters whose
-     maximum reaches it (and the last items), in gallery order; a full buffer is merged into
-     the row's ranking, which may raise its bound. Counted without a branch: each item is
-     written, and kept only if it passes */
-  for (int k = 0; k < LANES && first + k < state->queries; ++k) {
+  /* per row, the quarters whose maximum reaches its bound (in groups whose maximum does) and the
+     last items' quarter, in gallery order; then their products fetched for all rows at once:
+     they are in memory, not the cache, and one row's reads alone waited for each other */
+  const int64_t real = first + LANES <= state->queries ? LANES : state->queries - first;
+  int64_t listed[LANES];
+  for (int k = 0; k < real; ++k) {
+    const T bound = bounds[k];
+    int32_t* list = lists + k * (quarters + 1);
+    int64_t m = 0, n = 0;
+    for (int64_t g = 0; g < groups; ++g) { chosen[m] = g; m += maxima[g * LANES + k] >= bound; }
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t q = chosen[i] * (GROUP / QUARTER); q < (chosen[i] + 1) * (GROUP / QUARTER); ++q) {
+        list[n] = (int32_t)q; n += quarter_maxima[q * LANES + k] >= bound;
+      }
+    list[n++] = (int32_t)quarters;
+    listed[k] = n;
+  }
+  for (int k = 0; k < real; ++k)
+    for (int64_t i = 0; i + 1 < listed[k]; ++i) {
+      const T* p = products + lists[k * (quarters + 1) + i] * QUARTER * stride;
+      for (int j = 0; j < QUARTER; ++j) __builtin_prefetch(p + j * stride);
+    }
+  /* candidates: items of those quarters above their row's bound (or at it, while open), in
+     gallery order; a full buffer is merged into the row's ranking, which may raise its bound.
+     Counted without a branch: each item is written, and kept only if it passes */
+  for (int k = 0; k < real; ++k) {
     const int64_t r = first + k;
     T* gathered = candidates + k * capacity;
     int64_t* gathered_items = candidate_items + k * capacity;
+    const int32_t* list = lists + k * (quarters + 1);
     T bound = bounds[k];
     int is_open = open[k];
-    int64_t n = 0, m = 0;
-    for (int64_t g = 0; g < groups; ++g) { chosen[m] = g; m += maxima[g * LANES + k] >= bound; }
-    chosen[m++] = groups;
-    for (int64_t i = 0; i < m; ++i) {
-      const int64_t q_start = chosen[i] * (GROUP / QUARTER);
-      const int64_t q_stop = chosen[i] < groups ? q_start + GROUP / QUARTER : quarters + 1;
-      for (int64_t q = q_start; q < q_stop; ++q) {
-        if (q < quarters && quarter_maxima[q * LANES + k] < bound) continue;
-        const int64_t stop = q < quarters ? (q + 1) * QUARTER : items;
-        for (int64_t j = q * QUARTER; j < stop; ++j) {
-          const T cosine = products[j * stride + k] * item_inv[j];
-          gathered[n] = cosine; gathered_items[n] = block->offset + j;
-          n += (cosine > bound) | ((cosine == bound) & is_open);
-          if (n == capacity) {
-            FN(flush)(state, r, gathered, gathered_items, n, merged, merged_items, spare, spare_items);
-            n = 0;
-            FN(shut)(state, r, &bound, &is_open);
-          }
+    int64_t n = 0;
+    for (int64_t i = 0; i < listed[k]; ++i) {
+      const int64_t q = list[i], stop = q < quarters ? (q + 1) * QUARTER : items;
+      if (q < quarters && quarter_maxima[q * LANES + k] < bound) continue;  /* raised since */
+      for (int64_t j = q * QUARTER; j < stop; ++j) {
+        const T cosine = products[j * stride + k] * item_inv[j];
+        gathered[n] = cosine; gathered_items[n] = block->offset + j;
+        n += (cosine > bound) | ((cosine == bound) & is_open);
+        if (n == capacity) {
+          FN(flush)(state, r, gathered, gathered_items, n, merged, merged_items, spare, spare_items);
+          n = 0;
+          FN(shut)(state, r, &bound, &is_open);
         }
       }
     }
@@ -308,11 +353,16 @@ static void FN(finish)(const FN(state)* state, int64_t strip) {
 void FN(knn_block)(const T* products, int64_t stride, int64_t first, int64_t strip_start,
                    int64_t strip_stop, const T* query_sq, const FN(items)* block,
                    const FN(state)* state, char* scratch) {
+  const int64_t quarters = block->items / GROUP * (GROUP / QUARTER);
+  const FN(carried) carried = FN(carried_at)(scratch + rank_bytes(block->items, state->depth, sizeof(T)));
   for (int64_t strip = strip_start; strip < strip_stop; ++strip) {
-    FN(strip)(products + strip * LANES, stride, first + strip * LANES,
-              query_sq + first + strip * LANES, block, state, scratch);
+    const T* strip_products = products + strip * LANES;
+    const int64_t row = first + strip * LANES;
+    FN(begin)(row, block, state, carried);
+    FN(pass)(strip_products, stride, row, query_sq + row, 0, quarters + 1, block, state, carried);
+    FN(rank)(strip_products, stride, row, block, state, carried, scratch);
     /* after the last block, while the strip's sums are still in the cache */
-    if (block->last) FN(finish)(state, first / LANES + strip);
+    if (block->last) FN(finish)(state, row / LANES);
   }
 }
 
@@ -349,5 +399,71 @@ void FN(knn_pieces)(const T* const* products, const int64_t* strides, const int6
     while (local >= strides[piece] / LANES) local -= strides[piece++] / LANES;
     FN(knn_block)(products[piece], strides[piece], firsts[piece], local, local + 1, query_sq, block,
                   state, scratch + THREAD * scratch_stride);
+  }
+}
+
+/* a BLAS ?gemm (Fortran interface): C = alpha op(A) op(B) + beta C, column-major */
+typedef void (*FN(gemm))(const char* op_a, const char* op_b, const int* m, const int* n, const int* k,
+                         const T* alpha, const T* a, const int* lda, const T* b, const int* ldb,
+                         const T* beta, T* c, const int* ldc);
+
+/* A block's products made here and scanned, in two phases. The chunk's padded queries
+   (`queries`, rows x `dim`) go in `count` pieces (piece i: `rows[i]` rows from `firsts[i]`),
+   no more than threads. 1: each piece, taken by one thread, passes over the whole block
+   (`vectors`, items x `dim`) a tile of `tile` items (a multiple of GROUP) at a time: `gemm`
+   writes the tile's products with the piece (items x rows, a stride of an odd number of strips,
+   see knn_scan.pieces) into part `slot` + i of `products` (`products_stride` values each), and
+   every strip of the piece passes over them while they are in the cache, its carried state in
+   `carried` (`carried_stride` bytes per strip of the chunk). 2: every strip ranks the block's
+   items, reading back only the products that can enter its ranking; strips go to whichever
+   thread is free, each with part `slot` + its number of `scratch`. `phases`: 1 the products, 2
+   the passes, 4 the rankings (1 alone times the products). */
+void FN(knn_fused)(FN(gemm) gemm, const T* queries, int64_t dim, const T* vectors, int64_t tile,
+                   const int64_t* firsts, const int64_t* rows, int64_t count, const T* query_sq,
+                   const FN(items)* block, const FN(state)* state, T* products,
+                   int64_t products_stride, char* carried, int64_t carried_stride, char* scratch,
+                   int64_t scratch_stride, int64_t slot, int64_t threads, int64_t phases) {
+  const int64_t quarters = block->items / GROUP * (GROUP / QUARTER);
+  int64_t strips = 0;
+  for (int64_t i = 0; i < count; ++i) strips += rows[i] / LANES;
+  #pragma omp parallel num_threads(threads)
+  {
+    if (phases & 3) {
+      #pragma omp for schedule(dynamic)
+      for (int64_t piece = 0; piece < count; ++piece) {
+        const int64_t first = firsts[piece], own_strips = rows[piece] / LANES;
+        const int64_t stride = rows[piece] + (own_strips % 2 ? 0 : LANES);
+        T* own = products + (slot + piece) * products_stride;
+        const int m = (int)rows[piece], k = (int)dim, ld = (int)stride;
+        const T one = 1, zero = 0;
+        for (int64_t s = 0; s < own_strips; ++s)
+          FN(begin)(first + s * LANES, block, state, FN(carried_at)(carried + (first / LANES + s) * carried_stride));
+        for (int64_t start = 0; start < block->items; start += tile) {
+          const int n = (int)(block->items - start < tile ? block->items - start : tile);
+          /* column-major: the piece's products with the tile (rows x n) = queries^T x vectors */
+          gemm("T", "N", &m, &n, &k, &one, queries + first * dim, &k, vectors + start * dim, &k, &zero,
+               own + start * stride, &ld);
+          if (!(phases & 2)) continue;
+          const int64_t q_stop = start + n == block->items ? quarters + 1 : (start + n) / QUARTER;
+          for (int64_t s = 0; s < own_strips; ++s)
+            FN(pass)(own + s * LANES, stride, first + s * LANES, query_sq + first + s * LANES,
+                     start / QUARTER, q_stop, block, state,
+                     FN(carried_at)(carried + (first / LANES + s) * carried_stride));
+        }
+      }
+    }
+    if (phases & 4) {
+      #pragma omp for schedule(dynamic)
+      for (int64_t strip = 0; strip < strips; ++strip) {
+        int64_t piece = 0, local = strip;
+        while (local >= rows[piece] / LANES) local -= rows[piece++] / LANES;
+        const int64_t first = firsts[piece] + local * LANES, own_strips = rows[piece] / LANES;
+        const int64_t stride = rows[piece] + (own_strips % 2 ? 0 : LANES);
+        FN(rank)(products + (slot + piece) * products_stride + local * LANES, stride, first, block, state,
+                 FN(carried_at)(carried + (first / LANES) * carried_stride),
+                 scratch + (slot + THREAD) * scratch_stride);
+        if (block->last) FN(finish)(state, first / LANES);
+      }
+    }
   }
 }
