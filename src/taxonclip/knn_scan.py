@@ -148,10 +148,12 @@ def _compiled():
         kernel.argtypes = [pointer, pointer, pointer, integer, pointer, pointer, pointer, pointer, integer, integer]
     for kernel in (library.knn_fused_f32, library.knn_fused_f64):
         kernel.restype = None  # gemm, queries, dim, vectors, tile, firsts, rows, count, query norms,
+        # block, state, products and their stride, carried and its stride, scratch and its stride,
+        # slot, threads, phases
         kernel.argtypes = [pointer, pointer, integer, pointer, integer, pointer, pointer, integer, pointer,
                            pointer, pointer, pointer, integer, pointer, integer, pointer, integer, integer,
                            integer, integer]
-    library.scratch_bytes.restype = integer  # block, state, products, carried, scratch, slot, threads, phases
+    library.scratch_bytes.restype = integer
     library.scratch_bytes.argtypes = [integer, integer, integer]
     library.strip_bytes.restype = integer
     library.strip_bytes.argtypes = [integer, integer]
@@ -184,8 +186,8 @@ def supports(device: torch.device, dtype: torch.dtype) -> bool:
 
 def gemm(dtype: torch.dtype) -> int | None:
     """The address of the BLAS ?gemm of this type (float32, float64) that torch links (MKL's on
-    x86), where `knn_fused` can make its own products, else None. It is tried once on a small
-    product with an exact answer: anything but that answer leaves the products to torch."""
+    x86), with which `fused` makes the products in the kernel, else None. It is tried once on a
+    small product with an exact answer: anything but that answer leaves the products to torch."""
     return _gemm("sgemm_" if dtype == torch.float32 else "dgemm_", dtype)
 
 
