@@ -166,3 +166,7 @@ def test_tiles_hold_whole_groups_within_the_tile_bytes(width, size):
 
     assert tile % knn_scan.GROUP == 0 and tile >= knn_scan.GROUP
     assert tile * width * size <= knn_scan.TILE_BYTES or tile == knn_scan.GROUP
+
+
+def test_no_blas_of_that_name_leaves_the_products_to_torch():
+    assert knn_scan._gemm("taxonclip_no_such_gemm_", torch.float32) is None

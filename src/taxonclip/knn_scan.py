@@ -194,9 +194,10 @@ def gemm(dtype: torch.dtype) -> int | None:
 @functools.cache
 def _gemm(name: str, dtype: torch.dtype) -> int | None:
     function = None
-    for library in (None, Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"):
+    # torch's own library first (the BLAS torch itself calls), then any the process has loaded
+    for library in (str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"), None):
         try:
-            function = getattr(ctypes.CDLL(library if library is None else str(library)), name)
+            function = getattr(ctypes.CDLL(library), name)
             break
         except (OSError, AttributeError):
             continue
