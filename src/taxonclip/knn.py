@@ -32,9 +32,10 @@ from taxonclip.products import block_products, dot_products
 METRICS = names.SCORES
 TOP_K = 5
 # similarities of one chunk of queries (or of one piece of it, where knn_scan scans products
-# torch makes) with one block of gallery items (two blocks of this many float32 values, 16 MB
-# each, and the block of gallery items are alive at once; larger blocks measured no faster): a
-# gallery within one block (8,192 items for chunks of 512, 20,164 for knn_scan's pieces) is read once
+# torch makes) with one block of gallery items: about this many float32 values, 16 MB (two
+# pieces' at once where torch makes them; every thread's share where knn_scan does), and the
+# block of gallery items are alive at once; larger blocks measured no faster. A gallery within
+# one block (8,192 items for chunks of 512, 20,164 for knn_scan's pieces) is read once
 BLOCK_ELEMENTS = 1 << 22
 # values the ranking of one chunk keeps per query and gallery block (MAP@R of a class that holds
 # most of the gallery ranks deep: such queries go in smaller chunks)

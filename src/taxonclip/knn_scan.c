@@ -29,7 +29,8 @@ static int64_t rank_bytes(int64_t items, int64_t depth, int64_t size) {
   const int64_t merged = depth + CAPACITY(depth);
   return ALIGNED((items / GROUP + 1) * LANES * size) + ALIGNED((items / GROUP + 1) * 8)
        + ALIGNED(LANES * CAPACITY(depth) * size) + ALIGNED(LANES * CAPACITY(depth) * 8)
-       + 2 * (ALIGNED(merged * size) + ALIGNED(merged * 8)) + ALIGNED(LANES * (items / QUARTER + 1) * 4);
+       + 2 * (ALIGNED(merged * size) + ALIGNED(merged * 8))
+       + ALIGNED(LANES * (items / QUARTER + 1) * 4);  /* each row's list of quarters */
 }
 
 /* bytes a strip carries over a block of `items` items (see FN(carried)) */
